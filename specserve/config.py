@@ -1,0 +1,70 @@
+"""Typed engine configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+class EngineConfig(BaseModel):
+    """Everything an engine needs to load a model and size its batches and KV cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        default=None,
+        description="Local Hugging Face model directory; None means the embedded default "
+        "(SmolLM2-135M-Instruct).",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_num_seqs: int = Field(
+        default=32, ge=1, description="KV cache capacity in sequences (one slot each)."
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Tokens per KV slot (prompt + output). None: the model's limit, at most "
+        f"{DEFAULT_MAX_MODEL_LEN} (every slot reserves this many positions).",
+    )
+    max_num_batched_tokens: int = Field(
+        default=512, ge=16, description="Token budget of one forward step (chunked prefill)."
+    )
+    seed: int = Field(default=0, description="Seed for requests that do not carry their own.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError(f"model path {value!r} is not a directory")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto" and not (value == "cpu" or value.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.torch_device().type == "cpu" else torch.bfloat16
+        return DTYPES[self.dtype]

@@ -1,0 +1,127 @@
+"""Asyncio front of the engine: token streaming, abort on cancellation.
+
+The engine is driven by one background thread that owns it; callers on any event loop hand it
+requests and aborts through a queue, and receive outputs through per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from specserve.config import EngineConfig
+from specserve.engine.llm_engine import LLMEngine, Prompt
+from specserve.engine.request import Request, RequestOutput
+from specserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; raises ValueError at once on invalid input.
+
+        Leaving the iteration early (or cancelling the task) aborts the request.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        request = self.engine.make_request(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._send(("add", request))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                if item.error:
+                    raise RuntimeError(item.error)
+                yield item
+        finally:
+            if not finished:
+                self._send(("abort", request_id))
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._send(("stop", None))
+        self._thread.join(timeout=60)
+        self.engine.shutdown()
+
+    def _send(self, command: tuple[str, Request | str | None]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(arg)
+                except ValueError as exc:
+                    self._deliver_error(arg.request_id, exc)
+            elif kind == "abort":
+                self.engine.abort_request(arg)
+            else:
+                self._stopped = True
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(exc)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._apply_commands()
+            if self._stopped:
+                break
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # keep serving: fail what was in flight, go on
+                logger.exception("engine step failed")
+                for request_id in list(self.engine.requests):
+                    self.engine.abort_request(request_id)
+                    self._deliver_error(request_id, RuntimeError(f"engine step failed: {exc}"))
+                continue
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.put(output)

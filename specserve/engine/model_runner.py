@@ -1,0 +1,42 @@
+"""One rank's model shard and KV cache, and the forward step over them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from specserve.config import EngineConfig
+from specserve.distributed.parallel_state import TensorParallelGroup
+from specserve.models.forward_batch import SequenceSlice, build_step_inputs
+from specserve.models.kv_cache import KVCache
+from specserve.models.loader import load_model
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: Path, tp: TensorParallelGroup) -> None:
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.model, self.max_model_len = load_model(
+            model_path, tp, self.dtype, self.device, config.max_model_len
+        )
+        arch = self.model.arch
+        self.kv_cache = KVCache(
+            num_layers=arch.num_layers,
+            num_slots=config.max_num_seqs,
+            kv_heads=arch.num_kv_heads // tp.size,
+            max_len=self.max_model_len,
+            head_dim=arch.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[SequenceSlice]) -> torch.Tensor:
+        """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab] on the CPU."""
+        step = build_step_inputs(seqs, self.model.heads_per_kv, self.dtype, self.device)
+        return self.model(step, self.kv_cache).cpu()
+
+    @torch.inference_mode()
+    def keep(self, slot: int, src_positions: list[int], dst_start: int) -> None:
+        self.kv_cache.keep(slot, src_positions, dst_start)

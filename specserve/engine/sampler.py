@@ -1,0 +1,52 @@
+"""From logits to next tokens: greedy, temperature, top-k, top-p, per-request seeds.
+
+``target_probs`` defines the distribution a request samples from; speculative verification uses
+the same function so that accepting drafted tokens stays lossless.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.engine.sampling_params import SamplingParams
+
+
+def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities [B, V] after temperature, top-k and top-p (rows of greedy requests unused)."""
+    temps = torch.tensor(
+        [p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device
+    )
+    logits = logits / temps.unsqueeze(1)
+    top_ks = [p.top_k for p in params]
+    if any(top_ks):
+        vocab = logits.shape[-1]
+        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_ps):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        top_p = torch.tensor(top_ps, device=logits.device).unsqueeze(1)
+        drop_sorted = mass_before >= top_p  # keeps the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """One next token per row of ``logits`` [B, V]."""
+    greedy = [p.greedy for p in params]
+    tokens = logits.argmax(dim=-1).tolist()
+    if all(greedy):
+        return tokens
+    sampled_rows = [i for i, g in enumerate(greedy) if not g]
+    probs = target_probs(logits[sampled_rows], [params[i] for i in sampled_rows])
+    for row, i in enumerate(sampled_rows):
+        tokens[i] = int(torch.multinomial(probs[row], 1, generator=generators[i]).item())
+    return tokens

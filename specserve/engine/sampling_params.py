@@ -1,0 +1,38 @@
+"""Per-request sampling parameters, validated on construction."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SamplingParams(BaseModel):
+    """How to pick each next token and when to stop (OpenAI / vLLM semantics).
+
+    ``temperature == 0`` is greedy decoding. ``top_k == 0`` disables top-k.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: str | list[str] | None) -> list[str]:
+        if value is None:
+            return []
+        values = [value] if isinstance(value, str) else list(value)
+        if any(not s for s in values):
+            raise ValueError("stop strings must be non-empty")
+        return values
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

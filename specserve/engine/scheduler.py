@@ -1,0 +1,70 @@
+"""Continuous batching: which requests run this step, and how many of their tokens.
+
+A request's new tokens are the ones not yet in its KV slot: the (rest of the) prompt while it
+prefills, the last sampled token while it decodes. Running requests go first, then waiting ones
+are admitted in arrival order while a KV slot is free and the step's token budget lasts; long
+prompts are prefilled in chunks across steps, beside other requests' decodes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from specserve.engine.request import Request, RequestStatus
+from specserve.models.kv_cache import SlotAllocator
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes_context(self) -> bool:
+        """After this step every token of the request is cached: a next token is due."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_num_batched_tokens: int) -> None:
+        self.slots = SlotAllocator(num_slots)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> list[ScheduledRequest]:
+        budget = self.max_num_batched_tokens
+        scheduled = []
+        for request in self.running:
+            if budget == 0:
+                break
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+        while self.waiting and budget > 0 and self.slots.num_free:
+            request = self.waiting.popleft()
+            request.slot = self.slots.allocate()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            n = min(request.num_tokens, budget)
+            scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+        return scheduled
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or aborted request out and free its KV slot."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if request.slot is not None:
+            self.slots.free(request.slot)
+            request.slot = None

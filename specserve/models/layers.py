@@ -1,0 +1,151 @@
+"""Building blocks of a Llama-family decoder, sharded over a tensor-parallel group.
+
+Column-parallel linears split their output features over ranks, row-parallel linears their
+input features (followed by an all-reduce), as in Megatron-LM. Each parameter knows how to take
+its shard out of a full checkpoint tensor (``load``), so the loader stays generic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.distributed.parallel_state import TensorParallelGroup
+
+
+def divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
+    return total // parts
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        self.weight.copy_(tensor)
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Several linears sharing one input (q/k/v or gate/up), fused into one matmul.
+
+    ``output_sizes`` are the full (unsharded) sizes; each is split over the TP ranks and the
+    local shards are concatenated, so the local output is ``[shard_0 | shard_1 | ...]``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: dict[str, int],
+        bias: bool,
+        tp: TensorParallelGroup,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.local_sizes = {k: divide(v, tp.size, k) for k, v in output_sizes.items()}
+        offsets, start = {}, 0
+        for name, size in self.local_sizes.items():
+            offsets[name] = start
+            start += size
+        self.offsets = offsets
+        self.weight = nn.Parameter(torch.empty(start, input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(start), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        """``name`` is '<part>.weight' or '<part>.bias' with part one of ``output_sizes``."""
+        part, kind = name.rsplit(".", 1)
+        size = self.local_sizes[part]
+        shard = tensor.narrow(0, self.tp.rank * size, size)
+        target = self.weight if kind == "weight" else self.bias
+        target.narrow(0, self.offsets[part], size).copy_(shard)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over ranks; partial products are summed with an all-reduce."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.local_input = divide(input_size, tp.size, "row-parallel input size")
+        self.weight = nn.Parameter(torch.empty(output_size, self.local_input), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        if name == "bias":
+            self.bias.copy_(tensor)
+        else:
+            self.weight.copy_(tensor.narrow(1, self.tp.rank * self.local_input, self.local_input))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; doubles as the (tied) LM head shard."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.local_vocab = divide(vocab_size, tp.size, "vocab_size")
+        self.vocab_start = tp.rank * self.local_vocab
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden_size), requires_grad=False)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.local_vocab)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: full-vocabulary logits (gathered from every rank's shard)."""
+        return self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        self.weight.copy_(tensor.narrow(0, self.vocab_start, self.local_vocab))
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with a precomputed cos/sin table; ``inv_freq`` comes from the model config."""
+
+    def __init__(
+        self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int
+    ) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
+
+        # rotate_half(x) * sin == swap_halves(x) * signed_sin, which saves a negation per call.
+        half = inv_freq.numel()
+        signed_sin = torch.cat((-emb.sin()[:, :half], emb.sin()[:, half:]), dim=-1)
+        self.register_buffer("signed_sin", signed_sin * attention_scaling, persistent=False)
+
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin rows for ``positions``, shaped [tokens, 1, head_dim]."""
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.signed_sin[positions].unsqueeze(1).to(dtype),
+        )
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [tokens, heads, head_dim] (HF's rotate_half convention)."""
+        half = x.shape[-1] // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return torch.addcmul(x * cos, swapped, signed_sin)

@@ -1,0 +1,194 @@
+"""The engine on a tiny random model: exactness, batching, sampling, stops, errors, slots."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specserve.config import EngineConfig
+from specserve.engine.async_engine import AsyncLLMEngine
+from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.request import FinishReason
+from specserve.engine.sampling_params import SamplingParams
+from tiny_models import PROMPTS
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def run(engine: LLMEngine, prompts, params, stagger: int = 0):
+    """Run prompts to completion; with ``stagger`` a new request joins every N steps."""
+    pending = [engine.make_request(f"r{i}", p, params[i] if isinstance(params, list) else params)
+               for i, p in enumerate(prompts)]
+    finals, steps = {}, 0
+    while pending or engine.has_unfinished_requests():
+        if pending and (stagger == 0 or steps % stagger == 0):
+            for request in pending if stagger == 0 else pending[:1]:
+                engine.add_request(request)
+            pending = [] if stagger == 0 else pending[1:]
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        steps += 1
+    return [finals[f"r{i}"] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def hf_greedy(hf, ids: torch.Tensor, n: int) -> list[int]:
+    """Greedy continuation by HF's own forward (no generate() logits processors)."""
+    for _ in range(n):
+        ids = torch.cat([ids, hf(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+def assert_all_slots_free(engine: LLMEngine) -> None:
+    assert engine.scheduler.slots.num_free == engine.config.max_num_seqs
+    assert not engine.requests and not engine.has_unfinished_requests()
+
+
+def test_greedy_equals_hf_generate(tiny_engine, tiny_model):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    outs = run(tiny_engine, PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = tiny_engine.tokenizer(prompt, return_tensors="pt").input_ids
+        assert out.output.token_ids == hf_greedy(hf, ids, 24)
+    assert_all_slots_free(tiny_engine)
+
+
+def test_batched_equals_single_with_chunked_prefill_and_staggered_arrivals(tiny_model):
+    single = [run(LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=1)), [p], GREEDY)[0]
+              for p in PROMPTS]
+    # A tiny token budget forces chunked prefill beside other requests' decodes.
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=3, max_num_batched_tokens=16))
+    batched = run(engine, PROMPTS * 2, GREEDY, stagger=3)
+    for i, out in enumerate(batched):
+        assert out.output.token_ids == single[i % len(PROMPTS)].output.token_ids
+    assert_all_slots_free(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_engine):
+    params = [SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=s) for s in (7, 7, 8)]
+    alone = run(tiny_engine, [PROMPTS[0]], [params[0]])[0].output.token_ids
+    together = [o.output.token_ids for o in run(tiny_engine, [PROMPTS[0]] * 3, params)]
+    assert together[0] == together[1] == alone
+    assert together[2] != together[0]
+
+
+def test_more_requests_than_slots_wait_and_all_finish(tiny_model):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=2))
+    engine_steps_running = []
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(engine.make_request(f"r{i}", p, GREEDY))
+    finished = 0
+    while engine.has_unfinished_requests():
+        finished += sum(o.finished for o in engine.step())
+        engine_steps_running.append(len(engine.scheduler.running))
+    assert finished == len(PROMPTS)
+    assert max(engine_steps_running) == 2
+    assert_all_slots_free(engine)
+
+
+def test_abort_frees_slots(tiny_engine):
+    for i in range(3):
+        tiny_engine.add_request(tiny_engine.make_request(f"a{i}", PROMPTS[i], GREEDY))
+    tiny_engine.step()
+    tiny_engine.step()
+    out = tiny_engine.abort_request("a1")
+    assert out.finished and out.output.finish_reason is FinishReason.ABORT
+    tiny_engine.abort_request("a0")
+    tiny_engine.abort_request("a2")
+    assert tiny_engine.abort_request("a2") is None
+    assert_all_slots_free(tiny_engine)
+
+
+def test_stop_conditions(tiny_engine):
+    base = run(tiny_engine, [PROMPTS[2]], GREEDY)[0].output
+    stop_text = base.text[5:8]
+    out = run(tiny_engine, [PROMPTS[2]], SamplingParams(max_tokens=24, temperature=0, stop=[stop_text], ignore_eos=True))[0]
+    assert out.output.finish_reason is FinishReason.STOP
+    assert out.output.text == base.text[: base.text.index(stop_text)]
+    stop_id = base.token_ids[4]
+    out = run(tiny_engine, [PROMPTS[2]], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id], ignore_eos=True))[0]
+    assert out.output.token_ids == base.token_ids[: base.token_ids.index(stop_id) + 1]
+    assert out.output.finish_reason is FinishReason.STOP
+    out = run(tiny_engine, [PROMPTS[2]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert len(out.output.token_ids) == 3 and out.output.finish_reason is FinishReason.LENGTH
+
+
+def test_eos_ends_a_request(tiny_engine):
+    tiny_engine.eos_token_ids.add(run(tiny_engine, [PROMPTS[1]], GREEDY)[0].output.token_ids[2])
+    try:
+        out = run(tiny_engine, [PROMPTS[1]], SamplingParams(max_tokens=24, temperature=0))[0]
+    finally:
+        tiny_engine.eos_token_ids = {tiny_engine.tokenizer.eos_token_id}
+    assert len(out.output.token_ids) == 3 and out.output.finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ("", {}, "prompt must not be empty"),
+        ([], {}, "prompt must not be empty"),
+        ([1, 10_000], {}, "outside"),
+        ("x " * 300, {"max_tokens": 16}, "exceeds the model context"),
+        ("hi", {"max_tokens": 256}, "exceeds the model context"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(tiny_engine, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.make_request("bad", prompt, SamplingParams(**params))
+
+
+@pytest.mark.parametrize(
+    "params", [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}]
+)
+def test_bad_sampling_params_are_rejected(params):
+    with pytest.raises(ValueError):
+        SamplingParams(**params)
+
+
+def test_unknown_model_path_is_rejected():
+    with pytest.raises(ValueError, match="not a directory"):
+        EngineConfig(model="/no/such/model")
+
+
+def test_failed_forward_fails_its_batch_and_the_engine_goes_on(tiny_engine, monkeypatch):
+    tiny_engine.add_request(tiny_engine.make_request("doomed", PROMPTS[0], GREEDY))
+    original = tiny_engine.executor.call
+    monkeypatch.setattr(tiny_engine.executor, "call", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    [out] = tiny_engine.step()
+    assert out.finished and out.output.finish_reason is FinishReason.ERROR and "boom" in out.error
+    monkeypatch.setattr(tiny_engine.executor, "call", original)
+    assert_all_slots_free(tiny_engine)
+    assert run(tiny_engine, [PROMPTS[0]], GREEDY)[0].output.finish_reason is FinishReason.LENGTH
+
+
+def test_async_streaming_and_abort(tiny_engine):
+    async_engine = AsyncLLMEngine(engine=tiny_engine)
+
+    async def main():
+        deltas, final = [], None
+        async for out in async_engine.generate(PROMPTS[3], GREEDY):
+            deltas.append(out.output.delta_text)
+            final = out
+        assert final.finished and "".join(deltas) == final.output.text
+        assert len(final.metrics.token_times) == 24 and final.metrics.ttft > 0
+
+        async def partial():  # a client that stops reading after 3 tokens
+            async for out in async_engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0)):
+                if len(out.output.token_ids) >= 3:
+                    return
+
+        await asyncio.gather(partial(), partial())
+        with pytest.raises(ValueError, match="empty"):
+            async for _ in async_engine.generate("", GREEDY):
+                pass
+        for _ in range(100):  # aborts are applied by the engine thread
+            if tiny_engine.scheduler.slots.num_free == tiny_engine.config.max_num_seqs:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert_all_slots_free(tiny_engine)

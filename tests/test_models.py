@@ -1,0 +1,137 @@
+"""Our Llama-family forward against HF transformers on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specserve.distributed.parallel_state import SINGLE_PROCESS
+from specserve.models.forward_batch import SequenceSlice, build_step_inputs
+from specserve.models.kv_cache import KVCache
+from specserve.models.loader import load_model
+
+from tiny_models import build_tiny_model
+
+VARIANTS = {
+    "llama": {},
+    "qwen2_qkv_bias": {"model_type": "qwen2", "use_sliding_window": False},
+    "mistral_untied": {"model_type": "mistral", "tie_word_embeddings": False, "sliding_window": 4096},
+    "llama3_rope_scaling": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    },
+    "linear_rope_scaling": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "attention_bias": {"attention_bias": True},
+}
+
+
+def _ours(path):
+    model, max_len = load_model(path, SINGLE_PROCESS, torch.float32, torch.device("cpu"), None)
+    arch = model.arch
+    cache = KVCache(arch.num_layers, 4, arch.num_kv_heads, max_len, arch.head_dim, torch.float32, torch.device("cpu"))
+    return model, cache
+
+
+def _step(model, cache, seqs):
+    step = build_step_inputs(seqs, model.heads_per_kv, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        return model(step, cache)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_hf_for_prefill_and_decode(tmp_path, variant):
+    path = build_tiny_model(tmp_path, **VARIANTS[variant])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, cache = _ours(path)
+    ids = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = hf(ids).logits
+    # Sequence 0: prefill 12 tokens in one chunk, then decode one token at a time.
+    # Sequence 1 (another slot) prefills 5 tokens beside it, then 15 more in one chunk.
+    out = _step(model, cache, [
+        SequenceSlice(3, ids[0, :12].tolist(), list(range(12)), 0, logits_at=list(range(12))),
+        SequenceSlice(1, ids[1, :5].tolist(), list(range(5)), 0, logits_at=[4]),
+    ])
+    torch.testing.assert_close(out[:12], ref[0, :12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[12], ref[1, 4], atol=1e-4, rtol=1e-4)
+    out = _step(model, cache, [
+        SequenceSlice(1, ids[1, 5:].tolist(), list(range(5, 20)), 5, logits_at=list(range(15))),
+        SequenceSlice(3, [int(ids[0, 12])], [12], 12, logits_at=[0]),
+    ])
+    torch.testing.assert_close(out[:15], ref[1, 5:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[15], ref[0, 12], atol=1e-4, rtol=1e-4)
+    for i in range(13, 20):
+        out = _step(model, cache, [SequenceSlice(3, [int(ids[0, i])], [i], i, logits_at=[0])])
+        torch.testing.assert_close(out[0], ref[0, i], atol=1e-4, rtol=1e-4)
+
+
+def test_tree_mask_scores_each_branch_like_its_own_sequence(tiny_model):
+    """Two branches after a shared prefix, verified in one step with a tree mask."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model, cache = _ours(tiny_model)
+    prefix, branch_a, branch_b = [5, 17, 42, 9], [100, 101], [200, 201, 202]
+    _step(model, cache, [SequenceSlice(0, prefix, list(range(4)), 0)])
+    # Nodes: a0 a1 b0 b1 b2; a1 sees a0, b_i see b_<i; positions are 4 + depth.
+    tree = torch.tensor([
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1],
+    ], dtype=torch.bool)
+    out = _step(model, cache, [SequenceSlice(
+        0, branch_a + branch_b, [4, 5, 4, 5, 6], 4, tree_mask=tree, logits_at=list(range(5)),
+    )])
+    with torch.inference_mode():
+        ref_a = hf(torch.tensor([prefix + branch_a])).logits[0, 4:]
+        ref_b = hf(torch.tensor([prefix + branch_b])).logits[0, 4:]
+    torch.testing.assert_close(out[:2], ref_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[2:], ref_b, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_keep_makes_an_accepted_branch_contiguous(tiny_model):
+    """After keeping branch b's entries, decoding continues exactly as if only b was fed."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model, cache = _ours(tiny_model)
+    prefix = [5, 17, 42, 9]
+    _step(model, cache, [SequenceSlice(0, prefix, list(range(4)), 0)])
+    tree = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    _step(model, cache, [SequenceSlice(0, [100, 200, 201], [4, 4, 5], 4, tree_mask=tree)])
+    cache.keep(0, src_positions=[5, 6], dst_start=4)  # keep b0 b1 (cache positions 5, 6)
+    out = _step(model, cache, [SequenceSlice(0, [77], [6], 6, logits_at=[0])])
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prefix + [200, 201, 77]])).logits[0, -1]
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = build_tiny_model(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+        _ours(path)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_missing_files_are_named(tmp_path, missing):
+    path = build_tiny_model(tmp_path)
+    (path / missing).unlink()
+    with pytest.raises(ValueError, match=missing.split(".")[0]):
+        _ours(path)
+
+
+def test_tensor_parallel_size_must_divide_heads(tmp_path):
+    from specserve.distributed.parallel_state import TensorParallelGroup
+
+    path = build_tiny_model(tmp_path, num_attention_heads=4, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        load_model(path, TensorParallelGroup(rank=0, size=2), torch.float32, torch.device("cpu"), None)
