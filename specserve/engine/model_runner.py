@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.forward_batch import SequenceSlice, build_step_inputs
 from specserve.models.kv_cache import KVCache
 from specserve.models.loader import load_model
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -30,13 +33,13 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        logger.info(
+            "KV cache: %d slots x %d tokens, %.2f GiB on %s",
+            config.max_num_seqs, self.max_model_len, self.kv_cache.nbytes() / 2**30, self.device,
+        )
 
     @torch.inference_mode()
     def forward(self, seqs: list[SequenceSlice]) -> torch.Tensor:
         """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab] on the CPU."""
         step = build_step_inputs(seqs, self.model.heads_per_kv, self.dtype, self.device)
         return self.model(step, self.kv_cache).cpu()
-
-    @torch.inference_mode()
-    def keep(self, slot: int, src_positions: list[int], dst_start: int) -> None:
-        self.kv_cache.keep(slot, src_positions, dst_start)
