@@ -129,6 +129,17 @@ def test_missing_files_are_named(tmp_path, missing):
         _ours(path)
 
 
+def test_a_missing_part_of_a_fused_weight_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny_model(tmp_path)
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.qkv_proj\.k_proj\.weight"):
+        _ours(path)
+
+
 def test_tensor_parallel_size_must_divide_heads(tmp_path):
     from specserve.distributed.parallel_state import TensorParallelGroup
 

@@ -148,7 +148,12 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (this rank's shard of) every checkpoint tensor into its parameter."""
         modules = dict(self.named_modules())
-        expected = {name for name, _ in self.named_parameters()}
+        expected = {
+            f"{path}.{name}"
+            for path, module in modules.items()
+            if hasattr(module, "load")
+            for name in _checkpoint_names(module)
+        }
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb" in name:
@@ -165,7 +170,15 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the model")
             with torch.no_grad():
                 module.load(part, tensor)
-            loaded.add(f"{module_path}.{part.rsplit('.', 1)[-1]}")
+            loaded.add(f"{module_path}.{part}")
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
+
+
+def _checkpoint_names(module: nn.Module) -> list[str]:
+    """The names a module expects in ``load``: its parameters, per part for fused linears."""
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    if isinstance(module, MergedColumnParallelLinear):
+        return [f"{part}.{name}" for part in module.local_sizes for name in names]
+    return names
