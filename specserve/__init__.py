@@ -1,10 +1,20 @@
 """SpecServe: SLO-aware LLM serving with adaptive speculative decoding."""
 
-from specserve.config import EngineConfig
+from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import RequestOutput
 from specserve.engine.sampling_params import SamplingParams
 from specserve.llm import LLM
+from specserve.spec.tree import TreeBudget
 
-__all__ = ["LLM", "AsyncLLMEngine", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "AsyncLLMEngine",
+    "EngineConfig",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+    "SpeculativeConfig",
+    "TreeBudget",
+]

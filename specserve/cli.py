@@ -13,6 +13,22 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--speculative", choices=["draft", "ngram"], default=None,
+                        help="speculative decoding with the distilled draft model or n-gram lookup")
+    parser.add_argument("--draft-model", default=None, help="draft model directory (default: the distilled default draft)")
+    parser.add_argument("--depth", type=int, default=4, help="token-tree depth (speculation length)")
+    parser.add_argument("--width", type=int, default=1, help="children kept per tree depth (1: a chain)")
+    parser.add_argument("--max-nodes", type=int, default=None, help="tree nodes verified per step")
+
+
+def _speculative_config(args: argparse.Namespace):
+    from specserve.config import SpeculativeConfig
+    from specserve.spec.tree import TreeBudget
+
+    if args.speculative is None:
+        return None
+    budget = TreeBudget(depth=args.depth, width=args.width, max_nodes=args.max_nodes)
+    return SpeculativeConfig(method=args.speculative, draft_model=args.draft_model, budget=budget)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -34,6 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len,
         max_num_seqs=1,
+        speculative=_speculative_config(args),
     )
     engine = LLMEngine(config)
     try:
@@ -54,13 +71,53 @@ def _generate(args: argparse.Namespace) -> int:
         if args.stats and output is not None:
             m = output.metrics
             tpot = f"{m.tpot * 1000:.1f} ms" if m.tpot is not None else "n/a"
+            spec = output.spec_stats
+            mat = f", MAT {spec.mean_accepted_tokens:.2f}" if spec is not None else ""
             print(
                 f"[{len(output.output.token_ids)} tokens, finish={output.output.finish_reason.value}, "
-                f"TTFT {m.ttft * 1000:.1f} ms, TPOT {tpot}]",
+                f"TTFT {m.ttft * 1000:.1f} ms, TPOT {tpot}{mat}]",
                 file=sys.stderr,
             )
     finally:
         engine.shutdown()
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specserve.config import EngineConfig
+    from specserve.distill.data import DataConfig, generate_dataset, read_samples
+    from specserve.distill.train import TrainConfig, train_draft
+    from specserve.engine.llm_engine import LLMEngine
+
+    work = Path(args.work).expanduser()
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, max_num_seqs=args.batch_size))
+    target_path = engine.model_path
+    try:
+        data = DataConfig(
+            num_prompts=args.num_prompts,
+            num_documents=args.num_documents,
+            max_new_tokens=args.max_new_tokens,
+            document_tokens=args.document_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        generate_dataset(engine, work, data)
+    finally:
+        engine.shutdown()
+    samples = list(read_samples(work))
+    train = TrainConfig(
+        layers=tuple(args.layers),
+        vocab_size=args.draft_vocab,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    summary = train_draft(samples, target_path, Path(args.out).expanduser(), train)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    print(f"draft written to {args.out}")
     return 0
 
 
@@ -80,6 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print token count, TTFT and TPOT to stderr")
     _add_engine_args(gen)
     gen.set_defaults(handler=_generate)
+
+    distill = commands.add_parser(
+        "distill", help="make training data with the target and distill a small draft model"
+    )
+    distill.add_argument("--out", required=True, help="directory for the trained draft (HF format)")
+    distill.add_argument("--work", default="~/.cache/specserve/distill", help="training data directory (resumable)")
+    distill.add_argument("--model", default=None, help="target model directory (default: the embedded default)")
+    distill.add_argument("--device", default="auto")
+    distill.add_argument("--num-prompts", type=int, default=1200)
+    distill.add_argument("--num-documents", type=int, default=150, help="long-context documents to write and reuse")
+    distill.add_argument("--max-new-tokens", type=int, default=192)
+    distill.add_argument("--document-tokens", type=int, default=320, help="length of each written document")
+    distill.add_argument("--batch-size", type=int, default=32, help="concurrent requests while generating data")
+    distill.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="target layers the draft starts from")
+    distill.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (incl. the unknown row)")
+    distill.add_argument("--epochs", type=int, default=8)
+    distill.add_argument("--lr", type=float, default=1e-3)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.set_defaults(handler=_distill)
     return parser
 
 

@@ -8,12 +8,39 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from specserve.spec.tree import TreeBudget
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
 DEFAULT_MAX_MODEL_LEN = 2048
+
+
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding: which drafter, and the tree budget of requests that set none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["draft", "ngram"] = Field(
+        default="draft", description="'draft': a small draft model; 'ngram': prompt lookup."
+    )
+    draft_model: str | None = Field(
+        default=None,
+        description="Local HF directory of the draft model; None means the project's distilled "
+        "draft (made for the default target; usable with any target sharing its tokenizer).",
+    )
+    budget: TreeBudget = Field(default_factory=TreeBudget)
+    ngram_min: int = Field(default=2, ge=1)
+    ngram_max: int = Field(default=4, ge=1)
+
+    @field_validator("draft_model")
+    @classmethod
+    def _draft_dir_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError(f"draft model path {value!r} is not a directory")
+        return value
 
 
 class EngineConfig(BaseModel):
@@ -44,6 +71,9 @@ class EngineConfig(BaseModel):
         default=512, ge=16, description="Token budget of one forward step (chunked prefill)."
     )
     seed: int = Field(default=0, description="Seed for requests that do not carry their own.")
+    speculative: SpeculativeConfig | None = Field(
+        default=None, description="Speculative decoding; None decodes one token per step."
+    )
 
     @field_validator("model")
     @classmethod

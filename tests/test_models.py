@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.models.forward_batch import SequenceSlice, build_step_inputs
 from specserve.models.kv_cache import KVCache
-from specserve.models.loader import load_model
+from specserve.models.loader import ModelFiles, load_model
 
 from tiny_models import build_tiny_model
 
@@ -126,7 +126,7 @@ def test_missing_files_are_named(tmp_path, missing):
     path = build_tiny_model(tmp_path)
     (path / missing).unlink()
     with pytest.raises(ValueError, match=missing.split(".")[0]):
-        _ours(path)
+        _ours(ModelFiles.check(path).path)  # as the engine loads its target (drafts need no tokenizer)
 
 
 def test_a_missing_part_of_a_fused_weight_is_named(tmp_path):
@@ -146,3 +146,10 @@ def test_tensor_parallel_size_must_divide_heads(tmp_path):
     path = build_tiny_model(tmp_path, num_attention_heads=4, num_key_value_heads=1)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         load_model(path, TensorParallelGroup(rank=0, size=2), torch.float32, torch.device("cpu"), None)
+
+
+def test_a_draft_directory_needs_no_tokenizer(tmp_path):
+    path = build_tiny_model(tmp_path)
+    (path / "tokenizer.json").unlink()
+    assert ModelFiles.check(path, tokenizer=False).path == path
+    _ours(path)

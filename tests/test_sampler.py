@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specserve.engine.detokenizer import IncrementalDetokenizer
-from specserve.engine.sampler import sample, target_probs
+from specserve.engine.sampler import sample, target_probs, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
 
 
@@ -60,3 +61,12 @@ def test_stop_string_is_cut_and_never_streamed(tiny_engine):
             break
     assert detok.stopped_by == "fox jumps"
     assert streamed == "The quick brown "
+
+
+def test_top_logprobs_include_chosen_token_and_are_sorted():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    rows = top_logprobs(logits, tokens=[0, 0], counts=[2, 0])
+    expected = logits.log_softmax(-1)
+    assert list(rows[0]) == [1, 3, 0]  # top-2 by probability, then the chosen token
+    assert rows[0][1] == pytest.approx(expected[0, 1].item())
+    assert rows[1] == {0: pytest.approx(expected[1, 0].item())}

@@ -48,7 +48,7 @@ def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: Path, **overrides) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, **overrides) -> Path:
     """Save a random-weight causal LM (Llama architecture unless overridden) with a tokenizer."""
     from transformers import AutoConfig
 
@@ -70,7 +70,7 @@ def build_tiny_model(path: Path, **overrides) -> Path:
     options.update(overrides)
     model_type = options.pop("model_type")
     config = AutoConfig.for_model(model_type, **options)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():  # larger weights than the default init give peakier, less tie-prone logits
         for p in model.parameters():

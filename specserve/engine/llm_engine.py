@@ -1,7 +1,8 @@
 """The synchronous engine: add requests, call ``step()``, read outputs.
 
-One step flows in one direction: schedule -> build sequence slices -> forward -> sample ->
-append tokens, detokenize, check stops -> report outputs and free finished requests' slots.
+One step flows in one direction: schedule -> draft token trees (when speculating) -> build
+sequence slices -> one target forward -> sample or verify -> append tokens, detokenize, check
+stops -> report outputs and free finished requests' slots.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ from specserve.config import EngineConfig
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.executor import ModelExecutor
 from specserve.engine.request import FinishReason, Request, RequestOutput
-from specserve.engine.sampler import sample
+from specserve.engine.sampler import sample, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
 from specserve.models.loader import ModelFiles, eos_token_ids, load_tokenizer
+from specserve.spec.build import build_drafter
+from specserve.spec.drafter import Drafter, DraftRequest
+from specserve.spec.stats import SpecStats
+from specserve.spec.tree import TokenTree, TreeBudget
+from specserve.spec.verifier import verify
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+Pick = tuple[list[int], list[dict[int, float] | None]]  # a step's new tokens and their logprobs
 
 
 class LLMEngine:
@@ -40,6 +47,10 @@ class LLMEngine:
         self.max_model_len = self.executor.max_model_len
         self.vocab_size = self.executor.runner.model.arch.vocab_size
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.drafter: Drafter | None = None
+        if self.config.speculative is not None:
+            self.drafter = build_drafter(self.config, self.vocab_size, self.max_model_len)
+        self.spec_stats = SpecStats()
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(self.config.seed)
 
@@ -88,7 +99,7 @@ class LLMEngine:
         if request is None:
             return None
         request.finish(FinishReason.ABORT)
-        self.scheduler.remove(request)
+        self._retire(request)
         return request.take_output()
 
     def has_unfinished_requests(self) -> bool:
@@ -107,7 +118,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of requests that advanced or finished."""
-        scheduled = self.scheduler.schedule()
+        speculating = self.drafter is not None
+        scheduled = self.scheduler.schedule(self._draft_room if speculating else None)
         if not scheduled:
             return []
         now = time.monotonic()
@@ -115,27 +127,136 @@ class LLMEngine:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
         try:
-            logits = self.executor.call("forward", [self._slice(item) for item in scheduled])
-        except Exception as exc:  # a failed forward fails its batch, never the engine
+            trees = self._draft(scheduled) if speculating else {}
+            start = time.perf_counter()
+            logits = self.executor.call(
+                "forward", [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
+            )
+            verify_time = time.perf_counter() - start
+        except Exception as exc:  # a failed step fails its batch, never the engine
             logger.exception("forward step failed")
             return [self._fail(item.request, f"forward failed: {exc}") for item in scheduled]
         due = [item.request for item in scheduled if item.completes_context]
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
-        tokens = sample(logits, [r.params for r in due], [r.generator for r in due])
+        picks = self._next_tokens(due, logits, trees, verify_time)
         now = time.monotonic()
         outputs = []
-        for request, token in zip(due, tokens):
-            self._append_token(request, token, now)
+        for request, (tokens, logprobs) in zip(due, picks):
+            for token, token_logprobs in zip(tokens, logprobs):
+                self._append_token(request, token, now, token_logprobs)
+                if request.finished:
+                    break
             outputs.append(request.take_output())
             if request.finished:
-                self.scheduler.remove(request)
-                del self.requests[request.request_id]
+                self._retire(request)
         return outputs
 
+    def _next_tokens(
+        self, due: list[Request], logits: torch.Tensor, trees: dict[str, TokenTree], verify_time: float
+    ) -> list[Pick]:
+        """Each due request's new tokens (and logprobs): sampled, or verified from its tree."""
+        rows = logits.split([len(trees.get(r.request_id, ())) + 1 for r in due])
+        picks: list[Pick] = [([], [])] * len(due)
+        plain = [i for i, r in enumerate(due) if r.request_id not in trees]
+        if plain:
+            plain_logits = torch.cat([rows[i] for i in plain])
+            requests = [due[i] for i in plain]
+            tokens = sample(plain_logits, [r.params for r in requests], [r.generator for r in requests])
+            logprobs = self._logprobs(plain_logits, tokens, requests)
+            for i, token, token_logprobs in zip(plain, tokens, logprobs):
+                picks[i] = ([token], [token_logprobs])
+        speculated = [i for i, r in enumerate(due) if r.request_id in trees]
+        if speculated:
+            verified = self._verify(
+                [due[i] for i in speculated], [rows[i] for i in speculated], trees, verify_time
+            )
+            for i, pick in zip(speculated, verified):
+                picks[i] = pick
+        return picks
+
+    # --------------------------------------------------------------- speculation
+
+    def _budget(self, request: Request) -> TreeBudget:
+        """The request's tree budget, shrunk to its remaining tokens and free KV positions."""
+        budget = request.params.speculation or self.config.speculative.budget
+        remaining = request.params.max_tokens - len(request.output_token_ids)
+        room = self.max_model_len - request.num_tokens  # positions after the root
+        return budget.within(min(remaining - 1, room // budget.width), room)
+
+    def _draft_room(self, request: Request) -> int:
+        budget = self._budget(request)
+        return budget.node_limit if budget.depth else 0
+
+    def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, TokenTree]:
+        """Token trees for the decoding requests that reserved room for drafts."""
+        asks = [
+            DraftRequest(
+                item.request.request_id,
+                item.request.slot,
+                item.request.all_token_ids,
+                self._budget(item.request).within(32, item.num_draft_tokens),
+            )
+            for item in scheduled
+            if item.num_draft_tokens > 0
+        ]
+        if not asks:
+            return {}
+        start = time.perf_counter()
+        trees = self.drafter.propose(asks)
+        draft_time = time.perf_counter() - start
+        self.spec_stats.draft_time += draft_time
+        for ask, tree in zip(asks, trees):
+            request = self.requests[ask.request_id]
+            request.spec_stats.draft_time += draft_time
+            if not len(tree):  # nothing drafted: a plain step, still a step of this request
+                for stats in (request.spec_stats, self.spec_stats):
+                    stats.record(0, 0, 0)
+        return {ask.request_id: tree for ask, tree in zip(asks, trees) if len(tree)}
+
+    def _verify(
+        self,
+        requests: list[Request],
+        rows: list[torch.Tensor],
+        trees: dict[str, TokenTree],
+        verify_time: float,
+    ) -> list[Pick]:
+        """Verify each request's tree; keep the accepted path's K/V in both caches."""
+        self.spec_stats.verify_time += verify_time
+        picks, moves = [], []
+        for request, logits in zip(requests, rows):
+            tree = trees[request.request_id]
+            verdict = verify(tree, logits, request.params, request.generator)
+            accepted = len(verdict.accepted)
+            root = request.num_computed_tokens - 1  # the root is now cached at its position
+            sources = [root + 1 + node for node in verdict.accepted]
+            if sources != list(range(root + 1, root + 1 + accepted)):
+                moves.append((request.slot, sources, root + 1))
+            request.num_computed_tokens += accepted
+            self.drafter.accept(request.request_id, verdict.tokens[:-1])
+            logprobs = self._logprobs(
+                logits[verdict.row_of_token], verdict.tokens, [request] * len(verdict.tokens)
+            )
+            picks.append((verdict.tokens, logprobs))
+            for stats in (request.spec_stats, self.spec_stats):
+                stats.record(tree.num_drafted, len(tree), accepted)
+            request.spec_stats.verify_time += verify_time
+        if moves:
+            self.executor.call("keep_kv", moves)
+        return picks
+
     @staticmethod
-    def _slice(item: ScheduledRequest) -> SequenceSlice:
+    def _slice(item: ScheduledRequest, tree: TokenTree | None) -> SequenceSlice:
         request, start = item.request, item.request.num_computed_tokens
+        if tree is not None:  # the root (the last token, not yet cached), then the tree's nodes
+            return SequenceSlice(
+                slot=request.slot,
+                token_ids=[request.all_token_ids[start]] + tree.tokens,
+                positions=[start] + [start + depth for depth in tree.depths],
+                cache_start=start,
+                tree_mask=tree.attention_mask(),
+                logits_at=list(range(len(tree) + 1)),
+            )
         end = start + item.num_new_tokens
         return SequenceSlice(
             slot=request.slot,
@@ -145,8 +266,25 @@ class LLMEngine:
             logits_at=[item.num_new_tokens - 1] if item.completes_context else [],
         )
 
-    def _append_token(self, request: Request, token: int, now: float) -> None:
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: list[int], requests: list[Request]
+    ) -> list[dict[int, float] | None]:
+        wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        rows: list[dict[int, float] | None] = [None] * len(requests)
+        if wanted:
+            counts = [requests[i].params.logprobs for i in wanted]
+            found = top_logprobs(logits[wanted], [tokens[i] for i in wanted], counts)
+            for i, row in zip(wanted, found):
+                rows[i] = row
+        return rows
+
+    def _append_token(
+        self, request: Request, token: int, now: float, logprobs: dict[int, float] | None
+    ) -> None:
         request.output_token_ids.append(token)
+        if logprobs is not None:
+            request.output_logprobs.append(logprobs)
         metrics = request.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
@@ -165,9 +303,15 @@ class LLMEngine:
 
     def _fail(self, request: Request, error: str) -> RequestOutput:
         request.finish(FinishReason.ERROR, error)
+        self._retire(request)
+        return request.take_output()
+
+    def _retire(self, request: Request) -> None:
+        """Forget a finished request: free its KV slot and any drafter state."""
         self.scheduler.remove(request)
         self.requests.pop(request.request_id, None)
-        return request.take_output()
+        if self.drafter is not None:
+            self.drafter.release(request.request_id)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

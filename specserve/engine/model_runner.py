@@ -43,3 +43,8 @@ class ModelRunner:
         """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab] on the CPU."""
         step = build_step_inputs(seqs, self.model.heads_per_kv, self.dtype, self.device)
         return self.model(step, self.kv_cache).cpu()
+
+    def keep_kv(self, moves: list[tuple[int, list[int], int]]) -> None:
+        """Compact accepted tree paths: (slot, source positions, destination start) each."""
+        for slot, sources, start in moves:
+            self.kv_cache.keep(slot, sources, start)

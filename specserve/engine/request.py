@@ -10,6 +10,7 @@ import torch
 
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.sampling_params import SamplingParams
+from specserve.spec.stats import SpecStats
 
 
 class RequestStatus(enum.Enum):
@@ -57,6 +58,7 @@ class CompletionOutput:
     delta_text: str
     delta_token_ids: list[int]
     finish_reason: FinishReason | None
+    logprobs: list[dict[int, float]] | None = None  # per output token, if requested
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None
+    spec_stats: SpecStats | None = None  # when the request was speculated on
 
 
 class Request:
@@ -87,6 +90,8 @@ class Request:
         self.detokenizer = detokenizer
         self.generator = generator
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[dict[int, float]] = []
+        self.spec_stats = SpecStats()
         self.status = RequestStatus.WAITING
         self.slot: int | None = None
         self.num_computed_tokens = 0  # tokens whose K/V are in the slot
@@ -131,8 +136,10 @@ class Request:
                 delta_text=delta_text,
                 delta_token_ids=delta_ids,
                 finish_reason=self.finish_reason,
+                logprobs=None if self.params.logprobs is None else list(self.output_logprobs),
             ),
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            spec_stats=self.spec_stats if self.spec_stats.steps else None,
         )

@@ -50,3 +50,20 @@ def sample(
     for row, i in enumerate(sampled_rows):
         tokens[i] = int(torch.multinomial(probs[row], 1, generator=generators[i]).item())
     return tokens
+
+
+def top_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[dict[int, float]]:
+    """Per row of ``logits``: log-probabilities of the chosen token and of the ``counts[i]`` most
+    likely tokens, most likely first."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    k = max(counts)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    chosen = logprobs.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+    rows = []
+    for i, (token, count) in enumerate(zip(tokens, counts)):
+        row = {}
+        if count:
+            row = dict(zip(top_ids[i, :count].tolist(), top_values[i, :count].tolist()))
+        row.setdefault(token, chosen[i])
+        rows.append(row)
+    return rows

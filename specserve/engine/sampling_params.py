@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from specserve.spec.tree import TreeBudget
+
 
 class SamplingParams(BaseModel):
     """How to pick each next token and when to stop (OpenAI / vLLM semantics).
@@ -22,6 +24,18 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    speculation: TreeBudget | None = Field(
+        default=None,
+        description="This request's token-tree budget when the engine speculates; None: the "
+        "engine's default. depth=0 decodes it without speculation.",
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Return the log-probabilities (of the model's raw distribution) of each "
+        "output token and of this many most likely alternatives.",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,14 +1,16 @@
 """Continuous batching: which requests run this step, and how many of their tokens.
 
 A request's new tokens are the ones not yet in its KV slot: the (rest of the) prompt while it
-prefills, the last sampled token while it decodes. Running requests go first, then waiting ones
-are admitted in arrival order while a KV slot is free and the step's token budget lasts; long
-prompts are prefilled in chunks across steps, beside other requests' decodes.
+prefills, the last sampled token while it decodes. A decoding request may also reserve room in
+the step for drafted tokens to verify. Running requests go first, then waiting ones are admitted
+in arrival order while a KV slot is free and the step's token budget lasts; long prompts are
+prefilled in chunks across steps, beside other requests' decodes.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from specserve.engine.request import Request, RequestStatus
@@ -19,6 +21,7 @@ from specserve.models.kv_cache import SlotAllocator
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    num_draft_tokens: int = 0  # room reserved for drafted tokens (decoding requests only)
 
     @property
     def completes_context(self) -> bool:
@@ -40,15 +43,20 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self) -> list[ScheduledRequest]:
+    def schedule(self, draft_tokens: Callable[[Request], int] | None = None) -> list[ScheduledRequest]:
+        """``draft_tokens(request)``: drafted tokens a decoding request would like verified."""
         budget = self.max_num_batched_tokens
         scheduled = []
         for request in self.running:
             if budget == 0:
                 break
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            scheduled.append(ScheduledRequest(request, n))
             budget -= n
+            drafts = 0
+            if draft_tokens is not None and not request.is_prefilling and n == 1:
+                drafts = min(draft_tokens(request), budget)
+                budget -= drafts
+            scheduled.append(ScheduledRequest(request, n, drafts))
         while self.waiting and budget > 0 and self.slots.num_free:
             request = self.waiting.popleft()
             request.slot = self.slots.allocate()

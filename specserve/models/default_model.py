@@ -61,3 +61,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     staging.rename(target)
+
+
+DEFAULT_DRAFT_DIR = Path(__file__).parent / "default_draft"
+
+
+def default_draft_dir() -> Path:
+    """The project's distilled draft for the default target (made by ``specserve distill``)."""
+    if not (DEFAULT_DRAFT_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the default draft model is missing from {DEFAULT_DRAFT_DIR}; "
+            "make one with `specserve distill` or pass a draft_model"
+        )
+    return DEFAULT_DRAFT_DIR

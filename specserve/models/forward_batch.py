@@ -25,12 +25,23 @@ class SequenceSlice:
     token_ids: list[int]
     positions: list[int]
     cache_start: int
-    tree_mask: torch.Tensor | None = None  # [n, n] bool, True: query i sees new token j
+    # [n, cache_start + n - tree_start] bool, True: new token i sees cache position tree_start + j.
+    # Positions before tree_start are always visible; None means causal.
+    tree_mask: torch.Tensor | None = None
     logits_at: list[int] = field(default_factory=list)  # indices into token_ids
+    tree_start: int | None = None  # where the masked region starts; None: at cache_start
 
     def __post_init__(self) -> None:
         if len(self.positions) != len(self.token_ids):
             raise ValueError("positions and token_ids differ in length")
+        if self.tree_mask is not None:
+            span = self.cache_start + len(self.token_ids) - self.mask_start
+            if tuple(self.tree_mask.shape) != (len(self.token_ids), span):
+                raise ValueError(f"tree_mask must be [{len(self.token_ids)}, {span}]")
+
+    @property
+    def mask_start(self) -> int:
+        return self.cache_start if self.tree_start is None else self.tree_start
 
 
 @dataclass
@@ -75,7 +86,7 @@ def _group_mask(seqs: list[SequenceSlice], slot_lo: int, rows: int, query_len: i
     for seq in seqs:
         if seq.tree_mask is not None:
             n, row = len(seq.token_ids), seq.slot - slot_lo
-            mask[row, :n, seq.cache_start : seq.cache_start + n] = seq.tree_mask
+            mask[row, :n, seq.mask_start : seq.cache_start + n] = seq.tree_mask
     # Padding rows would see nothing and make SDPA return NaN; let them see key 0 instead.
     mask[..., 0] |= ~mask.any(-1)
     return (
@@ -127,7 +138,8 @@ def build_step_inputs(
                 token_index=torch.tensor(token_index, device=device),
                 row_index=torch.tensor(row_index, device=device),
                 mask=mask.to(device),
-                direct=token_index == row_index == list(range(len(input_ids))),
+                direct=rows * query_len == len(input_ids)
+                and token_index == row_index == list(range(len(input_ids))),
             )
         )
 

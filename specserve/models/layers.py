@@ -3,6 +3,10 @@
 Column-parallel linears split their output features over ranks, row-parallel linears their
 input features (followed by an all-reduce), as in Megatron-LM. Each parameter knows how to take
 its shard out of a full checkpoint tensor (``load``), so the loader stays generic.
+
+Linear weights are stored input-major (``[in, out]``, the transpose of a checkpoint's
+``[out, in]``): on CPU a GEMM over a few rows (a verified token tree, a small batch) runs 2x
+faster against this layout than against ``F.linear``'s, and a single-row GEMV no slower.
 """
 
 from __future__ import annotations
@@ -55,19 +59,21 @@ class MergedColumnParallelLinear(nn.Module):
             offsets[name] = start
             start += size
         self.offsets = offsets
-        self.weight = nn.Parameter(torch.empty(start, input_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(input_size, start), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(start), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return matmul(x, self.weight, self.bias)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         """``name`` is '<part>.weight' or '<part>.bias' with part one of ``output_sizes``."""
         part, kind = name.rsplit(".", 1)
         size = self.local_sizes[part]
         shard = tensor.narrow(0, self.tp.rank * size, size)
-        target = self.weight if kind == "weight" else self.bias
-        target.narrow(0, self.offsets[part], size).copy_(shard)
+        if kind == "weight":
+            self.weight.narrow(1, self.offsets[part], size).copy_(shard.t())
+        else:
+            self.bias.narrow(0, self.offsets[part], size).copy_(shard)
 
 
 class RowParallelLinear(nn.Module):
@@ -79,22 +85,23 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.local_input = divide(input_size, tp.size, "row-parallel input size")
-        self.weight = nn.Parameter(torch.empty(output_size, self.local_input), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(self.local_input, output_size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(x @ self.weight)
         return out if self.bias is None else out + self.bias
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         if name == "bias":
             self.bias.copy_(tensor)
         else:
-            self.weight.copy_(tensor.narrow(1, self.tp.rank * self.local_input, self.local_input))
+            shard = tensor.narrow(1, self.tp.rank * self.local_input, self.local_input)
+            self.weight.copy_(shard.t())
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; doubles as the (tied) LM head shard."""
+    """Embedding table split by vocabulary rows."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
         super().__init__()
@@ -112,12 +119,35 @@ class VocabParallelEmbedding(nn.Module):
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.tp.all_reduce(out)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head: full-vocabulary logits (gathered from every rank's shard)."""
-        return self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
-
     def load(self, name: str, tensor: torch.Tensor) -> None:
         self.weight.copy_(tensor.narrow(0, self.vocab_start, self.local_vocab))
+
+
+class ParallelLMHead(nn.Module):
+    """LM head split by vocabulary columns; a tied head is loaded from the embedding tensor."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.local_vocab = divide(vocab_size, tp.size, "vocab_size")
+        self.vocab_start = tp.rank * self.local_vocab
+        self.weight = nn.Parameter(torch.empty(hidden_size, self.local_vocab), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (gathered from every rank's shard)."""
+        return self.tp.all_gather_last_dim(hidden @ self.weight)
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        self.weight.copy_(tensor.narrow(0, self.vocab_start, self.local_vocab).t())
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight (+ bias)`` for an input-major weight, fused into one addmm when possible."""
+    if bias is None:
+        return x @ weight
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return x @ weight + bias
 
 
 class RotaryEmbedding(nn.Module):

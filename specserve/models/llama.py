@@ -18,6 +18,7 @@ from specserve.models.forward_batch import StepInputs
 from specserve.models.kv_cache import KVCache
 from specserve.models.layers import (
     MergedColumnParallelLinear,
+    ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
@@ -123,11 +124,7 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         self.tp = tp
         self.model = LlamaModel(arch, tp, max_positions)
-        self.lm_head = (
-            self.model.embed_tokens
-            if arch.tie_word_embeddings
-            else VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        )
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
 
     @property
     def heads_per_kv(self) -> int:
@@ -143,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, step: StepInputs, cache: KVCache) -> torch.Tensor:
         hidden = self.hidden_states(step, cache)
-        return self.lm_head.logits(hidden[step.logits_index]).float()
+        return self.lm_head(hidden[step.logits_index]).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (this rank's shard of) every checkpoint tensor into its parameter."""
@@ -155,10 +152,8 @@ class LlamaForCausalLM(nn.Module):
             for name in _checkpoint_names(module)
         }
         loaded: set[str] = set()
-        for name, tensor in weights:
+        for name, tensor in _with_tied_head(weights, self.arch.tie_word_embeddings):
             if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
             module_path, part = name.rsplit(".", 1)
             parent, leaf = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
@@ -174,6 +169,18 @@ class LlamaForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
+
+
+def _with_tied_head(
+    weights: Iterable[tuple[str, torch.Tensor]], tied: bool
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """A tied checkpoint's head is its embedding (a stored ``lm_head.weight`` is ignored)."""
+    for name, tensor in weights:
+        if tied and name == "lm_head.weight":
+            continue
+        yield name, tensor
+        if tied and name == "model.embed_tokens.weight":
+            yield "lm_head.weight", tensor
 
 
 def _checkpoint_names(module: nn.Module) -> list[str]:

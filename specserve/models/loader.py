@@ -23,7 +23,8 @@ class ModelFiles:
     path: Path
 
     @classmethod
-    def check(cls, path: str | Path) -> ModelFiles:
+    def check(cls, path: str | Path, tokenizer: bool = True) -> ModelFiles:
+        """A draft model needs no tokenizer of its own (``tokenizer=False``)."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise ValueError(f"model path {str(path)!r} is not a directory")
@@ -31,7 +32,7 @@ class ModelFiles:
             raise ValueError(f"model directory {str(path)!r} has no config.json")
         if not list(path.glob("*.safetensors")):
             raise ValueError(f"model directory {str(path)!r} has no *.safetensors weights")
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        if tokenizer and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             raise ValueError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json)")
         return cls(path)
 
@@ -72,7 +73,7 @@ def load_model(
     max_model_len: int | None,
 ) -> tuple[LlamaForCausalLM, int]:
     """Build the model, load this rank's weight shards; returns (model, effective max_model_len)."""
-    files = ModelFiles.check(path)
+    files = ModelFiles.check(path, tokenizer=False)
     arch = ModelArchitecture.from_hf_config(AutoConfig.from_pretrained(str(files.path)))
     limit = arch.max_position_embeddings
     if max_model_len is not None and max_model_len > limit:

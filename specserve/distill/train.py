@@ -1,0 +1,222 @@
+"""Train a small draft toward the target's next-token distributions.
+
+The draft is a Llama model of the target's width with a few of the target's layers as its
+starting point and a reduced vocabulary: the ``vocab_size - 1`` tokens the target emits most
+often, plus one row for every other token (fed as input, never proposed). The tied 49,152-word
+head would otherwise dominate a small draft's step. The loss is the cross-entropy between the
+target's (renormalized top-k) distribution at each answer position and the draft's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from specserve.spec.draft_model import VOCAB_FILE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    layers: tuple[int, ...] = (0, 1)  # target layers the draft starts from
+    vocab_size: int = 8192
+    epochs: int = 8
+    batch_tokens: int = 4096
+    max_len: int = 768
+    lr: float = 1e-3
+    validation_share: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    input_ids: list[int]  # draft ids of prompt + answer
+    answer_start: int  # index of the first position whose next token is an answer token
+    top_ids: list[list[int]]  # draft ids of the target's top-k, per answer token
+    top_probs: list[list[float]]
+
+
+def choose_vocabulary(samples: list[dict], size: int) -> list[int]:
+    """The ``size - 1`` target ids seen most often (answers weigh more than prompts)."""
+    counts: Counter[int] = Counter()
+    for s in samples:
+        counts.update(s["prompt_ids"])
+        for ids in s["top_ids"]:
+            counts.update({t: 4 for t in ids[:1]})
+            counts.update(ids[1:4])
+    return [t for t, _ in counts.most_common(size - 1)]
+
+
+def make_examples(samples: list[dict], to_draft: torch.Tensor, max_len: int) -> list[Example]:
+    examples = []
+    for s in samples:
+        ids = (s["prompt_ids"] + s["output_ids"])[:max_len]
+        answers = len(ids) - len(s["prompt_ids"])
+        if answers <= 0:
+            continue
+        probs = [torch.tensor(lp).exp() for lp in s["top_logprobs"][:answers]]
+        examples.append(
+            Example(
+                input_ids=to_draft[torch.tensor(ids)].tolist(),
+                answer_start=len(s["prompt_ids"]) - 1,
+                top_ids=[to_draft[torch.tensor(t)].tolist() for t in s["top_ids"][:answers]],
+                top_probs=[(p / p.sum()).tolist() for p in probs],
+            )
+        )
+    return examples
+
+
+def batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[Example]]:
+    """Length-bucketed batches of about ``batch_tokens`` (padded) tokens, in random order."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    out, current = [], []
+    for example in ordered:
+        if current and len(example.input_ids) * (len(current) + 1) > batch_tokens:
+            out.append(current)
+            current = []
+        current.append(example)
+    if current:
+        out.append(current)
+    rng.shuffle(out)
+    return out
+
+
+def _collate(batch: list[Example], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded inputs, attention mask, and per-position soft targets [B, T, vocab] (sparse rows)."""
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.long)
+    mask = torch.zeros(len(batch), length, dtype=torch.long)
+    rows, cols, values, positions = [], [], [], []
+    for b, e in enumerate(batch):
+        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[b, : len(e.input_ids)] = 1
+        for j, (top, probs) in enumerate(zip(e.top_ids, e.top_probs)):
+            pos = e.answer_start + j
+            positions.append((b, pos))
+            for t, p in zip(top, probs):
+                rows.append(len(positions) - 1)
+                cols.append(t)
+                values.append(p)
+    index = torch.tensor(positions)
+    targets = torch.zeros(len(positions), vocab)
+    targets.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(values), accumulate=True)
+    return ids, mask, index, targets
+
+
+def build_draft(target_path: Path, vocabulary: list[int], layers: tuple[int, ...]) -> LlamaForCausalLM:
+    """A draft of the target's width: the chosen target layers, the vocabulary's embedding rows
+    (tied head) and an unknown-token row (the mean embedding)."""
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32)
+    target_config = AutoConfig.from_pretrained(target_path)
+    n = target_config.num_hidden_layers
+    layer_ids = [i % n for i in layers]
+    config = LlamaConfig(**{
+        **target_config.to_dict(),
+        "num_hidden_layers": len(layer_ids),
+        "vocab_size": len(vocabulary) + 1,
+        "tie_word_embeddings": True,
+        "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    })
+    draft = LlamaForCausalLM(config)
+    with torch.no_grad():
+        embed = target.model.embed_tokens.weight
+        draft.model.embed_tokens.weight.copy_(torch.cat([embed[vocabulary], embed.mean(0, keepdim=True)]))
+        for mine, theirs in zip(draft.model.layers, layer_ids):
+            mine.load_state_dict(target.model.layers[theirs].state_dict())
+        draft.model.norm.load_state_dict(target.model.norm.state_dict())
+    return draft
+
+
+def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[torch.Tensor, int, int]:
+    ids, mask, index, targets = _collate(batch, vocab)
+    hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = draft.lm_head(hidden[index[:, 0], index[:, 1]])
+    loss = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    agree = (logits.argmax(-1) == targets.argmax(-1)).sum().item()
+    return loss, agree, len(index)
+
+
+def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: TrainConfig) -> dict:
+    """Train and save the draft as an HF directory; returns a summary (also in the model card)."""
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    vocabulary = choose_vocabulary(samples, config.vocab_size)
+    to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
+    to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
+    samples = samples[:]
+    rng.shuffle(samples)
+    n_val = max(1, int(len(samples) * config.validation_share))
+    train, val = make_examples(samples[n_val:], to_draft, config.max_len), make_examples(samples[:n_val], to_draft, config.max_len)
+    draft = build_draft(target_path, vocabulary, config.layers)
+    vocab = len(vocabulary) + 1
+    before = evaluate(draft, val, vocab, config.batch_tokens)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=config.lr, weight_decay=0.0)
+    plan = [batches(train, config.batch_tokens, rng) for _ in range(config.epochs)]
+    total = sum(len(p) for p in plan)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
+    )
+    draft.train()
+    with tqdm(total=total, desc="training draft") as bar:
+        for epoch_batches in plan:
+            for batch in epoch_batches:
+                loss, agree, count = _loss(draft, batch, vocab)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{agree / count:.2f}")
+                bar.update()
+    after = evaluate(draft, val, vocab, config.batch_tokens)
+    summary = {
+        "train_samples": len(train),
+        "train_answer_tokens": sum(len(e.top_ids) for e in train),
+        "validation_samples": len(val),
+        "draft_vocab": vocab,
+        "target_layers": list(config.layers),
+        "epochs": config.epochs,
+        "validation_top1_agreement_before": before["top1"],
+        "validation_top1_agreement": after["top1"],
+        "validation_loss": after["loss"],
+    }
+    save_draft(draft, vocabulary, out_dir, summary)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(draft: LlamaForCausalLM, examples: list[Example], vocab: int, batch_tokens: int) -> dict:
+    """Top-1 agreement with the target and mean loss on held-out answers."""
+    draft.eval()
+    loss_sum, agree, count = 0.0, 0, 0
+    for batch in batches(examples, batch_tokens, random.Random(0)):
+        loss, a, n = _loss(draft, batch, vocab)
+        loss_sum += loss.item() * n
+        agree += a
+        count += n
+    draft.train()
+    return {"top1": agree / max(count, 1), "loss": loss_sum / max(count, 1)}
+
+
+def save_draft(draft: LlamaForCausalLM, vocabulary: list[int], out_dir: Path, summary: dict) -> None:
+    """An HF model directory (config, bf16 safetensors) plus the vocabulary map; the draft uses
+    the target's tokenizer, so none is copied."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draft.to(torch.bfloat16).save_pretrained(out_dir)
+    (out_dir / VOCAB_FILE).write_text(json.dumps({"target_ids": vocabulary}))
+    (out_dir / "README.md").write_text(
+        "# SpecServe default draft\n\nDistilled by `specserve distill` from the target's own "
+        "greedy answers to template prompts (no Spec-Bench data).\n\n```json\n"
+        + json.dumps(summary, indent=2) + "\n```\n"
+    )

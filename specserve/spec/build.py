@@ -1,0 +1,20 @@
+"""Build the drafter an engine's speculative config asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.models.default_model import default_draft_dir
+from specserve.models.loader import ModelFiles
+from specserve.spec.draft_model import ModelDrafter
+from specserve.spec.drafter import Drafter
+from specserve.spec.ngram import NgramDrafter
+
+
+def build_drafter(config: EngineConfig, target_vocab: int, max_len: int) -> Drafter:
+    spec: SpeculativeConfig = config.speculative
+    if spec.method == "ngram":
+        return NgramDrafter(spec.ngram_min, spec.ngram_max)
+    path = ModelFiles.check(spec.draft_model or default_draft_dir(), tokenizer=False).path
+    return ModelDrafter(Path(path), config, target_vocab, max_len)

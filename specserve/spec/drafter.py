@@ -1,0 +1,30 @@
+"""The interface every drafter implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from specserve.spec.tree import TokenTree, TreeBudget
+
+
+@dataclass
+class DraftRequest:
+    request_id: str
+    slot: int  # the request's KV slot (a draft model uses the same index in its own cache)
+    token_ids: list[int]  # the whole sequence; the last token is the tree's root
+    budget: TreeBudget
+
+
+class Drafter(Protocol):
+    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        """One tree per request, within its budget (an empty tree when it has nothing)."""
+        ...
+
+    def accept(self, request_id: str, tokens: list[int]) -> None:
+        """The target accepted ``tokens`` (a path of the last tree, bonus token excluded)."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """The request finished or was aborted: forget its state."""
+        ...

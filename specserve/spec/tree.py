@@ -1,0 +1,113 @@
+"""Token trees: what a drafter proposes and the target verifies.
+
+A tree hangs below a *root*: the last token of the sequence, already chosen but not yet in the
+target's KV cache. Nodes are stored parents-first (``parents[i] < i``; -1 is the root), each with
+its token, its draft probability ``p`` and its path probability ``f`` (product of ``p`` from the
+root, the drafter's estimate that the target accepts the whole path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TreeBudget(BaseModel):
+    """How much one request may speculate in one step.
+
+    ``depth`` bounds the path length, ``width`` the children kept per depth (1 is a chain),
+    ``max_nodes`` the nodes sent to the target. ``depth == 0`` turns speculation off.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    depth: int = Field(default=4, ge=0, le=32)
+    width: int = Field(default=1, ge=1, le=16)
+    max_nodes: int | None = Field(default=None, ge=1, le=256, description="None: depth * width")
+
+    @property
+    def node_limit(self) -> int:
+        return min(self.max_nodes or self.depth * self.width, self.depth * self.width)
+
+    def within(self, max_depth: int, max_nodes: int) -> TreeBudget:
+        """This budget shrunk to at most ``max_depth`` levels and ``max_nodes`` nodes."""
+        nodes = min(self.node_limit, max_nodes)
+        depth = min(self.depth, max_depth) if nodes > 0 else 0
+        if depth == self.depth and nodes == self.node_limit:
+            return self
+        return TreeBudget(depth=max(depth, 0), width=self.width, max_nodes=max(nodes, 1))
+
+
+@dataclass
+class TokenTree:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    path_probs: list[float] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)  # 1 for children of the root
+    num_candidates: int = 0  # nodes drafted before ``select`` kept the best
+
+    @property
+    def num_drafted(self) -> int:
+        return max(self.num_candidates, len(self))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, parent: int, prob: float) -> int:
+        """Append a node below ``parent`` (-1: the root); returns its index."""
+        parent_f, parent_depth = (1.0, 0) if parent < 0 else (self.path_probs[parent], self.depths[parent])
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.probs.append(prob)
+        self.path_probs.append(parent_f * prob)
+        self.depths.append(parent_depth + 1)
+        return len(self.tokens) - 1
+
+    def children(self, node: int) -> dict[int, int]:
+        """token -> child index, for the children of ``node`` (-1: the root)."""
+        return {self.tokens[i]: i for i, p in enumerate(self.parents) if p == node}
+
+    def expected_accepted(self) -> float:
+        """Expected tokens from verifying this tree: 1 (the bonus token) + sum of f."""
+        return 1.0 + sum(self.path_probs)
+
+    def select(self, max_nodes: int) -> TokenTree:
+        """The ``max_nodes`` nodes of highest path probability, re-indexed parents-first.
+
+        f never grows along a path, so the selection keeps every chosen node's ancestors
+        (ties are broken toward shallower nodes).
+        """
+        if len(self) <= max_nodes:
+            return self
+        order = sorted(range(len(self)), key=lambda i: (-self.path_probs[i], self.depths[i], i))
+        chosen = sorted(order[:max_nodes], key=lambda i: (self.depths[i], i))
+        new_index = {old: new for new, old in enumerate(chosen)}
+        tree = TokenTree(num_candidates=len(self))
+        for old in chosen:
+            parent = self.parents[old]
+            tree.add(self.tokens[old], new_index[parent] if parent >= 0 else -1, self.probs[old])
+        return tree
+
+    def path(self, node: int) -> list[int]:
+        """Node indices from the root's child down to ``node``."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[n+1, n+1] bool over (root, nodes...): each entry sees itself and its ancestors."""
+        n = len(self)
+        mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+        mask[:, 0] = True
+        mask[0, 0] = True
+        for i, parent in enumerate(self.parents):
+            row = i + 1
+            if parent >= 0:
+                mask[row] = mask[parent + 1]
+            mask[row, row] = True
+        return mask

@@ -1,0 +1,201 @@
+"""Speculative decoding on tiny random models: lossless greedy and sampling, KV rollback."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM
+
+from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.sampling_params import SamplingParams
+from specserve.spec.draft_model import VOCAB_FILE
+from specserve.spec.tree import TreeBudget
+from test_engine import GREEDY, assert_all_slots_free, run
+from tiny_models import PROMPTS, build_tiny_model
+
+RAGGED_PROMPTS = PROMPTS + ["The quick brown fox jumps over the lazy dog. The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory):
+    """A different (1-layer, re-seeded) model sharing the tiny target's tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-draft"), num_hidden_layers=1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reduced_vocab_draft(tmp_path_factory, tiny_model):
+    """The target itself, cut down to its first 300 token ids plus an unknown row."""
+    path = tmp_path_factory.mktemp("reduced-draft")
+    build_tiny_model(path)
+    weights = load_file(tiny_model / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = torch.cat([embed[:300], embed[300:].mean(0, keepdim=True)])
+    weights.pop("lm_head.weight", None)
+    save_file(weights, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": 301}))
+    (path / VOCAB_FILE).write_text(json.dumps({"target_ids": list(range(300))}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny_engine):
+    return [o.output.token_ids for o in run(tiny_engine, RAGGED_PROMPTS, GREEDY)]
+
+
+def spec_engine(tiny_model, draft=None, method="draft", budget=TreeBudget(), **kwargs) -> LLMEngine:
+    spec = SpeculativeConfig(
+        method=method, draft_model=None if draft is None else str(draft), budget=budget
+    )
+    return LLMEngine(
+        EngineConfig(model=str(tiny_model), max_num_seqs=8, max_model_len=256, speculative=spec, **kwargs)
+    )
+
+
+BUDGETS = [
+    TreeBudget(depth=1, width=1),
+    TreeBudget(depth=5, width=1),
+    TreeBudget(depth=3, width=3),
+    TreeBudget(depth=4, width=4, max_nodes=6),
+]
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"d{b.depth}w{b.width}n{b.node_limit}")
+@pytest.mark.parametrize("drafter", ["draft", "target", "reduced", "ngram"])
+def test_greedy_speculation_equals_plain_greedy(
+    tiny_model, tiny_draft, reduced_vocab_draft, plain_outputs, drafter, budget
+):
+    draft = {"draft": tiny_draft, "target": tiny_model, "reduced": reduced_vocab_draft}.get(drafter)
+    engine = spec_engine(tiny_model, draft, "ngram" if drafter == "ngram" else "draft", budget)
+    outputs = run(engine, RAGGED_PROMPTS, GREEDY, stagger=2)
+    assert [o.output.token_ids for o in outputs] == plain_outputs
+    assert engine.spec_stats.steps > 0
+    assert_all_slots_free(engine)
+    assert not engine.drafter._cached if drafter != "ngram" else True
+
+
+def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):
+    engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=4))
+    outputs = run(engine, PROMPTS, GREEDY)
+    stats = engine.spec_stats
+    assert stats.accepted == stats.verified  # identical greedy proposals: nothing is rejected
+    assert stats.mean_accepted_tokens > 3.5
+    assert all(o.spec_stats.accepted > 0 for o in outputs)
+
+
+def test_requests_with_different_trees_and_without_speculation_share_a_batch(
+    tiny_model, tiny_draft, plain_outputs
+):
+    engine = spec_engine(tiny_model, tiny_draft)
+    budgets = [None, TreeBudget(depth=0), TreeBudget(depth=2, width=4), TreeBudget(depth=6),
+               TreeBudget(depth=3, width=2, max_nodes=3), TreeBudget(depth=1, width=8)]
+    params = [GREEDY.model_copy(update={"speculation": b}) for b in budgets]
+    outputs = run(engine, RAGGED_PROMPTS, params)
+    assert [o.output.token_ids for o in outputs] == plain_outputs
+    assert outputs[1].spec_stats is None
+    assert all(o.spec_stats is not None for i, o in enumerate(outputs) if i != 1)
+
+
+def test_speculation_respects_max_tokens_and_stop_strings(tiny_model, tiny_engine):
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, stop=["fox"])
+    plain = run(tiny_engine, PROMPTS, params)
+    spec = run(spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=6)), PROMPTS, params)
+    assert [(o.output.token_ids, o.output.text, o.output.finish_reason) for o in spec] == [
+        (o.output.token_ids, o.output.text, o.output.finish_reason) for o in plain
+    ]
+
+
+def _slot_kv(cache, slot: int, length: int) -> list[torch.Tensor]:
+    return [t[slot, :, :length].clone() for t in cache.keys + cache.values]
+
+
+def test_kv_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_model, reduced_vocab_draft):
+    engine = spec_engine(tiny_model, reduced_vocab_draft, budget=TreeBudget(depth=4, width=3))
+    engine.add_request(engine.make_request("r", PROMPTS[3], GREEDY.model_copy(update={"max_tokens": 60})))
+    while engine.spec_stats.steps < 8:
+        engine.step()
+    stats = engine.spec_stats
+    assert 0 < stats.accepted < stats.verified  # paths were kept (and compacted), others dropped
+    request, drafter = engine.requests["r"], engine.drafter
+    target_tokens = request.all_token_ids[: request.num_computed_tokens]
+    draft_tokens = drafter.vocab.to_draft[request.all_token_ids[: drafter._cached["r"]]].tolist()
+    for model, tokens, cache in (
+        (tiny_model, target_tokens, engine.executor.runner.kv_cache),
+        (reduced_vocab_draft, draft_tokens, drafter.runner.kv_cache),
+    ):
+        fresh = LLMEngine(EngineConfig(model=str(model), max_num_seqs=1, max_model_len=256))
+        fresh.add_request(fresh.make_request("r", tokens, SamplingParams(max_tokens=1)))
+        fresh.step()
+        n = len(tokens)
+        for ours, reference in zip(_slot_kv(cache, request.slot, n), _slot_kv(fresh.executor.runner.kv_cache, 0, n)):
+            torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_ngram_drafter_finds_the_continuation_of_the_longest_match():
+    from specserve.spec.drafter import DraftRequest
+    from specserve.spec.ngram import NgramDrafter
+
+    drafter = NgramDrafter(min_n=1, max_n=3)
+    context = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 0, 2, 3, 6, 1, 2, 3]
+    assert drafter.continuations(context, 3) == [[7, 8, 0], [4, 5, 9]]  # most recent first
+    tree = drafter.propose([DraftRequest("r", 0, context, TreeBudget(depth=3, width=2))])[0]
+    assert tree.tokens[:2] == [7, 4] and tree.probs[:2] == [0.5, 0.5]
+    assert [tree.tokens[i] for i in tree.path(len(tree) - 1)] in ([7, 8, 0], [4, 5, 9])
+    assert drafter.continuations([5, 6, 7], 2) == []
+
+
+def _exact_joint(model, prompt: list[int], first: int, top_k: int) -> dict[tuple[int, int], float]:
+    """P(t2, t3 | prompt, t1=first) of the top-k-restricted target distribution."""
+    def dist(ids):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        kth = logits.topk(top_k).values[-1]
+        return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+
+    joint = {}
+    with torch.no_grad():
+        p2 = dist(prompt + [first])
+        for t2 in torch.nonzero(p2).flatten().tolist():
+            p3 = dist(prompt + [first, t2])
+            for t3 in torch.nonzero(p3).flatten().tolist():
+                joint[(t2, t3)] = (p2[t2] * p3[t3]).item()
+    return joint
+
+
+def test_speculative_sampling_matches_the_target_distribution(tmp_path):
+    """Chi-square of (t2, t3) samples against the exact target distribution, on a 12-token
+    vocabulary; t2 and t3 come from tree verification (t1 from the prefill step)."""
+    target = build_tiny_model(tmp_path / "target", vocab_size=12, seed=3)
+    draft = build_tiny_model(tmp_path / "draft", vocab_size=12, num_hidden_layers=1, seed=4)
+    spec = SpeculativeConfig(draft_model=str(draft), budget=TreeBudget(depth=2, width=2))
+    engine = LLMEngine(EngineConfig(model=str(target), max_num_seqs=16, max_model_len=64, speculative=spec))
+    prompt, top_k, n = [5, 7, 3], 4, 4000
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=s, ignore_eos=True) for s in range(n)]
+    outputs = run(engine, [prompt] * n, params)
+    firsts = Counter(o.output.token_ids[0] for o in outputs)
+    first = firsts.most_common(1)[0][0]
+    observed = Counter(tuple(o.output.token_ids[1:]) for o in outputs if o.output.token_ids[0] == first)
+    exact = _exact_joint(AutoModelForCausalLM.from_pretrained(target).eval(), prompt, first, top_k)
+    total = sum(observed.values())
+    cells = sorted(exact)
+    assert set(observed) <= set(cells)
+    norm = sum(exact.values())
+    stat = chisquare([observed[c] for c in cells], [exact[c] / norm * total for c in cells])
+    assert stat.pvalue > 1e-4, (stat, total)
+    assert engine.spec_stats.accepted > 0 and engine.spec_stats.verified > engine.spec_stats.accepted
+
+
+def test_logprobs_of_verified_tokens_equal_plain_decoding(tiny_model, tiny_engine):
+    params = GREEDY.model_copy(update={"logprobs": 3, "max_tokens": 12})
+    plain = run(tiny_engine, PROMPTS[:3], params)
+    spec = run(spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3, width=2)), PROMPTS[:3], params)
+    for a, b in zip(plain, spec):
+        assert len(b.output.logprobs) == len(b.output.token_ids) == 12
+        for pa, pb in zip(a.output.logprobs, b.output.logprobs):
+            assert list(pa) == list(pb)
+            assert list(pa.values()) == pytest.approx(list(pb.values()), abs=1e-4)
