@@ -18,6 +18,12 @@ DTYPES: dict[str, torch.dtype] = {
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
+def _existing_dir(value: str | None, what: str) -> str | None:
+    if value is not None and not Path(value).expanduser().is_dir():
+        raise ValueError(f"{what} path {value!r} is not a directory")
+    return value
+
+
 class SpeculativeConfig(BaseModel):
     """Speculative decoding: which drafter, and the tree budget of requests that set none."""
 
@@ -38,9 +44,7 @@ class SpeculativeConfig(BaseModel):
     @field_validator("draft_model")
     @classmethod
     def _draft_dir_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_dir():
-            raise ValueError(f"draft model path {value!r} is not a directory")
-        return value
+        return _existing_dir(value, "draft model")
 
 
 class EngineConfig(BaseModel):
@@ -78,9 +82,7 @@ class EngineConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_dir_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_dir():
-            raise ValueError(f"model path {value!r} is not a directory")
-        return value
+        return _existing_dir(value, "model")
 
     @field_validator("device")
     @classmethod

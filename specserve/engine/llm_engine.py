@@ -190,16 +190,12 @@ class LLMEngine:
 
     def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, TokenTree]:
         """Token trees for the decoding requests that reserved room for drafts."""
-        asks = [
-            DraftRequest(
-                item.request.request_id,
-                item.request.slot,
-                item.request.all_token_ids,
-                self._budget(item.request).within(32, item.num_draft_tokens),
-            )
-            for item in scheduled
-            if item.num_draft_tokens > 0
-        ]
+        asks = []
+        for item in scheduled:
+            if item.num_draft_tokens > 0:
+                request, budget = item.request, self._budget(item.request)
+                budget = budget.within(budget.depth, item.num_draft_tokens)  # what was reserved
+                asks.append(DraftRequest(request.request_id, request.slot, request.all_token_ids, budget))
         if not asks:
             return {}
         start = time.perf_counter()

@@ -100,14 +100,25 @@ class RowParallelLinear(nn.Module):
             self.weight.copy_(shard.t())
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows."""
+class _VocabShard(nn.Module):
+    """This rank's contiguous share of the vocabulary."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
+    def __init__(self, vocab_size: int, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.tp = tp
         self.local_vocab = divide(vocab_size, tp.size, "vocab_size")
         self.vocab_start = tp.rank * self.local_vocab
+
+    def shard_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full ``[vocab, ...]`` checkpoint tensor."""
+        return tensor.narrow(0, self.vocab_start, self.local_vocab)
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """Embedding table split by vocabulary rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
+        super().__init__(vocab_size, tp)
         self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden_size), requires_grad=False)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -120,17 +131,14 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        self.weight.copy_(tensor.narrow(0, self.vocab_start, self.local_vocab))
+        self.weight.copy_(self.shard_rows(tensor))
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_VocabShard):
     """LM head split by vocabulary columns; a tied head is loaded from the embedding tensor."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
-        super().__init__()
-        self.tp = tp
-        self.local_vocab = divide(vocab_size, tp.size, "vocab_size")
-        self.vocab_start = tp.rank * self.local_vocab
+        super().__init__(vocab_size, tp)
         self.weight = nn.Parameter(torch.empty(hidden_size, self.local_vocab), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -138,7 +146,7 @@ class ParallelLMHead(nn.Module):
         return self.tp.all_gather_last_dim(hidden @ self.weight)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        self.weight.copy_(tensor.narrow(0, self.vocab_start, self.local_vocab).t())
+        self.weight.copy_(self.shard_rows(tensor).t())
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -70,10 +70,6 @@ class TokenTree:
         """token -> child index, for the children of ``node`` (-1: the root)."""
         return {self.tokens[i]: i for i, p in enumerate(self.parents) if p == node}
 
-    def expected_accepted(self) -> float:
-        """Expected tokens from verifying this tree: 1 (the bonus token) + sum of f."""
-        return 1.0 + sum(self.path_probs)
-
     def select(self, max_nodes: int) -> TokenTree:
         """The ``max_nodes`` nodes of highest path probability, re-indexed parents-first.
 
