@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams
 from specserve.models.forward_batch import SequenceSlice
@@ -102,7 +102,8 @@ def main() -> int:
     questions = load_questions(args.questions, args.per_category or (2 if args.quick else None))
     plan = configs()
 
-    base = dict(max_num_seqs=1, max_num_batched_tokens=2048)
+    # Every configuration is a fixed per-request budget: measure the mechanism, not a policy.
+    base = dict(max_num_seqs=1, max_num_batched_tokens=2048, control=ControlConfig(policy="fixed"))
     draft_engine = LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(method="draft", draft_model=args.draft_model)))
     ngram_engine = LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(method="ngram")))
     engines = {"plain": draft_engine, "draft": draft_engine, "ngram": ngram_engine}

@@ -19,6 +19,24 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=4, help="token-tree depth (speculation length)")
     parser.add_argument("--width", type=int, default=1, help="children kept per tree depth (1: a chain)")
     parser.add_argument("--max-nodes", type=int, default=None, help="tree nodes verified per step")
+    parser.add_argument("--policy", default="auto",
+                        choices=["none", "fixed", "smartspec", "specserve", "adaserve", "auto"],
+                        help="how much to speculate each step (auto: as much as predicted goodput pays)")
+    parser.add_argument("--profile", default=None, help="saved cost profile (default: cached, measured on first use)")
+
+
+def _engine_config(args: argparse.Namespace, **overrides):
+    from specserve.config import ControlConfig, EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_model_len=args.max_model_len,
+        speculative=_speculative_config(args),
+        control=ControlConfig(policy=args.policy, profile=args.profile),
+        **overrides,
+    )
 
 
 def _speculative_config(args: argparse.Namespace):
@@ -32,7 +50,6 @@ def _speculative_config(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from specserve.config import EngineConfig
     from specserve.engine.llm_engine import LLMEngine
     from specserve.engine.sampling_params import SamplingParams
 
@@ -44,15 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    config = EngineConfig(
-        model=args.model,
-        device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size,
-        max_model_len=args.max_model_len,
-        max_num_seqs=1,
-        speculative=_speculative_config(args),
-    )
-    engine = LLMEngine(config)
+    engine = LLMEngine(_engine_config(args, max_num_seqs=1))
     try:
         prompt = (
             engine.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -80,6 +89,34 @@ def _generate(args: argparse.Namespace) -> int:
             )
     finally:
         engine.shutdown()
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specserve.engine.llm_engine import LLMEngine
+
+    args.policy, args.profile = "fixed", None  # profiling needs no cost model of its own
+    if args.speculative is None:
+        args.speculative = "draft"
+    engine = LLMEngine(
+        _engine_config(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    )
+    try:
+        cost = engine.profile(quick=args.quick)
+        path = Path(args.out).expanduser() if args.out else engine.profile_path()
+        cost.save(path)
+    finally:
+        engine.shutdown()
+    for name, table in (("target", cost.target), ("draft", cost.draft)):
+        if table is None:
+            continue
+        print(f"{name} forward latency (ms); rows: context, columns: tokens in the step")
+        print("context " + " ".join(f"{t:>7}" for t in table.tokens))
+        for context, row in zip(table.contexts, table.ms):
+            print(f"{context:>7} " + " ".join(f"{ms:7.1f}" for ms in row))
+    print(f"profile written to {path}")
     return 0
 
 
@@ -137,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print token count, TTFT and TPOT to stderr")
     _add_engine_args(gen)
     gen.set_defaults(handler=_generate)
+
+    profile = commands.add_parser(
+        "profile", help="measure the target's and the draft's forward latency for the cost model"
+    )
+    _add_engine_args(profile)
+    profile.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step at most")
+    profile.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step at most")
+    profile.add_argument("--quick", action="store_true", help="a coarser grid (what engines measure at start-up)")
+    profile.add_argument("--out", default=None, help="where to write the JSON (default: the engine's profile cache)")
+    profile.set_defaults(handler=_profile)
 
     distill = commands.add_parser(
         "distill", help="make training data with the target and distill a small draft model"

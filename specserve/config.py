@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from specserve.control.policies import PolicyName
+from specserve.control.slo import SLOConfig
 from specserve.spec.tree import TreeBudget
 
 DTYPES: dict[str, torch.dtype] = {
@@ -37,7 +39,10 @@ class SpeculativeConfig(BaseModel):
         description="Local HF directory of the draft model; None means the project's distilled "
         "draft (made for the default target; usable with any target sharing its tokenizer).",
     )
-    budget: TreeBudget = Field(default_factory=TreeBudget)
+    budget: TreeBudget = Field(
+        default_factory=TreeBudget,
+        description="The largest tree a request drafts; adaptive policies choose within it.",
+    )
     ngram_min: int = Field(default=2, ge=1)
     ngram_max: int = Field(default=4, ge=1)
 
@@ -45,6 +50,31 @@ class SpeculativeConfig(BaseModel):
     @classmethod
     def _draft_dir_exists(cls, value: str | None) -> str | None:
         return _existing_dir(value, "draft model")
+
+
+class ControlConfig(BaseModel):
+    """The SLO controller: speculation policy, cost profile and SLO classes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName = Field(
+        default="auto",
+        description="How much to speculate, per request and iteration (when speculative decoding "
+        "is configured): none, fixed, smartspec, specserve, adaserve or auto.",
+    )
+    profile: str | None = Field(
+        default=None,
+        description="Saved cost profile (JSON from `specserve profile`); None: this model's cached "
+        "profile for the device and TP size, measured at start-up when there is none.",
+    )
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"profile {value!r} is not a file")
+        return value
 
 
 class EngineConfig(BaseModel):
@@ -78,6 +108,7 @@ class EngineConfig(BaseModel):
     speculative: SpeculativeConfig | None = Field(
         default=None, description="Speculative decoding; None decodes one token per step."
     )
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     @field_validator("model")
     @classmethod

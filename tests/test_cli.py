@@ -39,3 +39,26 @@ def test_bad_input_exits_2_with_a_message(tiny_model, capsys, argv, message):
         argv = argv + ["--model", str(tiny_model)]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_profile_writes_a_cost_model(tiny_model, tmp_path, capsys):
+    from specserve.control.cost_model import CostModel
+
+    out = tmp_path / "profile.json"
+    argv = ["profile", "--model", str(tiny_model), "--draft-model", str(tiny_model), "--quick",
+            "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "256", "--out", str(out)]
+    assert main(argv) == 0
+    cost = CostModel.load(out)
+    assert cost.target.tokens == [1, 4, 16] and cost.draft is not None
+    assert "target forward latency" in capsys.readouterr().out
+
+
+def test_generate_with_an_adaptive_policy_and_a_saved_profile(tiny_model, tmp_path, capsys):
+    from test_control import CHEAP_VERIFY
+
+    CHEAP_VERIFY.save(tmp_path / "p.json")
+    argv = ["generate", "Hello", "--model", str(tiny_model), "--max-tokens", "8", "--stats",
+            "--speculative", "draft", "--draft-model", str(tiny_model), "--policy", "auto",
+            "--profile", str(tmp_path / "p.json")]
+    assert main(argv) == 0
+    assert "MAT" in capsys.readouterr().err

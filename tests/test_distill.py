@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from specserve.cli import main
-from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.distill.data import SAMPLES_FILE
 from specserve.distill.prompts import chat_prompts
 from specserve.engine.llm_engine import LLMEngine
@@ -33,7 +33,9 @@ def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_pa
     assert len(json.loads((out / "draft_vocab.json").read_text())["target_ids"]) == 199
 
     spec = SpeculativeConfig(draft_model=str(out), budget=TreeBudget(depth=3, width=2))
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=4, max_model_len=256, speculative=spec))
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_model), max_num_seqs=4, max_model_len=256, speculative=spec, control=ControlConfig(policy="fixed"))
+    )
     plain = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=4, max_model_len=256))
     assert [o.output.token_ids for o in run(engine, PROMPTS, GREEDY)] == [
         o.output.token_ids for o in run(plain, PROMPTS, GREEDY)

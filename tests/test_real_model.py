@@ -56,14 +56,15 @@ def test_seeded_sampling_is_reproducible(llm):
 
 
 def test_speculative_greedy_with_the_committed_draft_equals_plain_greedy(llm, default_model_path):
-    from specserve.config import SpeculativeConfig
+    from specserve.config import ControlConfig, SpeculativeConfig
     from specserve.spec.tree import TreeBudget
 
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     plain = [o.output.token_ids for o in llm.chat(conversations, params)]
     spec = LLM(str(default_model_path), max_num_seqs=8, max_model_len=512,
-               speculative=SpeculativeConfig(budget=TreeBudget(depth=5, width=2, max_nodes=8)))
+               speculative=SpeculativeConfig(budget=TreeBudget(depth=5, width=2, max_nodes=8)),
+               control=ControlConfig(policy="fixed"))
     try:
         outputs = spec.chat(conversations, params)
         assert [o.output.token_ids for o in outputs] == plain

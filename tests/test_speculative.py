@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
-from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.draft_model import VOCAB_FILE
@@ -49,12 +49,18 @@ def plain_outputs(tiny_engine):
     return [o.output.token_ids for o in run(tiny_engine, RAGGED_PROMPTS, GREEDY)]
 
 
-def spec_engine(tiny_model, draft=None, method="draft", budget=TreeBudget(), **kwargs) -> LLMEngine:
+def spec_engine(
+    tiny_model, draft=None, method="draft", budget=TreeBudget(), policy="fixed", **kwargs
+) -> LLMEngine:
+    """An engine that speculates on the tiny model; ``fixed`` drafts and verifies every budget."""
     spec = SpeculativeConfig(
         method=method, draft_model=None if draft is None else str(draft), budget=budget
     )
     return LLMEngine(
-        EngineConfig(model=str(tiny_model), max_num_seqs=8, max_model_len=256, speculative=spec, **kwargs)
+        EngineConfig(
+            model=str(tiny_model), max_num_seqs=8, max_model_len=256, speculative=spec,
+            control=ControlConfig(policy=policy), **kwargs,
+        )
     )
 
 
@@ -173,7 +179,9 @@ def test_speculative_sampling_matches_the_target_distribution(tmp_path):
     target = build_tiny_model(tmp_path / "target", vocab_size=12, seed=3)
     draft = build_tiny_model(tmp_path / "draft", vocab_size=12, num_hidden_layers=1, seed=4)
     spec = SpeculativeConfig(draft_model=str(draft), budget=TreeBudget(depth=2, width=2))
-    engine = LLMEngine(EngineConfig(model=str(target), max_num_seqs=16, max_model_len=64, speculative=spec))
+    engine = LLMEngine(
+        EngineConfig(model=str(target), max_num_seqs=16, max_model_len=64, speculative=spec, control=ControlConfig(policy="fixed"))
+    )
     prompt, top_k, n = [5, 7, 3], 4, 4000
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=s, ignore_eos=True) for s in range(n)]
     outputs = run(engine, [prompt] * n, params)

@@ -25,14 +25,15 @@ def test_tp2_greedy_equals_tp1(tmp_path):
 
 def test_tp2_tree_speculation_equals_plain_greedy(tmp_path):
     """Tree verification under TP: accepted paths are compacted in every rank's KV shard."""
-    from specserve.config import SpeculativeConfig
+    from specserve.config import ControlConfig, SpeculativeConfig
     from specserve.spec.tree import TreeBudget
 
     path = str(build_tiny_model(tmp_path))
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     plain = LLM(path, max_num_seqs=4)
     spec = LLM(path, tensor_parallel_size=2, max_num_seqs=4,
-               speculative=SpeculativeConfig(draft_model=path, budget=TreeBudget(depth=3, width=2)))
+               speculative=SpeculativeConfig(draft_model=path, budget=TreeBudget(depth=3, width=2)),
+               control=ControlConfig(policy="fixed"))
     try:
         expected = [o.output.token_ids for o in plain.generate(PROMPTS, params)]
         assert [o.output.token_ids for o in spec.generate(PROMPTS, params)] == expected

@@ -1,8 +1,10 @@
 """The synchronous engine: add requests, call ``step()``, read outputs.
 
-One step flows in one direction: schedule -> draft token trees (when speculating) -> build
-sequence slices -> one target forward -> sample or verify -> append tokens, detokenize, check
-stops -> report outputs and free finished requests' slots.
+One step flows in one direction: reject the hopeless (if configured) -> the SLO controller plans
+each decoding request's draft budget -> schedule -> draft token trees -> the controller selects
+the nodes to verify -> build sequence slices -> one target forward -> sample or verify (the
+controller learns from the outcome) -> append tokens, detokenize, check stops -> report outputs
+and free finished requests' slots.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from specserve.config import EngineConfig
+from specserve.control.controller import SLOController
+from specserve.control.cost_model import CostModel, profile_path
+from specserve.control.policies import POLICIES, RequestView, StepView
+from specserve.control.profiler import profile_forward
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.executor import ModelExecutor
 from specserve.engine.request import FinishReason, Request, RequestOutput
@@ -25,6 +32,7 @@ from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
 from specserve.models.loader import ModelFiles, eos_token_ids, load_tokenizer
 from specserve.spec.build import build_drafter
+from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import Drafter, DraftRequest
 from specserve.spec.stats import SpecStats
 from specserve.spec.tree import TokenTree, TreeBudget
@@ -48,8 +56,10 @@ class LLMEngine:
         self.vocab_size = self.executor.runner.model.arch.vocab_size
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.drafter: Drafter | None = None
+        self.controller: SLOController | None = None
         if self.config.speculative is not None:
             self.drafter = build_drafter(self.config, self.vocab_size, self.max_model_len)
+            self.controller = self._build_controller()
         self.spec_stats = SpecStats()
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(self.config.seed)
@@ -80,12 +90,13 @@ class LLMEngine:
                 f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the model context of {self.max_model_len} tokens"
             )
+        slo = self.config.control.slo.resolve(params.slo_class, params.tpot_slo_ms, params.ttft_slo_ms)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output
         )
-        return Request(request_id, token_ids, params, detokenizer, generator, arrival_time)
+        return Request(request_id, token_ids, params, detokenizer, generator, arrival_time, slo)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -118,16 +129,19 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of requests that advanced or finished."""
-        speculating = self.drafter is not None
-        scheduled = self.scheduler.schedule(self._draft_room if speculating else None)
+        outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
+        budgets = self._plan() if self.controller is not None else {}
+        scheduled = self.scheduler.schedule(
+            (lambda r: budgets[r.request_id].node_limit if r.request_id in budgets else 0) if budgets else None
+        )
         if not scheduled:
-            return []
+            return outputs
         now = time.monotonic()
         for item in scheduled:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
         try:
-            trees = self._draft(scheduled) if speculating else {}
+            trees = self._draft(scheduled, budgets) if budgets else {}
             start = time.perf_counter()
             logits = self.executor.call(
                 "forward", [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
@@ -141,7 +155,6 @@ class LLMEngine:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time)
         now = time.monotonic()
-        outputs = []
         for request, (tokens, logprobs) in zip(due, picks):
             for token, token_logprobs in zip(tokens, logprobs):
                 self._append_token(request, token, now, token_logprobs)
@@ -177,38 +190,64 @@ class LLMEngine:
 
     # --------------------------------------------------------------- speculation
 
-    def _budget(self, request: Request) -> TreeBudget:
-        """The request's tree budget, shrunk to its remaining tokens and free KV positions."""
+    def _max_budget(self, request: Request) -> TreeBudget:
+        """The most the request may draft: its own cap (or the config's), shrunk to its
+        remaining tokens and free KV positions."""
         budget = request.params.speculation or self.config.speculative.budget
         remaining = request.params.max_tokens - len(request.output_token_ids)
-        room = self.max_model_len - request.num_tokens  # positions after the root
-        return budget.within(min(remaining - 1, room // budget.width), room)
+        return budget.fit(remaining, self.max_model_len - request.num_tokens)
 
-    def _draft_room(self, request: Request) -> int:
-        budget = self._budget(request)
-        return budget.node_limit if budget.depth else 0
+    def _view(self, request: Request, now: float) -> RequestView:
+        return RequestView.of(
+            request.request_id,
+            request.num_tokens,
+            self._max_budget(request),
+            request.slo,
+            request.metrics.first_token_time,
+            len(request.output_token_ids),
+            now,
+        )
 
-    def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, TokenTree]:
-        """Token trees for the decoding requests that reserved room for drafts."""
-        asks = []
-        for item in scheduled:
-            if item.num_draft_tokens > 0:
-                request, budget = item.request, self._budget(item.request)
-                budget = budget.within(budget.depth, item.num_draft_tokens)  # what was reserved
-                asks.append(DraftRequest(request.request_id, request.slot, request.all_token_ids, budget))
-        if not asks:
+    def _plan(self) -> dict[str, TreeBudget]:
+        """The controller's draft budget of every decoding request that is to speculate."""
+        now = time.monotonic()
+        decoding = [r for r in self.scheduler.running if r.is_decoding]
+        budgets = self.controller.plan(StepView([self._view(r, now) for r in decoding]))
+        return {r.request_id: b for r, b in zip(decoding, budgets) if b.depth > 0}
+
+    def _draft(self, scheduled: list[ScheduledRequest], budgets: dict[str, TreeBudget]) -> dict[str, TokenTree]:
+        """Token trees for the requests that reserved room for drafts, as the controller trims them."""
+        asked = [item for item in scheduled if item.num_draft_tokens > 0]
+        if not asked:
             return {}
+        asks = []
+        for item in asked:
+            request = item.request
+            budget = budgets[request.request_id]
+            budget = budget.within(budget.depth, item.num_draft_tokens)  # what was reserved
+            asks.append(DraftRequest(request.request_id, request.slot, request.all_token_ids, budget))
+        now = time.monotonic()
+        step_tokens = sum(item.num_new_tokens for item in scheduled)
+        step = StepView([self._view(item.request, now) for item in asked], step_tokens - len(asked))
         start = time.perf_counter()
-        trees = self.drafter.propose(asks)
+        drafted = self.drafter.propose(
+            asks, lambda depth, trees: self.controller.keep_drafting(step, trees, depth)
+        )
         draft_time = time.perf_counter() - start
+        step.draft_ms = draft_time * 1e3
+        chosen = self.controller.select(step, drafted)
         self.spec_stats.draft_time += draft_time
-        for ask, tree in zip(asks, trees):
+        trees = {}
+        for ask, tree, candidates in zip(asks, chosen, drafted):
             request = self.requests[ask.request_id]
             request.spec_stats.draft_time += draft_time
-            if not len(tree):  # nothing drafted: a plain step, still a step of this request
-                for stats in (request.spec_stats, self.spec_stats):
-                    stats.record(0, 0, 0)
-        return {ask.request_id: tree for ask, tree in zip(asks, trees) if len(tree)}
+            if len(tree):
+                trees[ask.request_id] = tree
+                continue
+            self.drafter.accept(ask.request_id, [])  # nothing verified: a plain step of this request
+            for stats in (request.spec_stats, self.spec_stats):
+                stats.record(candidates.num_drafted, 0, 0)
+        return trees
 
     def _verify(
         self,
@@ -230,6 +269,7 @@ class LLMEngine:
                 moves.append((request.slot, sources, root + 1))
             request.num_computed_tokens += accepted
             self.drafter.accept(request.request_id, verdict.tokens[:-1])
+            self.controller.observe(request.request_id, tree, verdict.accepted)
             logprobs = self._logprobs(
                 logits[verdict.row_of_token], verdict.tokens, [request] * len(verdict.tokens)
             )
@@ -308,6 +348,71 @@ class LLMEngine:
         self.requests.pop(request.request_id, None)
         if self.drafter is not None:
             self.drafter.release(request.request_id)
+            self.controller.forget(request.request_id)
+
+    def _reject_hopeless(self) -> list[RequestOutput]:
+        """Finish waiting requests whose first token can no longer come within their TTFT SLO."""
+        now = time.monotonic()
+        cost = self.controller.cost if self.controller is not None else None
+        outputs = []
+        for request in list(self.scheduler.waiting):
+            prefill_s = 0.0 if cost is None else cost.target_ms(request.num_tokens, 0) / 1e3
+            if now + prefill_s > request.ttft_deadline:
+                waited_ms = (now - request.metrics.arrival_time) * 1e3
+                request.finish(
+                    FinishReason.REJECTED,
+                    f"rejected: the TTFT SLO of {request.slo.ttft_ms:.0f} ms can no longer be met "
+                    f"(waited {waited_ms:.0f} ms, prefill needs about {prefill_s * 1e3:.0f} ms)",
+                )
+                self._retire(request)
+                outputs.append(request.take_output())
+        return outputs
+
+    # ------------------------------------------------------------ cost model
+
+    def _build_controller(self) -> SLOController:
+        policy = self.config.control.policy
+        cost = None
+        if POLICIES[policy].needs_cost_model:
+            cost = self._load_or_profile()
+        return SLOController(policy, cost, self.config.max_num_batched_tokens)
+
+    def _load_or_profile(self) -> CostModel:
+        """The configured profile, else this model's cached one, else a quick one measured now."""
+        if self.config.control.profile is not None:
+            return CostModel.load(Path(self.config.control.profile))
+        path = self.profile_path()
+        if path.is_file():
+            return CostModel.load(path)
+        logger.info("no cost profile at %s: measuring a quick one", path)
+        cost = self.profile(quick=True)
+        cost.save(path)
+        return cost
+
+    def profile_path(self) -> Path:
+        """Where this engine's models, device and TP size keep their cached cost profile."""
+        models = [self.model_path] + ([self.drafter.path] if isinstance(self.drafter, ModelDrafter) else [])
+        return profile_path(models, str(self.config.torch_device()), self.config.tensor_parallel_size)
+
+    def profile(self, quick: bool = False) -> CostModel:
+        """Measure the target's (and the draft model's) forward latency on this hardware."""
+        shape = dict(
+            num_slots=self.config.max_num_seqs,
+            max_len=self.max_model_len,
+            max_tokens=self.config.max_num_batched_tokens,
+            quick=quick,
+        )
+        target = profile_forward(lambda s: self.executor.call("forward", s), label="target", **shape)
+        draft = None
+        if isinstance(self.drafter, ModelDrafter):
+            draft = profile_forward(self.drafter.runner.forward, label="draft", **shape)
+        return CostModel(
+            model=self.model_path.name,
+            device=str(self.config.torch_device()),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            target=target,
+            draft=draft,
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specserve.control.slo import SLO
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.stats import SpecStats
@@ -23,6 +24,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, stop token or stop string
     LENGTH = "length"  # max_tokens or the KV slot is full
     ABORT = "abort"
+    REJECTED = "rejected"  # could no longer meet its SLO and the config says reject
     ERROR = "error"
 
 
@@ -83,10 +85,12 @@ class Request:
         detokenizer: IncrementalDetokenizer,
         generator: torch.Generator | None,
         arrival_time: float | None = None,
+        slo: SLO | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
+        self.slo = slo or SLO()
         self.detokenizer = detokenizer
         self.generator = generator
         self.output_token_ids: list[int] = []
@@ -107,6 +111,18 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def ttft_deadline(self) -> float:
+        """When its first token is due (monotonic seconds; inf without a TTFT SLO)."""
+        if self.slo.ttft_ms is None:
+            return float("inf")
+        return self.metrics.arrival_time + self.slo.ttft_ms / 1e3
+
+    @property
+    def is_decoding(self) -> bool:
+        """Everything but the last sampled token is cached: the next step decodes it."""
+        return not self.is_prefilling and self.num_tokens - self.num_computed_tokens == 1
 
     @property
     def is_prefilling(self) -> bool:

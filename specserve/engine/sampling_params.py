@@ -29,6 +29,11 @@ class SamplingParams(BaseModel):
         description="This request's token-tree budget when the engine speculates; None: the "
         "engine's default. depth=0 decodes it without speculation.",
     )
+    slo_class: str | None = Field(
+        default=None, description="Named SLO class of the engine's config; None: its default class."
+    )
+    tpot_slo_ms: float | None = Field(default=None, gt=0, description="Overrides the class's TPOT target.")
+    ttft_slo_ms: float | None = Field(default=None, gt=0, description="Overrides the class's TTFT target.")
     logprobs: int | None = Field(
         default=None,
         ge=0,

@@ -3,13 +3,15 @@
 A request's new tokens are the ones not yet in its KV slot: the (rest of the) prompt while it
 prefills, the last sampled token while it decodes. A decoding request may also reserve room in
 the step for drafted tokens to verify. Running requests go first, then waiting ones are admitted
-in arrival order while a KV slot is free and the step's token budget lasts; long prompts are
+earliest TTFT deadline first (arrival order among equal deadlines) while a KV slot is free and
+the step's token budget lasts; a request waits rather than evicting anything. Long prompts are
 prefilled in chunks across steps, beside other requests' decodes.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,11 +35,14 @@ class Scheduler:
     def __init__(self, num_slots: int, max_num_batched_tokens: int) -> None:
         self.slots = SlotAllocator(num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []  # by (TTFT deadline, arrival)
         self.running: list[Request] = []
+        self._order: dict[str, tuple[float, int]] = {}
+        self._arrivals = itertools.count()
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self._order[request.request_id] = (request.ttft_deadline, next(self._arrivals))
+        bisect.insort(self.waiting, request, key=lambda r: self._order[r.request_id])
 
     @property
     def num_unfinished(self) -> int:
@@ -53,12 +58,13 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             budget -= n
             drafts = 0
-            if draft_tokens is not None and not request.is_prefilling and n == 1:
+            if draft_tokens is not None and request.is_decoding:
                 drafts = min(draft_tokens(request), budget)
                 budget -= drafts
             scheduled.append(ScheduledRequest(request, n, drafts))
         while self.waiting and budget > 0 and self.slots.num_free:
-            request = self.waiting.popleft()
+            request = self.waiting.pop(0)
+            self._order.pop(request.request_id)
             request.slot = self.slots.allocate()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -73,6 +79,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+            self._order.pop(request.request_id)
         if request.slot is not None:
             self.slots.free(request.slot)
             request.slot = None

@@ -25,7 +25,7 @@ from specserve.config import EngineConfig
 from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.engine.model_runner import ModelRunner
 from specserve.models.forward_batch import SequenceSlice
-from specserve.spec.drafter import DraftRequest
+from specserve.spec.drafter import DraftRequest, KeepGoing
 from specserve.spec.tree import TokenTree
 
 VOCAB_FILE = "draft_vocab.json"
@@ -113,12 +113,13 @@ class ModelDrafter:
         config = engine_config.model_copy(
             update={"model": str(draft_path), "tensor_parallel_size": 1, "max_model_len": max_len}
         )
+        self.path = draft_path
         self.runner = ModelRunner(config, draft_path, SINGLE_PROCESS)
         self.vocab = DraftVocabulary.load(draft_path, self.runner.model.arch.vocab_size, target_vocab)
         self._cached: dict[str, int] = {}  # request id -> tokens in the draft cache
         self._last: dict[str, _Expansion] = {}
 
-    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+    def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         growing = [_Expansion(r, len(r.token_ids) - 1) for r in requests if r.budget.depth > 0]
         if growing:
             self._expand_roots(growing)
@@ -126,6 +127,10 @@ class ModelDrafter:
             level = [g for g in growing if g.request.budget.depth >= depth and g.frontier]
             if not level:
                 break
+            if keep_going is not None:
+                trees = {g.request.request_id: g.tree for g in growing}
+                if not keep_going(depth - 1, [trees.get(r.request_id, TokenTree()) for r in requests]):
+                    break
             logits = self.runner.forward([g.next_slice(self.vocab.to_draft) for g in level])
             probs = self._probs(logits).split([len(g.frontier) for g in level])
             for g, p in zip(level, probs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,8 +17,12 @@ class DraftRequest:
     budget: TreeBudget
 
 
+KeepGoing = Callable[[int, list[TokenTree]], bool]
+"""Asked after each draft level with the level reached and the trees so far: grow another?"""
+
+
 class Drafter(Protocol):
-    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+    def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         """One tree per request, within its budget (an empty tree when it has nothing)."""
         ...
 

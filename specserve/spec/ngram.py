@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from specserve.spec.drafter import DraftRequest
+from specserve.spec.drafter import DraftRequest, KeepGoing
 from specserve.spec.tree import TokenTree
 
 MAX_MATCHES = 16  # most recent occurrences considered
@@ -20,7 +20,8 @@ class NgramDrafter:
         self.min_n = min_n
         self.max_n = max_n
 
-    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+    def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
+        """Trees from earlier text; lookup costs next to nothing, so ``keep_going`` is not asked."""
         return [self._tree(r) for r in requests]
 
     def accept(self, request_id: str, tokens: list[int]) -> None:

@@ -39,6 +39,12 @@ class TreeBudget(BaseModel):
             return self
         return TreeBudget(depth=max(depth, 0), width=self.width, max_nodes=max(nodes, 1))
 
+    def fit(self, remaining_tokens: int, free_positions: int) -> TreeBudget:
+        """This budget for a request that may emit ``remaining_tokens`` more tokens and has
+        ``free_positions`` KV positions after its root (an accepted path plus the bonus token
+        must fit both)."""
+        return self.within(min(remaining_tokens - 1, free_positions // self.width), free_positions)
+
 
 @dataclass
 class TokenTree:
@@ -70,15 +76,17 @@ class TokenTree:
         """token -> child index, for the children of ``node`` (-1: the root)."""
         return {self.tokens[i]: i for i, p in enumerate(self.parents) if p == node}
 
-    def select(self, max_nodes: int) -> TokenTree:
-        """The ``max_nodes`` nodes of highest path probability, re-indexed parents-first.
+    def select(self, max_nodes: int, values: list[float] | None = None) -> TokenTree:
+        """The ``max_nodes`` nodes of highest value (default: path probability), re-indexed
+        parents-first.
 
-        f never grows along a path, so the selection keeps every chosen node's ancestors
-        (ties are broken toward shallower nodes).
+        Values must never grow along a path (f does not), so the selection keeps every chosen
+        node's ancestors (ties are broken toward shallower nodes).
         """
         if len(self) <= max_nodes:
             return self
-        order = sorted(range(len(self)), key=lambda i: (-self.path_probs[i], self.depths[i], i))
+        values = self.path_probs if values is None else values
+        order = sorted(range(len(self)), key=lambda i: (-values[i], self.depths[i], i))
         chosen = sorted(order[:max_nodes], key=lambda i: (self.depths[i], i))
         new_index = {old: new for new, old in enumerate(chosen)}
         tree = TokenTree(num_candidates=len(self))

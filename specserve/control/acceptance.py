@@ -1,0 +1,95 @@
+"""Acceptance prediction: draft confidence, calibrated online against verification outcomes.
+
+A node's value is its path probability f(v), the drafter's estimate that the target accepts the
+whole path to it. Each verification tells, for every verified node, whether it lay on the accepted
+path; per depth the predictor keeps decayed sums of predicted f and of outcomes and scales f by
+their ratio (with a prior that trusts the drafter until evidence says otherwise). It also keeps the
+per-token acceptance rate alpha (accepted / (accepted + rejections)), overall and per request, and
+the mean draft confidence, which the chain policies use to extrapolate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specserve.spec.tree import TokenTree
+
+_DECAY = 0.99  # per observed step: roughly the last hundred steps count
+_PRIOR = 2.0  # pseudo-observations of a perfectly calibrated drafter, per depth
+_REQUEST_WEIGHT = 0.3  # EMA weight of one step in a request's own acceptance rate
+
+
+@dataclass
+class _Rate:
+    """Decayed counts of accepted tokens and rejections."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+    def add(self, accepted: int, rejected: int, decay: float = _DECAY) -> None:
+        self.accepted = self.accepted * decay + accepted
+        self.rejected = self.rejected * decay + rejected
+
+    def value(self, prior: float) -> float:
+        total = self.accepted + self.rejected
+        return (self.accepted + _PRIOR * prior) / (total + _PRIOR)
+
+
+class AcceptancePredictor:
+    def __init__(self, max_depth: int = 32, prior_rate: float = 0.5) -> None:
+        self._predicted = [0.0] * (max_depth + 1)
+        self._observed = [0.0] * (max_depth + 1)
+        self._rate = _Rate()
+        self._prior_rate = prior_rate
+        self._request_rate: dict[str, float] = {}
+        self._confidence_sum = 0.0
+        self._confidence_count = 0.0
+
+    def scale(self, depth: int) -> float:
+        """Observed over predicted acceptance of nodes at ``depth``."""
+        return (self._observed[depth] + _PRIOR) / (self._predicted[depth] + _PRIOR)
+
+    def values(self, tree: TokenTree) -> list[float]:
+        """Calibrated acceptance probability of every node, never above its parent's."""
+        values: list[float] = []
+        for f, depth, parent in zip(tree.path_probs, tree.depths, tree.parents):
+            ceiling = 1.0 if parent < 0 else values[parent]
+            values.append(min(f * self.scale(depth), ceiling))
+        return values
+
+    @property
+    def rate(self) -> float:
+        """Per-token acceptance rate alpha over recent steps of all requests."""
+        return self._rate.value(self._prior_rate)
+
+    def request_rate(self, request_id: str) -> float:
+        return self._request_rate.get(request_id, self.rate)
+
+    @property
+    def mean_confidence(self) -> float:
+        """Mean draft probability of recently drafted tokens (the next token's best guess)."""
+        if self._confidence_count == 0:
+            return self._prior_rate
+        return self._confidence_sum / self._confidence_count
+
+    def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
+        """Learn from one verification of ``tree`` that accepted the path ``accepted_nodes``."""
+        on_path = set(accepted_nodes)
+        for i in range(len(self._predicted)):
+            self._predicted[i] *= _DECAY
+            self._observed[i] *= _DECAY
+        for node, (f, depth) in enumerate(zip(tree.path_probs, tree.depths)):
+            if depth < len(self._predicted):
+                self._predicted[depth] += f
+                self._observed[depth] += node in on_path
+        self._confidence_sum = self._confidence_sum * _DECAY + sum(tree.probs)
+        self._confidence_count = self._confidence_count * _DECAY + len(tree)
+        accepted = len(accepted_nodes)
+        rejected = int(accepted < max(tree.depths, default=0))
+        self._rate.add(accepted, rejected)
+        step_rate = accepted / (accepted + rejected) if accepted + rejected else self.rate
+        previous = self._request_rate.get(request_id, self.rate)
+        self._request_rate[request_id] = previous + _REQUEST_WEIGHT * (step_rate - previous)
+
+    def forget(self, request_id: str) -> None:
+        self._request_rate.pop(request_id, None)

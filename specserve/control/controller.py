@@ -1,0 +1,66 @@
+"""The central SLO controller: one policy, one acceptance predictor, one cost model.
+
+The engine (or the simulator) asks it three things every iteration, in this order: the draft
+budgets of the decoding requests (``plan``), whether to grow the trees one more level
+(``keep_drafting``), and which drafted nodes to verify (``select``); after verification it
+reports what was accepted (``observe``). The controller times its own decisions, so their
+overhead relative to the iteration can be measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from specserve.control.acceptance import AcceptancePredictor
+from specserve.control.cost_model import CostModel
+from specserve.control.policies import PolicyName, StepView, build_policy
+from specserve.spec.tree import TokenTree, TreeBudget
+
+T = TypeVar("T")
+
+
+class SLOController:
+    def __init__(self, policy: PolicyName, cost: CostModel | None, max_step_tokens: int) -> None:
+        self.predictor = AcceptancePredictor()
+        self.cost = cost
+        self.policy = build_policy(policy, cost, self.predictor, max_step_tokens)
+        self.decision_seconds = 0.0  # spent in plan / keep_drafting / select / observe
+
+    def _timed(self, decide: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return decide()
+        finally:
+            self.decision_seconds += time.perf_counter() - start
+
+    def plan(self, step: StepView) -> list[TreeBudget]:
+        """Each decoding request's draft budget for this iteration (within its own cap)."""
+        if not step.requests:
+            return []
+        budgets = self._timed(lambda: self.policy.draft_budgets(step))
+        return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
+
+    def keep_drafting(self, step: StepView, trees: list[TokenTree], depth: int) -> bool:
+        return self._timed(lambda: self.policy.keep_drafting(step, trees, depth))
+
+    def select(self, step: StepView, trees: list[TokenTree]) -> list[TokenTree]:
+        """The subtree of each drafted tree that the target verifies."""
+        if not trees:
+            return []
+
+        def decide() -> list[TokenTree]:
+            counts = self.policy.select(step, trees)
+            return [
+                tree if n >= len(tree) else tree.select(n, self.predictor.values(tree))
+                for tree, n in zip(trees, counts)
+            ]
+
+        return self._timed(decide)
+
+    def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
+        self._timed(lambda: self.predictor.observe(request_id, tree, accepted_nodes))
+
+    def forget(self, request_id: str) -> None:
+        self.predictor.forget(request_id)

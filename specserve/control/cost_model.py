@@ -1,0 +1,95 @@
+"""The hardware cost model: profiled forward latencies, interpolated.
+
+A :class:`LatencyTable` holds latencies (ms) measured on a grid of (tokens in the step, context
+length); between grid points it interpolates linearly, beyond the grid it extrapolates the last
+segment linearly. A :class:`CostModel` pairs the target's table with the draft's and predicts
+the time of a whole iteration: the draft forwards that grow the trees, then one target forward.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from specserve.models.default_model import cache_root
+
+
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return ys[i] + slope * (x - xs[i])
+
+
+class LatencyTable(BaseModel):
+    """Latency in ms of one forward, ``ms[c][t]`` for ``contexts[c]`` and ``tokens[t]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: list[int] = Field(min_length=1)
+    contexts: list[int] = Field(min_length=1)
+    ms: list[list[float]]
+
+    @model_validator(mode="after")
+    def _grid_shape(self) -> LatencyTable:
+        if self.tokens != sorted(set(self.tokens)) or self.contexts != sorted(set(self.contexts)):
+            raise ValueError("tokens and contexts must be strictly increasing")
+        if len(self.ms) != len(self.contexts) or any(len(row) != len(self.tokens) for row in self.ms):
+            raise ValueError("ms must have one row per context and one entry per token count")
+        return self
+
+    def __call__(self, tokens: float, context: float) -> float:
+        """Predicted ms of a forward with ``tokens`` new tokens at mean ``context`` length."""
+        if tokens <= 0:
+            return 0.0
+        by_context = [_interpolate(self.tokens, row, tokens) for row in self.ms]
+        return max(_interpolate(self.contexts, by_context, context), 0.0)
+
+
+class CostModel(BaseModel):
+    """Profiled latencies of one target (and its draft) on one device and TP size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    device: str
+    tensor_parallel_size: int = 1
+    target: LatencyTable
+    draft: LatencyTable | None = Field(
+        default=None, description="Draft-model forward latency; None: drafting costs nothing."
+    )
+
+    def target_ms(self, tokens: float, context: float) -> float:
+        return self.target(tokens, context)
+
+    def draft_ms(self, tokens: float, context: float) -> float:
+        return 0.0 if self.draft is None or tokens <= 0 else self.draft(tokens, context)
+
+    def iteration_ms(self, step_tokens: float, draft_tokens: list[float], context: float) -> float:
+        """One iteration: a draft forward per entry of ``draft_tokens``, then the target forward."""
+        return sum(self.draft_ms(n, context) for n in draft_tokens) + self.target_ms(step_tokens, context)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int) -> Path:
+    """Where the profile of these models (target first, then draft) on this device is cached.
+
+    The key holds the target's directory name and a digest of every model's config, so two
+    models that share a directory name never share a profile.
+    """
+    digest = hashlib.sha1()
+    for model_dir in model_dirs:
+        digest.update((Path(model_dir) / "config.json").read_bytes())
+    name = f"{Path(model_dirs[0]).name}-{digest.hexdigest()[:10]}-{device}-tp{tensor_parallel_size}"
+    return cache_root() / "profiles" / f"{name.replace(':', '')}.json"

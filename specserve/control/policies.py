@@ -1,0 +1,327 @@
+"""Speculation policies: how much each request drafts, and which drafted nodes are verified.
+
+Every policy answers the same three questions each iteration, for the decoding requests of the
+step (``StepView``): the tree budget each request drafts with (``draft_budgets``), whether the
+drafter should grow the trees one more level (``keep_drafting``), and how many of each request's
+best nodes the target verifies (``select``). See ../shared/ARCHITECTURE.md section 3.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from specserve.control.acceptance import AcceptancePredictor
+from specserve.control.cost_model import CostModel
+from specserve.control.slo import SLO
+from specserve.control.selection import Candidates, floor_counts, ranked_extras, select_nodes
+from specserve.spec.tree import TokenTree, TreeBudget
+
+PolicyName = Literal["none", "fixed", "smartspec", "specserve", "adaserve", "auto"]
+OFF = TreeBudget(depth=0)
+
+
+@dataclass
+class RequestView:
+    """What the controller sees of one decoding request."""
+
+    request_id: str
+    context_len: int
+    max_budget: TreeBudget  # the most it may speculate now (its own cap, room, remaining tokens)
+    tpot_slo_s: float | None = None
+    decode_time_s: float = 0.0  # since its first token
+    num_decoded: int = 0  # output tokens after the first
+
+    @classmethod
+    def of(
+        cls,
+        request_id: str,
+        context_len: int,
+        max_budget: TreeBudget,
+        slo: SLO,
+        first_token_time: float | None,
+        num_output: int,
+        now: float,
+    ) -> RequestView:
+        """The view of a request with ``num_output`` tokens, the first at ``first_token_time``."""
+        return cls(
+            request_id=request_id,
+            context_len=context_len,
+            max_budget=max_budget,
+            tpot_slo_s=None if slo.tpot_ms is None else slo.tpot_ms / 1e3,
+            decode_time_s=0.0 if first_token_time is None else now - first_token_time,
+            num_decoded=max(num_output - 1, 0),
+        )
+
+    def floor(self, iteration_s: float) -> float:
+        """AdaServe's A(r): tokens this step must yield to keep the mean TPOT within the SLO."""
+        if self.tpot_slo_s is None:
+            return 0.0
+        return (self.decode_time_s + iteration_s) / self.tpot_slo_s - self.num_decoded
+
+
+@dataclass
+class StepView:
+    """The decoding requests of one iteration and what else shares its target forward."""
+
+    requests: list[RequestView]
+    other_tokens: int = 0  # prefill tokens in the same forward
+    draft_ms: float = 0.0  # time already spent drafting this iteration
+    contexts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.contexts = [r.context_len for r in self.requests]
+
+    @property
+    def mean_context(self) -> float:
+        return sum(self.contexts) / len(self.contexts) if self.contexts else 0.0
+
+    @property
+    def base_tokens(self) -> int:
+        """Tokens in the forward before any drafted node: prefill plus one root per request."""
+        return self.other_tokens + len(self.requests)
+
+
+def chain_tokens(alpha: float, depth: int) -> float:
+    """Expected tokens from verifying a chain of ``depth`` with per-token acceptance alpha."""
+    if alpha >= 1.0:
+        return depth + 1.0
+    return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
+
+
+def draft_forwards(budgets: list[TreeBudget]) -> list[int]:
+    """Tokens fed to the draft per forward: one root each, then each level's frontier."""
+    deepest = max((b.depth for b in budgets), default=0)
+    tokens = [sum(b.depth >= 1 for b in budgets)]
+    tokens += [sum(b.width for b in budgets if b.depth >= level) for level in range(2, deepest + 1)]
+    return tokens if deepest else []
+
+
+class Policy(ABC):
+    name: ClassVar[PolicyName]
+    needs_cost_model: ClassVar[bool] = True
+
+    def __init__(self, cost: CostModel | None, predictor: AcceptancePredictor, max_step_tokens: int) -> None:
+        if self.needs_cost_model and cost is None:
+            raise ValueError(f"policy {self.name!r} needs a cost model")
+        self.cost = cost
+        self.predictor = predictor
+        self.max_step_tokens = max_step_tokens
+
+    def draft_budgets(self, step: StepView) -> list[TreeBudget]:
+        return [r.max_budget for r in step.requests]
+
+    def keep_drafting(self, step: StepView, trees: list[TokenTree], depth: int) -> bool:
+        """Asked after each draft level ``depth``: grow the trees one more level?"""
+        return True
+
+    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
+        return [len(tree) for tree in trees]
+
+    # ------------------------------------------------------------------ helpers
+
+    def target_ms(self, step: StepView, nodes: float) -> float:
+        return self.cost.target_ms(step.base_tokens + nodes, step.mean_context)
+
+    def plan_ms(self, step: StepView, budgets: list[TreeBudget], nodes: float) -> float:
+        """Predicted iteration time: drafting with ``budgets``, then verifying ``nodes``."""
+        return self.cost.iteration_ms(step.base_tokens + nodes, draft_forwards(budgets), step.mean_context)
+
+    def candidates(self, trees: list[TokenTree]) -> list[list[float]]:
+        return [sorted(self.predictor.values(tree), reverse=True) for tree in trees]
+
+    def chain_plan(self, step: StepView, depth: int, width: int = 1) -> tuple[list[TreeBudget], float]:
+        """Every request drafts ``depth`` levels (within its cap); predicted tokens per ms."""
+        budgets = [
+            TreeBudget(depth=min(depth, r.max_budget.depth), width=min(width, r.max_budget.width))
+            for r in step.requests
+        ]
+        alphas = [self.predictor.request_rate(r.request_id) for r in step.requests]
+        tokens = sum(chain_tokens(a, b.depth) for a, b in zip(alphas, budgets))
+        nodes = sum(b.depth for b in budgets)
+        return budgets, tokens / self.plan_ms(step, budgets, nodes)
+
+    def best_chain(self, step: StepView, width: int = 1) -> list[TreeBudget]:
+        """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
+        deepest = max((r.max_budget.depth for r in step.requests), default=0)
+        plans = [self.chain_plan(step, depth, width) for depth in range(deepest + 1)]
+        return max(plans, key=lambda plan: plan[1])[0]
+
+
+class NoSpeculation(Policy):
+    name = "none"
+    needs_cost_model = False
+
+    def draft_budgets(self, step: StepView) -> list[TreeBudget]:
+        return [OFF] * len(step.requests)
+
+
+class FixedSpeculation(Policy):
+    """Every request drafts its full budget (a chain of k or a fixed tree); all of it is verified."""
+
+    name = "fixed"
+    needs_cost_model = False
+
+
+class SmartSpec(Policy):
+    """One chain length k for the whole batch, maximising B(1-a^(k+1))/(1-a) / T(k)."""
+
+    name = "smartspec"
+
+    def chain_plan(self, step: StepView, depth: int, width: int = 1) -> tuple[list[TreeBudget], float]:
+        budgets = [TreeBudget(depth=min(depth, r.max_budget.depth)) for r in step.requests]
+        tokens = sum(chain_tokens(self.predictor.rate, b.depth) for b in budgets)
+        return budgets, tokens / self.plan_ms(step, budgets, sum(b.depth for b in budgets))
+
+    def draft_budgets(self, step: StepView) -> list[TreeBudget]:
+        return self.best_chain(step)
+
+
+class SpecServe(Policy):
+    """SpecServe/AdaSpec: an adaptive drafter and a confidence-prior verifier, on chains.
+
+    Speculate only if one drafted token beats none; after each draft level, go on only while
+    the predicted efficiency of one more level (next confidence extrapolated with the running
+    mean) is higher; then drop the least confident tail tokens of all requests while that does
+    not lower the predicted efficiency, which gives every request its own length.
+    """
+
+    name = "specserve"
+
+    def draft_budgets(self, step: StepView) -> list[TreeBudget]:
+        _, none = self.chain_plan(step, 0)
+        _, one = self.chain_plan(step, 1)
+        if one <= none:
+            return [OFF] * len(step.requests)
+        return [TreeBudget(depth=r.max_budget.depth) for r in step.requests]
+
+    def keep_drafting(self, step: StepView, trees: list[TokenTree], depth: int) -> bool:
+        confidence = self.predictor.mean_confidence
+        values = [self.predictor.values(tree) for tree in trees]
+        growing = [v for v, r in zip(values, step.requests) if v and r.max_budget.depth > depth]
+        tokens = len(trees) + sum(sum(v) for v in values)
+        nodes = sum(len(v) for v in values)
+        more_tokens = tokens + sum(v[-1] * confidence for v in growing)
+        now_ms = self.cost.iteration_ms(step.base_tokens + nodes, [len(trees)] * depth, step.mean_context)
+        more_ms = self.cost.iteration_ms(
+            step.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1), step.mean_context
+        )
+        return bool(growing) and more_tokens / more_ms > tokens / now_ms
+
+    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
+        values = self.candidates(trees)
+        counts = [len(v) for v in values]
+        tokens = len(trees) + sum(sum(v) for v in values)
+        nodes = sum(counts)
+        tails = sorted((v[n], i) for i, v in enumerate(values) for n in range(len(v)))
+        for value, i in tails:
+            if (tokens - value) / (step.draft_ms + self.target_ms(step, nodes - 1)) < tokens / (
+                step.draft_ms + self.target_ms(step, nodes)
+            ):
+                break
+            tokens, nodes = tokens - value, nodes - 1
+            counts[i] -= 1
+        return counts
+
+
+class AdaServe(Policy):
+    """AdaServe: a token budget from the tightest TPOT SLO, tree shape from load, then SLO floors
+    first and the globally best nodes with what is left."""
+
+    name = "adaserve"
+
+    def token_budget(self, step: StepView) -> int:
+        """Most drafted nodes such that the iteration, spread over the tokens each request is
+        expected to gain (its share of nodes, each accepted at the running rate), stays within
+        the tightest TPOT SLO of the batch."""
+        room = max(self.max_step_tokens - step.base_tokens, 0)
+        slos = [r.tpot_slo_s for r in step.requests if r.tpot_slo_s is not None]
+        if not slos or not step.requests:
+            return room
+        limit_ms, alpha, n = min(slos) * 1e3, self.predictor.rate, len(step.requests)
+        fits = [
+            nodes for nodes in range(0, room + 1, n)
+            if step.draft_ms + self.target_ms(step, nodes) <= limit_ms * (1 + alpha * nodes / n)
+        ]
+        return fits[-1] if fits else 0
+
+    def draft_budgets(self, step: StepView) -> list[TreeBudget]:
+        share = self.token_budget(step) // max(len(step.requests), 1)
+        if share == 0:
+            return [OFF] * len(step.requests)
+        budgets = []
+        for r in step.requests:
+            depth = min(r.max_budget.depth, share)
+            width = min(r.max_budget.width, max(1, -(-2 * share // max(depth, 1))))
+            budgets.append(TreeBudget(depth=depth, width=width) if depth else OFF)
+        return budgets
+
+    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
+        budget = self.token_budget(step)
+        iteration_s = (step.draft_ms + self.target_ms(step, budget)) / 1e3
+        candidates = [
+            Candidates(values, floor=r.floor(iteration_s))
+            for values, r in zip(self.candidates(trees), step.requests)
+        ]
+        return select_nodes(candidates, budget)
+
+
+class AutoSpeculation(Policy):
+    """SpecServe's own: speculate as deep as predicted goodput pays, never below a request's SLO.
+
+    Drafting: the common depth with the best predicted tokens per ms (per-request acceptance,
+    draft cost included); requests behind their SLO that a deeper tree can still save draft deep
+    enough to catch up; nothing is drafted when speculation loses and nobody is behind.
+    Verification: floors of the savable requests behind their SLO first (most urgent first),
+    then the globally best nodes as long as each one raises the predicted tokens per ms of the
+    whole iteration.
+    """
+
+    name = "auto"
+
+    def draft_budgets(self, step: StepView) -> list[TreeBudget]:
+        plain_s = self.target_ms(step, 0) / 1e3
+        budgets = self.best_chain(step, width=max(r.max_budget.width for r in step.requests))
+        result = []
+        for r, budget in zip(step.requests, budgets):
+            depth, floor = budget.depth, r.floor(plain_s)
+            alpha = self.predictor.request_rate(r.request_id)
+            if 1.0 < floor <= chain_tokens(alpha, r.max_budget.depth):  # behind, but can catch up
+                needed = next(d for d in range(r.max_budget.depth + 1) if chain_tokens(alpha, d) >= floor)
+                depth = max(depth, needed)
+            result.append(TreeBudget(depth=depth, width=r.max_budget.width) if depth else OFF)
+        return result
+
+    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
+        room = max(self.max_step_tokens - step.base_tokens, 0)
+        plain_s = (step.draft_ms + self.target_ms(step, 0)) / 1e3
+        candidates = []
+        for values, r in zip(self.candidates(trees), step.requests):
+            floor = r.floor(plain_s)
+            savable = floor <= 1.0 + sum(values)  # a request its tree cannot save gets best effort
+            candidates.append(Candidates(values, floor=floor if savable else 0.0))
+        counts = floor_counts(candidates, room)
+        tokens = len(trees) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
+        nodes = sum(counts)
+        best = (tokens / (step.draft_ms + self.target_ms(step, nodes)), list(counts))
+        for i, value in ranked_extras(candidates, counts)[: room - nodes]:
+            counts[i] += 1
+            tokens, nodes = tokens + value, nodes + 1
+            efficiency = tokens / (step.draft_ms + self.target_ms(step, nodes))
+            if efficiency > best[0]:
+                best = (efficiency, list(counts))
+        return best[1]
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (NoSpeculation, FixedSpeculation, SmartSpec, SpecServe, AdaServe, AutoSpeculation)
+}
+
+
+def build_policy(
+    name: PolicyName, cost: CostModel | None, predictor: AcceptancePredictor, max_step_tokens: int
+) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown speculation policy {name!r}; known: {sorted(POLICIES)}")
+    return POLICIES[name](cost, predictor, max_step_tokens)

@@ -1,0 +1,77 @@
+"""Measure forward latency on the current hardware: the data behind the cost model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from specserve.control.cost_model import LatencyTable
+from specserve.models.forward_batch import SequenceSlice
+
+Forward = Callable[[list[SequenceSlice]], torch.Tensor]
+
+FULL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+QUICK_TOKENS = (1, 4, 16, 64, 256)
+FULL_CONTEXTS = (64, 512, 1536)
+QUICK_CONTEXTS = (128, 1024)
+
+
+def step_slices(tokens: int, context: int, num_slots: int) -> list[SequenceSlice]:
+    """A step of ``tokens`` new tokens spread over as many sequences as there are slots (at most
+    one per token), each behind ``context`` cached positions; logits of every sequence's last."""
+    num_seqs = min(tokens, num_slots)
+    slices = []
+    for seq in range(num_seqs):
+        n = tokens // num_seqs + (seq < tokens % num_seqs)
+        slices.append(
+            SequenceSlice(
+                slot=seq,
+                token_ids=[(seq + k) % 97 for k in range(n)],
+                positions=list(range(context, context + n)),
+                cache_start=context,
+                logits_at=[n - 1],
+            )
+        )
+    return slices
+
+
+def measure(forward: Forward, slices: list[SequenceSlice], repeats: int) -> float:
+    """Median ms of ``repeats`` forwards, after one warm-up."""
+    forward(slices)
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        forward(slices)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def profile_forward(
+    forward: Forward,
+    *,
+    num_slots: int,
+    max_len: int,
+    max_tokens: int,
+    quick: bool = False,
+    repeats: int = 3,
+    label: str = "profile",
+) -> LatencyTable:
+    """Latency table of ``forward`` over (tokens, context), within the cache's slots and length."""
+    tokens = [t for t in (QUICK_TOKENS if quick else FULL_TOKENS) if t <= max_tokens] or [max_tokens]
+    widest = -(-tokens[-1] // num_slots)  # tokens per sequence in the biggest step
+    contexts = sorted({min(c, max_len - widest) for c in (QUICK_CONTEXTS if quick else FULL_CONTEXTS)})
+    grid = [(c, t) for c in contexts for t in tokens]
+    ms = {}
+    for context, n in tqdm(grid, desc=label, unit="shape", leave=False):
+        ms[context, n] = measure(forward, step_slices(n, context, num_slots), repeats)
+    return LatencyTable(
+        tokens=tokens, contexts=contexts, ms=[[ms[c, t] for t in tokens] for c in contexts]
+    )

@@ -1,0 +1,227 @@
+"""A discrete-event simulator of the engine: the real scheduler and SLO controller, with a cost
+model instead of forwards and a synthetic drafter instead of models.
+
+Each iteration runs the engine's order: the controller plans draft budgets, the scheduler admits
+and chunks prefills, the synthetic drafter grows trees (asking ``keep_drafting`` after every
+level), the controller selects the nodes to verify, verification samples which path the target
+accepts, and the clock advances by the cost model's prediction for the drafted levels and the
+target forward. Only the models are simulated; every decision is made by the code that serves.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from specserve.control.controller import SLOController
+from specserve.control.cost_model import CostModel
+from specserve.control.policies import PolicyName, RequestView, StepView
+from specserve.control.slo import SLO
+from specserve.control.workload import Outcome
+from specserve.engine.request import RequestStatus
+from specserve.engine.scheduler import Scheduler
+from specserve.spec.drafter import KeepGoing
+from specserve.spec.tree import TokenTree, TreeBudget
+
+
+@dataclass
+class AcceptanceModel:
+    """A synthetic drafter whose confidence the target honours.
+
+    The best child of every node has draft probability ~ Beta with mean ``mean_confidence``;
+    each further child takes a Beta share of what is left. The target picks each child with
+    probability ``calibration`` x its draft probability (1.0: a perfectly calibrated drafter),
+    or none of them.
+    """
+
+    mean_confidence: float = 0.45
+    concentration: float = 3.0
+    calibration: float = 1.0
+
+    def _children(self, rng: random.Random, width: int) -> list[float]:
+        a = self.mean_confidence * self.concentration
+        b = (1.0 - self.mean_confidence) * self.concentration
+        probs, left = [], 1.0
+        for _ in range(width):
+            p = left * rng.betavariate(a, b)
+            probs.append(p)
+            left -= p
+        return probs
+
+    def draft(self, rng: random.Random, budgets: list[TreeBudget], keep_going: KeepGoing) -> tuple[list[TokenTree], list[int]]:
+        """Beam-grown trees within ``budgets`` and the tokens each draft forward fed."""
+        trees = [TokenTree() for _ in budgets]
+        frontiers: list[list[int]] = [[-1] for _ in budgets]
+        forwards = []
+        for depth in range(1, max((b.depth for b in budgets), default=0) + 1):
+            if depth > 1 and not keep_going(depth - 1, trees):
+                break
+            level = [i for i, b in enumerate(budgets) if b.depth >= depth and frontiers[i]]
+            if not level:
+                break
+            forwards.append(sum(len(frontiers[i]) for i in level))
+            for i in level:
+                tree, width = trees[i], budgets[i].width
+                children = []
+                for parent in frontiers[i]:
+                    for token, p in enumerate(self._children(rng, width)):
+                        children.append(tree.add(token, parent, p))
+                children.sort(key=lambda n: -tree.path_probs[n])
+                frontiers[i] = children[:width]
+        return [t.select(b.node_limit) for t, b in zip(trees, budgets)], forwards
+
+    def verify(self, rng: random.Random, tree: TokenTree) -> list[int]:
+        """The accepted path: at each node the target picks one child (or none) at random."""
+        path, node = [], -1
+        while True:
+            u, chosen = rng.random(), None
+            for child in (i for i, p in enumerate(tree.parents) if p == node):
+                u -= min(tree.probs[child] * self.calibration, 1.0)
+                if u < 0:
+                    chosen = child
+                    break
+            if chosen is None:
+                return path
+            path.append(chosen)
+            node = chosen
+
+
+@dataclass
+class SimRequest:
+    """The fields of an engine request that the scheduler and the controller read."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    slo: SLO
+    arrival_s: float
+    num_output: int = 0
+    num_computed_tokens: int = 0
+    steps: int = 0  # decode steps
+    slot: int | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.prompt_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        return not self.is_prefilling and self.num_tokens - self.num_computed_tokens == 1
+
+    @property
+    def ttft_deadline(self) -> float:
+        return float("inf") if self.slo.ttft_ms is None else self.arrival_s + self.slo.ttft_ms / 1e3
+
+    def outcome(self) -> Outcome:
+        times = self.token_times
+        ttft = times[0] - self.arrival_s if times else None
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        return Outcome(self.slo, ttft, tpot, self.num_output, self.steps)
+
+
+@dataclass
+class SimConfig:
+    policy: PolicyName
+    max_budget: TreeBudget = field(default_factory=lambda: TreeBudget(depth=4, width=2))
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 4096
+    seed: int = 0
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, cost: CostModel, acceptance: AcceptanceModel) -> None:
+        self.config = config
+        self.cost = cost
+        self.acceptance = acceptance
+        self.controller = SLOController(config.policy, cost, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.rng = random.Random(config.seed)
+        self.now = 0.0
+        self.iterations = 0
+        self.busy_s = 0.0
+
+    def run(self, requests: list[SimRequest], progress: bool = True) -> tuple[list[Outcome], float]:
+        """Serve ``requests`` (sorted by arrival); their outcomes and the span of the run (s)."""
+        pending = list(reversed(requests))
+        done: list[SimRequest] = []
+        with tqdm(total=len(requests), desc=self.config.policy, unit="req", disable=not progress, leave=False) as bar:
+            while pending or self.scheduler.num_unfinished:
+                while pending and pending[-1].arrival_s <= self.now:
+                    self.scheduler.add(pending.pop())
+                if not self.scheduler.num_unfinished:
+                    self.now = pending[-1].arrival_s
+                    continue
+                finished = self._step()
+                done += finished
+                bar.update(len(finished))
+        start = min((r.arrival_s for r in requests), default=0.0)
+        return [r.outcome() for r in requests], self.now - start
+
+    def _max_budget(self, request: SimRequest) -> TreeBudget:
+        free = self.config.max_model_len - request.num_tokens
+        return self.config.max_budget.fit(request.max_tokens - request.num_output, free)
+
+    def _view(self, request: SimRequest) -> RequestView:
+        first = request.token_times[0] if request.token_times else None
+        return RequestView.of(
+            request.request_id, request.num_tokens, self._max_budget(request), request.slo,
+            first, request.num_output, self.now,
+        )
+
+    def _step(self) -> list[SimRequest]:
+        decoding = [r for r in self.scheduler.running if r.is_decoding]
+        planned = self.controller.plan(StepView([self._view(r) for r in decoding]))
+        budgets = {r.request_id: b for r, b in zip(decoding, planned) if b.depth > 0}
+        scheduled = self.scheduler.schedule(
+            lambda r: budgets[r.request_id].node_limit if r.request_id in budgets else 0
+        )
+        asked = [item for item in scheduled if item.num_draft_tokens > 0]
+        step_tokens = sum(item.num_new_tokens for item in scheduled)
+        step = StepView([self._view(item.request) for item in asked], step_tokens - len(asked))
+        trees, forwards = self.acceptance.draft(
+            self.rng,
+            [budgets[i.request.request_id].within(budgets[i.request.request_id].depth, i.num_draft_tokens) for i in asked],
+            lambda depth, grown: self.controller.keep_drafting(step, grown, depth),
+        )
+        step.draft_ms = sum(self.cost.draft_ms(n, step.mean_context) for n in forwards)
+        chosen = dict(zip((i.request.request_id for i in asked), self.controller.select(step, trees)))
+        contexts = [item.request.num_tokens for item in scheduled]
+        verified = sum(len(t) for t in chosen.values())
+        elapsed_ms = step.draft_ms + self.cost.target_ms(step_tokens + verified, sum(contexts) / len(contexts))
+        self.now += elapsed_ms / 1e3
+        self.busy_s += elapsed_ms / 1e3
+        self.iterations += 1
+        finished = []
+        for item in scheduled:
+            request = item.request
+            due = item.completes_context
+            request.num_computed_tokens += item.num_new_tokens
+            if not due:
+                continue
+            tokens = 1
+            tree = chosen.get(request.request_id)
+            if tree is not None and len(tree):
+                accepted = self.acceptance.verify(self.rng, tree)
+                self.controller.observe(request.request_id, tree, accepted)
+                request.num_computed_tokens += len(accepted)
+                tokens += len(accepted)
+            if request.num_output:  # the first token comes from prefill, the rest from decode steps
+                request.steps += 1
+            tokens = min(tokens, request.max_tokens - request.num_output)
+            request.num_output += tokens
+            request.token_times += [self.now] * tokens
+            if request.num_output >= request.max_tokens:
+                request.status = RequestStatus.FINISHED
+                self.scheduler.remove(request)
+                self.controller.forget(request.request_id)
+                finished.append(request)
+        return finished

@@ -1,0 +1,378 @@
+"""The SLO controller: cost model, acceptance prediction, selection, policies, SLO scheduling."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import pytest
+
+from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
+from specserve.control.acceptance import AcceptancePredictor
+from specserve.control.controller import SLOController
+from specserve.control.cost_model import CostModel, LatencyTable
+from specserve.control.policies import POLICIES, RequestView, StepView, build_policy
+from specserve.control.selection import Candidates, select_nodes
+from specserve.control.slo import SLO, SLOConfig
+from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.request import FinishReason
+from specserve.engine.sampling_params import SamplingParams
+from specserve.spec.tree import TokenTree, TreeBudget
+from test_engine import GREEDY, assert_all_slots_free, run
+from tiny_models import PROMPTS
+
+
+def cost_model(base_ms: float, per_token_ms: float, draft_ms: float = 0.5) -> CostModel:
+    """Target latency base + per_token * tokens (context-free); a flat draft step."""
+    tokens = [1, 8, 64, 512]
+    return CostModel(
+        model="hand-built",
+        device="cpu",
+        target=LatencyTable(tokens=tokens, contexts=[0], ms=[[base_ms + per_token_ms * t for t in tokens]]),
+        draft=LatencyTable(tokens=tokens, contexts=[0], ms=[[draft_ms] * len(tokens)]),
+    )
+
+
+CHEAP_VERIFY = cost_model(30.0, 0.05)  # a weight-bound forward: extra tokens are nearly free
+DEAR_VERIFY = cost_model(5.0, 10.0)  # a compute-bound forward: every token costs in full
+
+
+# ------------------------------------------------------------------ cost model
+
+
+def test_latency_table_interpolates_and_extrapolates_linearly():
+    table = LatencyTable(tokens=[1, 4], contexts=[100, 300], ms=[[10, 16], [20, 26]])
+    assert table(1, 100) == pytest.approx(10)
+    assert table(2.5, 100) == pytest.approx(13)
+    assert table(8, 100) == pytest.approx(24)  # beyond the grid: the last segment's slope
+    assert table(1, 200) == pytest.approx(15)  # between contexts
+    assert table(4, 500) == pytest.approx(36)
+    assert table(0, 100) == 0.0
+
+
+def test_latency_table_rejects_a_bad_grid():
+    with pytest.raises(ValueError, match="increasing"):
+        LatencyTable(tokens=[4, 1], contexts=[0], ms=[[1, 2]])
+    with pytest.raises(ValueError, match="one row per context"):
+        LatencyTable(tokens=[1, 4], contexts=[0, 10], ms=[[1, 2]])
+
+
+def test_cost_model_round_trips_through_json(tmp_path):
+    path = tmp_path / "profile.json"
+    CHEAP_VERIFY.save(path)
+    assert CostModel.load(path) == CHEAP_VERIFY
+    assert CHEAP_VERIFY.iteration_ms(8, [2, 2], 0) == pytest.approx(30.4 + 1.0)
+
+
+# --------------------------------------------------------- acceptance prediction
+
+
+def chain(probs: list[float]) -> TokenTree:
+    tree = TokenTree()
+    for i, p in enumerate(probs):
+        tree.add(i, i - 1, p)
+    return tree
+
+
+def test_predictor_calibrates_an_overconfident_drafter_by_depth():
+    predictor = AcceptancePredictor()
+    tree = chain([0.9, 0.9, 0.9])
+    before = predictor.values(tree)
+    for step in range(200):  # the target accepts only the first token, and only half the time
+        predictor.observe("r", tree, [0] if step % 2 else [])
+    after = predictor.values(tree)
+    assert after[0] == pytest.approx(0.5, abs=0.05)
+    assert after[1] < 0.1 and after[2] < 0.1
+    assert all(a < b for a, b in zip(after, before))
+    assert predictor.rate < 0.4 and predictor.request_rate("r") < 0.6
+    assert predictor.mean_confidence == pytest.approx(0.9)
+
+
+def test_predictor_values_never_grow_along_a_path():
+    predictor = AcceptancePredictor()
+    for _ in range(50):  # deep nodes are always accepted: their scale exceeds the first level's
+        predictor.observe("r", chain([0.9, 0.5, 0.5]), [0, 1, 2])
+    values = predictor.values(chain([0.9, 0.5, 0.5]))
+    assert values == sorted(values, reverse=True) and values[0] <= 1.0
+
+
+# ----------------------------------------------------------------- selection
+
+
+def random_tree(rng: random.Random, size: int) -> TokenTree:
+    tree = TokenTree()
+    for i in range(size):
+        tree.add(i, rng.randrange(-1, i), rng.uniform(0.05, 1.0))
+    return tree
+
+
+def closed_subsets(tree: TokenTree):
+    """Every ancestor-closed set of nodes of a small tree."""
+    for mask in range(1 << len(tree)):
+        nodes = [i for i in range(len(tree)) if mask >> i & 1]
+        if all(tree.parents[i] < 0 or mask >> tree.parents[i] & 1 for i in nodes):
+            yield nodes
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_selection_equals_the_brute_force_optimum(seed):
+    rng = random.Random(seed)
+    trees = [random_tree(rng, rng.randint(1, 5)) for _ in range(3)]
+    floors = [rng.choice([0.0, 0.0, rng.uniform(1.0, 3.0)]) for _ in trees]
+    budget = rng.randint(0, 10)
+    # Floors as selection sees them: at most what the whole tree can yield.
+    reachable = [min(f, 1 + sum(t.path_probs)) for f, t in zip(floors, trees)]
+    best = None
+    for choice in itertools.product(*(list(closed_subsets(t)) for t in trees)):
+        if sum(map(len, choice)) > budget:
+            continue
+        gains = [1 + sum(t.path_probs[n] for n in nodes) for t, nodes in zip(trees, choice)]
+        if all(g >= r - 1e-9 for g, r in zip(gains, reachable)):
+            best = max(best or 0.0, sum(gains))
+    candidates = [Candidates(sorted(t.path_probs, reverse=True), floor) for t, floor in zip(trees, floors)]
+    counts = select_nodes(candidates, budget)
+    assert sum(counts) <= budget
+    if best is None:  # floors infeasible within the budget: nothing to compare
+        return
+    gains = [1 + sum(c.values[:n]) for c, n in zip(candidates, counts)]
+    assert all(g >= r - 1e-9 for g, r in zip(gains, reachable))
+    assert sum(gains) == pytest.approx(best)
+    for tree, c, n in zip(trees, candidates, counts):  # the counts name a valid subtree
+        chosen = tree.select(n)
+        assert len(chosen) == n and sum(chosen.path_probs) == pytest.approx(sum(c.values[:n]))
+
+
+def test_selection_serves_the_most_urgent_floor_when_the_budget_is_short():
+    candidates = [Candidates([0.9, 0.9], floor=1.5), Candidates([0.9, 0.9], floor=2.5)]
+    assert select_nodes(candidates, 2) == [0, 2]
+
+
+# ------------------------------------------------------------------ policies
+
+
+def step_view(n: int, slo_ms: float | None = None, behind: bool = False, depth: int = 4, width: int = 1):
+    """n decoding requests; ``behind``: 21 tokens in 1.1 s, behind a 50 ms TPOT SLO."""
+    return StepView([
+        RequestView(
+            request_id=f"r{i}",
+            context_len=100,
+            max_budget=TreeBudget(depth=depth, width=width),
+            tpot_slo_s=None if slo_ms is None else slo_ms / 1e3,
+            decode_time_s=1.1 if behind else 0.0,
+            num_decoded=20 if behind else 0,
+        )
+        for i in range(n)
+    ])
+
+
+def confident_predictor(rate: float) -> AcceptancePredictor:
+    predictor = AcceptancePredictor()
+    accepted = int(rate * 10)
+    for _ in range(300):
+        predictor.observe("warm-up", chain([rate] * 4), list(range(min(accepted // 3, 4))))
+    return predictor
+
+
+def policy(name: str, cost: CostModel, predictor: AcceptancePredictor | None = None):
+    return build_policy(name, cost, predictor or AcceptancePredictor(prior_rate=0.8), 512)
+
+
+def test_none_and_fixed_do_what_they_say():
+    step = step_view(3, depth=3, width=2)
+    assert all(b.depth == 0 for b in policy("none", DEAR_VERIFY).draft_budgets(step))
+    fixed = policy("fixed", DEAR_VERIFY)
+    assert fixed.draft_budgets(step) == [TreeBudget(depth=3, width=2)] * 3
+    trees = [chain([0.1, 0.1]), chain([0.9])]
+    assert fixed.select(step_view(2), trees) == [2, 1]
+
+
+@pytest.mark.parametrize("name", ["smartspec", "specserve", "auto"])
+def test_adaptive_policies_speculate_when_verification_is_cheap_and_stop_when_dear(name):
+    step = step_view(4)
+    assert all(b.depth >= 3 for b in policy(name, CHEAP_VERIFY).draft_budgets(step))
+    assert all(b.depth == 0 for b in policy(name, DEAR_VERIFY).draft_budgets(step))
+
+
+def test_smartspec_uses_one_length_for_the_whole_batch():
+    budgets = policy("smartspec", cost_model(30.0, 2.0)).draft_budgets(step_view(4))
+    assert len({b.depth for b in budgets}) == 1 and all(b.width == 1 for b in budgets)
+
+
+def test_auto_keeps_speculating_for_a_request_behind_its_slo_even_when_verification_is_dear():
+    step = step_view(2, slo_ms=50, behind=True)
+    auto = policy("auto", DEAR_VERIFY)
+    assert all(b.depth > 0 for b in auto.draft_budgets(step))
+    counts = auto.select(step, [chain([0.9, 0.9, 0.9, 0.9])] * 2)
+    assert all(n >= 2 for n in counts)  # floors honoured though each node lowers efficiency
+    on_track = step_view(2, slo_ms=50)
+    assert auto.select(on_track, [chain([0.5, 0.5, 0.5, 0.5])] * 2) == [0, 0]
+    hopeless = step_view(2, slo_ms=10, behind=True)  # needs ~90 tokens now: best effort only
+    assert all(b.depth == 0 for b in auto.draft_budgets(hopeless))
+    assert auto.select(hopeless, [chain([0.5, 0.5, 0.5, 0.5])] * 2) == [0, 0]
+
+
+def test_specserve_stops_drafting_and_trims_tails_by_confidence():
+    specserve = policy("specserve", cost_model(30.0, 3.0))
+    step = step_view(2)
+    assert specserve.keep_drafting(step, [chain([0.95]), chain([0.95])], 1)
+    assert not specserve.keep_drafting(step, [chain([0.95, 0.05]), chain([0.95, 0.05])], 2)
+    counts = specserve.select(step, [chain([0.95, 0.9, 0.05]), chain([0.9, 0.02, 0.01])])
+    assert counts == [2, 1]
+
+
+def test_adaserve_budget_fits_the_tightest_slo_and_meets_floors():
+    never_accepts = AcceptancePredictor(prior_rate=0.0)
+    adaserve = policy("adaserve", cost_model(10.0, 1.0, draft_ms=0.0), never_accepts)
+    step = step_view(2, slo_ms=20)  # 10 + (2 roots + n) <= 20 * (1 + 0 * n / 2)  ->  n = 8
+    assert adaserve.token_budget(step) == 8
+    hopeful = policy("adaserve", cost_model(10.0, 1.0, draft_ms=0.0), AcceptancePredictor(prior_rate=0.5))
+    assert hopeful.token_budget(step) > 8  # expected extra tokens pay for a longer iteration
+    budgets = adaserve.draft_budgets(step)
+    assert all(b.depth == 4 and b.node_limit <= 8 for b in budgets)
+    behind = step_view(2, slo_ms=20, behind=True)
+    counts = adaserve.select(behind, [chain([0.9] * 4), chain([0.2] * 4)])
+    assert sum(counts) <= 8 and counts == [4, 4]
+
+
+def test_controller_clamps_budgets_to_each_requests_cap_and_times_itself():
+    controller = SLOController("fixed", None, 512)
+    step = step_view(2, depth=2)
+    assert [b.depth for b in controller.plan(step)] == [2, 2]
+    chosen = controller.select(step, [chain([0.9, 0.1]), chain([0.5])])
+    assert [len(t) for t in chosen] == [2, 1]
+    assert controller.decision_seconds > 0
+
+
+def test_policies_that_need_a_cost_model_say_so():
+    with pytest.raises(ValueError, match="needs a cost model"):
+        build_policy("auto", None, AcceptancePredictor(), 512)
+
+
+# --------------------------------------------------------------- SLO config
+
+
+def test_slo_classes_resolve_with_overrides_and_unknown_names_fail():
+    config = SLOConfig()
+    assert config.resolve(None, None, None) == config.classes["chat"]
+    assert config.resolve("interactive", 25.0, None) == SLO(tpot_ms=25.0, ttft_ms=config.classes["interactive"].ttft_ms)
+    with pytest.raises(ValueError, match="unknown SLO class"):
+        config.resolve("platinum", None, None)
+    with pytest.raises(ValueError, match="default_class"):
+        SLOConfig(default_class="platinum")
+    assert SLO(tpot_ms=50, ttft_ms=100).attained(0.09, 0.049)
+    assert not SLO(tpot_ms=50, ttft_ms=100).attained(0.11, 0.01)
+
+
+# ------------------------------------------------------------ the real engine
+
+
+@pytest.fixture(scope="module")
+def cheap_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "cheap.json"
+    CHEAP_VERIFY.save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_is_lossless_on_the_engine(tiny_model, cheap_profile, name):
+    """The target drafts for itself, so adaptive policies speculate; output stays exact."""
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=8, max_model_len=256,
+        speculative=SpeculativeConfig(draft_model=str(tiny_model), budget=TreeBudget(depth=4, width=2)),
+        control=ControlConfig(policy=name, profile=str(cheap_profile)),
+    ))
+    plain = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=8, max_model_len=256))
+    params = [GREEDY, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, tpot_slo_ms=5.0)] * 2
+    expected = [o.output.token_ids for o in run(plain, PROMPTS[:4], params)]
+    assert [o.output.token_ids for o in run(engine, PROMPTS[:4], params, stagger=2)] == expected
+    assert (engine.spec_stats.accepted > 0) == (name != "none")
+    assert_all_slots_free(engine)
+
+
+def test_engine_profiles_itself_into_a_keyed_cache(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+        speculative=SpeculativeConfig(draft_model=str(tiny_model)),
+    ))
+    path = engine.profile_path()
+    assert path.is_file() and path.parent == tmp_path / "profiles"
+    cost = CostModel.load(path)
+    assert cost.target.tokens[-1] <= 64 and cost.draft is not None
+    assert all(ms > 0 for row in cost.target.ms for ms in row)
+    assert engine.controller.cost == cost
+
+
+def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=1, max_model_len=256))
+    slow = SamplingParams(max_tokens=2, temperature=0.0, slo_class="batch")
+    urgent = SamplingParams(max_tokens=2, temperature=0.0, slo_class="interactive")
+    engine.add_request(engine.make_request("first", "hello", slow))
+    order = [o.request_id for o in engine.step() if o.finished]  # "first" takes the only slot
+    for request_id, params in [("batch", slow), ("interactive", urgent)]:
+        engine.add_request(engine.make_request(request_id, "hello", params))
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["first", "interactive", "batch"]
+
+
+def test_hopeless_requests_are_rejected_with_a_reason_when_configured(tiny_model):
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=1, max_model_len=256,
+        control=ControlConfig(slo=SLOConfig(on_miss="reject")),
+    ))
+    engine.add_request(engine.make_request("ok", "hello", GREEDY))
+    finals = {o.request_id: o for o in engine.step() if o.finished}  # "ok" takes the only slot
+    engine.add_request(engine.make_request("late", "hello", SamplingParams(max_tokens=4, ttft_slo_ms=1.0)))
+    time.sleep(0.01)
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finals["late"].output.finish_reason is FinishReason.REJECTED
+    assert "TTFT SLO of 1 ms" in finals["late"].error
+    assert len(finals["ok"].output.token_ids) == GREEDY.max_tokens
+    assert_all_slots_free(engine)
+
+
+def test_unknown_slo_class_is_a_clear_error(tiny_engine):
+    with pytest.raises(ValueError, match="unknown SLO class"):
+        tiny_engine.make_request("x", "hello", SamplingParams(slo_class="platinum"))
+
+
+# ----------------------------------------------------------------- simulator
+
+
+def sim_requests(n: int = 30):
+    from specserve.control.simulator import SimRequest
+
+    slo = SLOConfig().classes
+    names = ["interactive", "chat", "batch"]
+    return [SimRequest(f"r{i}", 20 + 7 * i % 50, 10 + 3 * i % 20, slo[names[i % 3]], 0.05 * i) for i in range(n)]
+
+
+def test_the_synthetic_drafter_is_calibrated():
+    from specserve.control.simulator import AcceptanceModel
+
+    model, rng = AcceptanceModel(mean_confidence=0.6), random.Random(0)
+    predicted = accepted = 0.0
+    for _ in range(3000):
+        (tree,), _ = model.draft(rng, [TreeBudget(depth=1, width=2)], lambda depth, trees: True)
+        predicted += sum(tree.path_probs)
+        accepted += len(model.verify(rng, tree))
+    assert accepted / predicted == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_simulator_is_deterministic_and_serves_every_request(name):
+    from specserve.control.simulator import AcceptanceModel, SimConfig, Simulator
+    from specserve.control.workload import summarize
+
+    def simulate():
+        simulator = Simulator(SimConfig(policy=name, max_num_seqs=8), CHEAP_VERIFY, AcceptanceModel())
+        outcomes, span = simulator.run(sim_requests(), progress=False)
+        return summarize(outcomes, span), outcomes
+
+    (first, outcomes), (second, _) = simulate(), simulate()
+    assert first == second
+    assert [o.output_tokens for o in outcomes] == [r.max_tokens for r in sim_requests()]
+    assert (first["mat"] == 1.0) == (name == "none")
