@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+def parse_mix(text: str, known: set[str]) -> dict[str, float]:
+    """``"interactive=0.4,chat=0.4,batch=0.2"`` as class -> weight (known classes, weights > 0)."""
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        name = name.strip()
+        if name not in known:
+            raise ValueError(f"unknown SLO class {name!r}; known: {sorted(known)}")
+        mix[name] = float(weight)
+        if mix[name] <= 0:
+            raise ValueError(f"SLO class {name!r} needs a positive weight, got {weight!r}")
+    return mix
+
+
 COLUMNS = [
     ("slo_attainment", "attain", "{:.1%}"),
     ("goodput_tok_s", "goodput tok/s", "{:.1f}"),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy_report import goals, markdown, plot  # noqa: E402
+from policy_report import goals, markdown, parse_mix, plot  # noqa: E402
 
 from specserve.control.cost_model import CostModel  # noqa: E402
 from specserve.control.policies import POLICIES  # noqa: E402
@@ -37,15 +37,9 @@ from specserve.control.workload import (  # noqa: E402
 from specserve.spec.tree import TreeBudget  # noqa: E402
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    """'interactive:0.4,chat:0.4,batch:0.2' -> weights."""
-    pairs = (item.split(":") for item in text.split(","))
-    return {name: float(weight) for name, weight in pairs}
-
-
 def build_requests(args: argparse.Namespace, rate: float, slo: SLOConfig) -> list[SimRequest]:
     trace = scale_trace(read_trace(args.trace, args.requests), rate, args.max_prompt, args.max_output)
-    classes = assign_slo_classes(len(trace), parse_mix(args.slo_mix), args.seed)
+    classes = assign_slo_classes(len(trace), parse_mix(args.slo_mix, set(slo.classes)), args.seed)
     return [
         SimRequest(f"r{i}", r.prompt_tokens, r.output_tokens, slo.resolve(name, None, None), r.arrival_s)
         for i, (r, name) in enumerate(zip(trace, classes))
@@ -64,7 +58,7 @@ def main() -> int:
     parser.add_argument("--max-output", type=int, default=256, help="longest output after scaling")
     parser.add_argument("--confidence", type=float, default=0.45,
                         help="mean draft confidence of the synthetic drafter (0.45: the CPU pair here)")
-    parser.add_argument("--slo-mix", default="interactive:0.4,chat:0.4,batch:0.2")
+    parser.add_argument("--slo-mix", default="interactive=0.4,chat=0.4,batch=0.2")
     parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply every class's targets")
     parser.add_argument("--depth", type=int, default=4, help="the largest tree: depth")
     parser.add_argument("--width", type=int, default=2, help="the largest tree: width")
