@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
 def parse_mix(text: str, known: set[str]) -> dict[str, float]:
     """``"interactive=0.4,chat=0.4,batch=0.2"`` as class -> weight (known classes, weights > 0)."""
     mix = {}

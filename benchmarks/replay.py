@@ -38,14 +38,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy_report import goals, markdown, parse_mix, plot  # noqa: E402
+from policy_report import DEFAULT_TRACE, goals, markdown, parse_mix, plot  # noqa: E402
 
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.control.controller import SLOController
 from specserve.control.policies import POLICIES
 from specserve.control.slo import SLO, SLOConfig
 from specserve.control.workload import (
-    DEFAULT_TRACE,
     Outcome,
     TraceRequest,
     assign_slo_classes,

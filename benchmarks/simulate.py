@@ -21,14 +21,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy_report import goals, markdown, parse_mix, plot  # noqa: E402
+from policy_report import DEFAULT_TRACE, goals, markdown, parse_mix, plot  # noqa: E402
 
 from specserve.control.cost_model import CostModel  # noqa: E402
 from specserve.control.policies import POLICIES  # noqa: E402
 from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator  # noqa: E402
 from specserve.control.slo import SLO, SLOConfig  # noqa: E402
 from specserve.control.workload import (  # noqa: E402
-    DEFAULT_TRACE,
     assign_slo_classes,
     read_trace,
     scale_trace,

@@ -68,14 +68,11 @@ class StepView:
     requests: list[RequestView]
     other_tokens: int = 0  # prefill tokens in the same forward
     draft_ms: float = 0.0  # time already spent drafting this iteration
-    contexts: list[int] = field(init=False)
+    mean_context: float = field(init=False)  # every cost-model query of the step needs it
 
     def __post_init__(self) -> None:
-        self.contexts = [r.context_len for r in self.requests]
-
-    @property
-    def mean_context(self) -> float:
-        return sum(self.contexts) / len(self.contexts) if self.contexts else 0.0
+        contexts = [r.context_len for r in self.requests]
+        self.mean_context = sum(contexts) / len(contexts) if contexts else 0.0
 
     @property
     def base_tokens(self) -> int:
@@ -131,14 +128,17 @@ class Policy(ABC):
     def candidates(self, trees: list[TokenTree]) -> list[list[float]]:
         return [sorted(self.predictor.values(tree), reverse=True) for tree in trees]
 
+    def alpha(self, request: RequestView) -> float:
+        """The per-token acceptance rate a chain plan assumes for ``request``."""
+        return self.predictor.request_rate(request.request_id)
+
     def chain_plan(self, step: StepView, depth: int, width: int = 1) -> tuple[list[TreeBudget], float]:
         """Every request drafts ``depth`` levels (within its cap); predicted tokens per ms."""
         budgets = [
             TreeBudget(depth=min(depth, r.max_budget.depth), width=min(width, r.max_budget.width))
             for r in step.requests
         ]
-        alphas = [self.predictor.request_rate(r.request_id) for r in step.requests]
-        tokens = sum(chain_tokens(a, b.depth) for a, b in zip(alphas, budgets))
+        tokens = sum(chain_tokens(self.alpha(r), b.depth) for r, b in zip(step.requests, budgets))
         nodes = sum(b.depth for b in budgets)
         return budgets, tokens / self.plan_ms(step, budgets, nodes)
 
@@ -169,10 +169,8 @@ class SmartSpec(Policy):
 
     name = "smartspec"
 
-    def chain_plan(self, step: StepView, depth: int, width: int = 1) -> tuple[list[TreeBudget], float]:
-        budgets = [TreeBudget(depth=min(depth, r.max_budget.depth)) for r in step.requests]
-        tokens = sum(chain_tokens(self.predictor.rate, b.depth) for b in budgets)
-        return budgets, tokens / self.plan_ms(step, budgets, sum(b.depth for b in budgets))
+    def alpha(self, request: RequestView) -> float:
+        return self.predictor.rate  # one acceptance EMA for the whole batch
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return self.best_chain(step)
@@ -215,12 +213,12 @@ class SpecServe(Policy):
         tokens = len(trees) + sum(sum(v) for v in values)
         nodes = sum(counts)
         tails = sorted((v[n], i) for i, v in enumerate(values) for n in range(len(v)))
+        now_ms = step.draft_ms + self.target_ms(step, nodes)
         for value, i in tails:
-            if (tokens - value) / (step.draft_ms + self.target_ms(step, nodes - 1)) < tokens / (
-                step.draft_ms + self.target_ms(step, nodes)
-            ):
+            fewer_ms = step.draft_ms + self.target_ms(step, nodes - 1)
+            if (tokens - value) / fewer_ms < tokens / now_ms:
                 break
-            tokens, nodes = tokens - value, nodes - 1
+            tokens, nodes, now_ms = tokens - value, nodes - 1, fewer_ms
             counts[i] -= 1
         return counts
 
@@ -286,7 +284,7 @@ class AutoSpeculation(Policy):
         result = []
         for r, budget in zip(step.requests, budgets):
             depth, floor = budget.depth, r.floor(plain_s)
-            alpha = self.predictor.request_rate(r.request_id)
+            alpha = self.alpha(r)
             if 1.0 < floor <= chain_tokens(alpha, r.max_budget.depth):  # behind, but can catch up
                 needed = next(d for d in range(r.max_budget.depth + 1) if chain_tokens(alpha, d) >= floor)
                 depth = max(depth, needed)

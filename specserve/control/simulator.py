@@ -178,18 +178,15 @@ class Simulator:
         )
 
     def _step(self) -> list[SimRequest]:
-        decoding = [r for r in self.scheduler.running if r.is_decoding]
-        planned = self.controller.plan(StepView([self._view(r) for r in decoding]))
-        budgets = {r.request_id: b for r, b in zip(decoding, planned) if b.depth > 0}
-        scheduled = self.scheduler.schedule(
-            lambda r: budgets[r.request_id].node_limit if r.request_id in budgets else 0
-        )
+        views = {r.request_id: self._view(r) for r in self.scheduler.running if r.is_decoding}
+        planned = self.controller.plan(StepView(list(views.values())))
+        scheduled = self.scheduler.schedule({i: b for i, b in zip(views, planned) if b.depth > 0})
         asked = [item for item in scheduled if item.num_draft_tokens > 0]
         step_tokens = sum(item.num_new_tokens for item in scheduled)
-        step = StepView([self._view(item.request) for item in asked], step_tokens - len(asked))
+        step = StepView([views[item.request.request_id] for item in asked], step_tokens - len(asked))
         trees, forwards = self.acceptance.draft(
             self.rng,
-            [budgets[i.request.request_id].within(budgets[i.request.request_id].depth, i.num_draft_tokens) for i in asked],
+            [item.draft_budget for item in asked],
             lambda depth, grown: self.controller.keep_drafting(step, grown, depth),
         )
         step.draft_ms = sum(self.cost.draft_ms(n, step.mean_context) for n in forwards)

@@ -16,9 +16,6 @@ from pathlib import Path
 
 from specserve.control.slo import SLO
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-
-
 @dataclass(frozen=True)
 class TraceRequest:
     arrival_s: float  # since the trace's first request

@@ -130,10 +130,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of requests that advanced or finished."""
         outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
-        budgets = self._plan() if self.controller is not None else {}
-        scheduled = self.scheduler.schedule(
-            (lambda r: budgets[r.request_id].node_limit if r.request_id in budgets else 0) if budgets else None
-        )
+        views, budgets = self._plan() if self.controller is not None else ({}, {})
+        scheduled = self.scheduler.schedule(budgets)
         if not scheduled:
             return outputs
         now = time.monotonic()
@@ -141,7 +139,7 @@ class LLMEngine:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
         try:
-            trees = self._draft(scheduled, budgets) if budgets else {}
+            trees = self._draft(scheduled, views) if budgets else {}
             start = time.perf_counter()
             logits = self.executor.call(
                 "forward", [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
@@ -208,27 +206,25 @@ class LLMEngine:
             now,
         )
 
-    def _plan(self) -> dict[str, TreeBudget]:
-        """The controller's draft budget of every decoding request that is to speculate."""
+    def _plan(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget]]:
+        """The controller's view of every decoding request, and the draft budgets of those
+        that are to speculate."""
         now = time.monotonic()
-        decoding = [r for r in self.scheduler.running if r.is_decoding]
-        budgets = self.controller.plan(StepView([self._view(r, now) for r in decoding]))
-        return {r.request_id: b for r, b in zip(decoding, budgets) if b.depth > 0}
+        views = {r.request_id: self._view(r, now) for r in self.scheduler.running if r.is_decoding}
+        budgets = self.controller.plan(StepView(list(views.values())))
+        return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}
 
-    def _draft(self, scheduled: list[ScheduledRequest], budgets: dict[str, TreeBudget]) -> dict[str, TokenTree]:
+    def _draft(self, scheduled: list[ScheduledRequest], views: dict[str, RequestView]) -> dict[str, TokenTree]:
         """Token trees for the requests that reserved room for drafts, as the controller trims them."""
         asked = [item for item in scheduled if item.num_draft_tokens > 0]
         if not asked:
             return {}
-        asks = []
-        for item in asked:
-            request = item.request
-            budget = budgets[request.request_id]
-            budget = budget.within(budget.depth, item.num_draft_tokens)  # what was reserved
-            asks.append(DraftRequest(request.request_id, request.slot, request.all_token_ids, budget))
-        now = time.monotonic()
+        asks = [
+            DraftRequest(i.request.request_id, i.request.slot, i.request.all_token_ids, i.draft_budget)
+            for i in asked
+        ]
         step_tokens = sum(item.num_new_tokens for item in scheduled)
-        step = StepView([self._view(item.request, now) for item in asked], step_tokens - len(asked))
+        step = StepView([views[item.request.request_id] for item in asked], step_tokens - len(asked))
         start = time.perf_counter()
         drafted = self.drafter.propose(
             asks, lambda depth, trees: self.controller.keep_drafting(step, trees, depth)

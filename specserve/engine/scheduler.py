@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from specserve.engine.request import Request, RequestStatus
 from specserve.models.kv_cache import SlotAllocator
+from specserve.spec.tree import TreeBudget
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    num_draft_tokens: int = 0  # room reserved for drafted tokens (decoding requests only)
+    draft_budget: TreeBudget | None = None  # the tree it may draft, within the room reserved for it
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return 0 if self.draft_budget is None else self.draft_budget.node_limit
 
     @property
     def completes_context(self) -> bool:
@@ -48,8 +52,9 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self, draft_tokens: Callable[[Request], int] | None = None) -> list[ScheduledRequest]:
-        """``draft_tokens(request)``: drafted tokens a decoding request would like verified."""
+    def schedule(self, draft_budgets: dict[str, TreeBudget] | None = None) -> list[ScheduledRequest]:
+        """``draft_budgets``: the trees decoding requests (by id) would like verified; each gets
+        its tree shrunk to the room left in the step's token budget."""
         budget = self.max_num_batched_tokens
         scheduled = []
         for request in self.running:
@@ -57,11 +62,12 @@ class Scheduler:
                 break
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             budget -= n
-            drafts = 0
-            if draft_tokens is not None and request.is_decoding:
-                drafts = min(draft_tokens(request), budget)
-                budget -= drafts
-            scheduled.append(ScheduledRequest(request, n, drafts))
+            wanted = (draft_budgets or {}).get(request.request_id)
+            draft = None
+            if wanted is not None and request.is_decoding and budget > 0:
+                draft = wanted.within(wanted.depth, budget)
+                budget -= draft.node_limit
+            scheduled.append(ScheduledRequest(request, n, draft))
         while self.waiting and budget > 0 and self.slots.num_free:
             request = self.waiting.pop(0)
             self._order.pop(request.request_id)
