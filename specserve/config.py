@@ -92,6 +92,12 @@ class EngineConfig(BaseModel):
         default="auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
     )
     tensor_parallel_size: int = Field(default=1, ge=1)
+    weight_layout: Literal["auto", "output_major", "input_major"] = Field(
+        default="auto",
+        description="How linear weights are stored: 'auto' measures which layout multiplies "
+        "fastest on this CPU for one row and for several (once, cached; both copies are kept "
+        "when they differ); CUDA uses output_major.",
+    )
     max_num_seqs: int = Field(
         default=32, ge=1, description="KV cache capacity in sequences (one slot each)."
     )

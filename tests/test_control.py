@@ -89,6 +89,18 @@ def test_predictor_calibrates_an_overconfident_drafter_by_depth():
     assert predictor.mean_confidence == pytest.approx(0.9)
 
 
+def test_predictor_decays_old_evidence_exponentially():
+    predictor = AcceptancePredictor()
+    rng = random.Random(3)
+    history = [(rng.random(), rng.random() < 0.5) for _ in range(40_000)]  # renormalises inside
+    for f, accepted in history:
+        predictor.observe("r", chain([f]), [0] if accepted else [])
+    decay = [0.99 ** age for age in range(len(history) - 1, -1, -1)]
+    predicted = sum(w * f for w, (f, _) in zip(decay, history))
+    observed = sum(w * a for w, (_, a) in zip(decay, history))
+    assert predictor.scale(1) == pytest.approx((observed + 2.0) / (predicted + 2.0))
+
+
 def test_predictor_values_never_grow_along_a_path():
     predictor = AcceptancePredictor()
     for _ in range(50):  # deep nodes are always accepted: their scale exceeds the first level's
@@ -174,6 +186,11 @@ def confident_predictor(rate: float) -> AcceptancePredictor:
     return predictor
 
 
+def node_values(trees: list[TokenTree]) -> list[list[float]]:
+    """What the controller hands a policy's select: each node's value (uncalibrated here)."""
+    return [AcceptancePredictor().values(tree) for tree in trees]
+
+
 def policy(name: str, cost: CostModel, predictor: AcceptancePredictor | None = None):
     return build_policy(name, cost, predictor or AcceptancePredictor(prior_rate=0.8), 512)
 
@@ -184,7 +201,7 @@ def test_none_and_fixed_do_what_they_say():
     fixed = policy("fixed", DEAR_VERIFY)
     assert fixed.draft_budgets(step) == [TreeBudget(depth=3, width=2)] * 3
     trees = [chain([0.1, 0.1]), chain([0.9])]
-    assert fixed.select(step_view(2), trees) == [2, 1]
+    assert fixed.select(step_view(2), node_values(trees)) == [2, 1]
 
 
 @pytest.mark.parametrize("name", ["smartspec", "specserve", "auto"])
@@ -203,13 +220,13 @@ def test_auto_keeps_speculating_for_a_request_behind_its_slo_even_when_verificat
     step = step_view(2, slo_ms=50, behind=True)
     auto = policy("auto", DEAR_VERIFY)
     assert all(b.depth > 0 for b in auto.draft_budgets(step))
-    counts = auto.select(step, [chain([0.9, 0.9, 0.9, 0.9])] * 2)
+    counts = auto.select(step, node_values([chain([0.9, 0.9, 0.9, 0.9])] * 2))
     assert all(n >= 2 for n in counts)  # floors honoured though each node lowers efficiency
     on_track = step_view(2, slo_ms=50)
-    assert auto.select(on_track, [chain([0.5, 0.5, 0.5, 0.5])] * 2) == [0, 0]
+    assert auto.select(on_track, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)) == [0, 0]
     hopeless = step_view(2, slo_ms=10, behind=True)  # needs ~90 tokens now: best effort only
     assert all(b.depth == 0 for b in auto.draft_budgets(hopeless))
-    assert auto.select(hopeless, [chain([0.5, 0.5, 0.5, 0.5])] * 2) == [0, 0]
+    assert auto.select(hopeless, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)) == [0, 0]
 
 
 def test_specserve_stops_drafting_and_trims_tails_by_confidence():
@@ -217,7 +234,7 @@ def test_specserve_stops_drafting_and_trims_tails_by_confidence():
     step = step_view(2)
     assert specserve.keep_drafting(step, [chain([0.95]), chain([0.95])], 1)
     assert not specserve.keep_drafting(step, [chain([0.95, 0.05]), chain([0.95, 0.05])], 2)
-    counts = specserve.select(step, [chain([0.95, 0.9, 0.05]), chain([0.9, 0.02, 0.01])])
+    counts = specserve.select(step, node_values([chain([0.95, 0.9, 0.05]), chain([0.9, 0.02, 0.01])]))
     assert counts == [2, 1]
 
 
@@ -231,7 +248,7 @@ def test_adaserve_budget_fits_the_tightest_slo_and_meets_floors():
     budgets = adaserve.draft_budgets(step)
     assert all(b.depth == 4 and b.node_limit <= 8 for b in budgets)
     behind = step_view(2, slo_ms=20, behind=True)
-    counts = adaserve.select(behind, [chain([0.9] * 4), chain([0.2] * 4)])
+    counts = adaserve.select(behind, node_values([chain([0.9] * 4), chain([0.2] * 4)]))
     assert sum(counts) <= 8 and counts == [4, 4]
 
 

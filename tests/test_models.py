@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.models.forward_batch import SequenceSlice, build_step_inputs
 from specserve.models.kv_cache import KVCache
+from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, measure_plan
 from specserve.models.loader import ModelFiles, load_model
 
 from tiny_models import build_tiny_model
@@ -33,8 +34,16 @@ VARIANTS = {
 }
 
 
-def _ours(path):
-    model, max_len = load_model(path, SINGLE_PROCESS, torch.float32, torch.device("cpu"), None)
+OUTPUT, INPUT = WeightLayout.OUTPUT_MAJOR, WeightLayout.INPUT_MAJOR
+PLANS = {
+    "output_major": KernelPlan.single(OUTPUT),
+    "input_major": KernelPlan.single(INPUT),
+    "mixed": KernelPlan(one_row=INPUT, many_rows=OUTPUT),
+}
+
+
+def _ours(path, plan=PLANS["output_major"]):
+    model, max_len = load_model(path, SINGLE_PROCESS, torch.float32, torch.device("cpu"), None, plan)
     arch = model.arch
     cache = KVCache(arch.num_layers, 4, arch.num_kv_heads, max_len, arch.head_dim, torch.float32, torch.device("cpu"))
     return model, cache
@@ -46,11 +55,12 @@ def _step(model, cache, seqs):
         return model(step, cache)
 
 
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_match_hf_for_prefill_and_decode(tmp_path, variant):
+def test_logits_match_hf_for_prefill_and_decode(tmp_path, variant, plan):
     path = build_tiny_model(tmp_path, **VARIANTS[variant])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model, cache = _ours(path)
+    model, cache = _ours(path, PLANS[plan])
     ids = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = hf(ids).logits
@@ -71,6 +81,23 @@ def test_logits_match_hf_for_prefill_and_decode(tmp_path, variant):
     for i in range(13, 20):
         out = _step(model, cache, [SequenceSlice(3, [int(ids[0, i])], [i], i, logits_at=[0])])
         torch.testing.assert_close(out[0], ref[0, i], atol=1e-4, rtol=1e-4)
+
+
+def test_planned_weight_multiplies_each_row_count_in_its_layout():
+    weight, bias = torch.randn(6, 4), torch.randn(6)
+    planned = PlannedWeight(weight, KernelPlan(one_row=INPUT, many_rows=OUTPUT))
+    assert planned.stored[INPUT].shape == (4, 6) and planned.stored[OUTPUT] is weight
+    for rows in (1, 3):
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(planned(x, bias), x @ weight.t() + bias)
+    assert list(PlannedWeight(weight, KernelPlan.single(INPUT)).stored) == [INPUT]
+
+
+def test_kernel_plan_is_measured_for_one_row_and_several():
+    plan, seconds = measure_plan(megabytes=4, repeats=1)
+    assert set(plan) <= set(WeightLayout)
+    assert set(seconds) == {f"{layout.value}/{rows}" for layout in WeightLayout for rows in (1, 4, 16)}
+    assert all(s > 0 for s in seconds.values())
 
 
 def test_tree_mask_scores_each_branch_like_its_own_sequence(tiny_model):

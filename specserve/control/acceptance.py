@@ -37,8 +37,11 @@ class _Rate:
 
 class AcceptancePredictor:
     def __init__(self, max_depth: int = 32, prior_rate: float = 0.5) -> None:
+        # Decayed per-depth sums, stored divided by _unit (the decay so far) so that an
+        # observation touches only the depths it has; see _decay.
         self._predicted = [0.0] * (max_depth + 1)
         self._observed = [0.0] * (max_depth + 1)
+        self._unit = 1.0
         self._rate = _Rate()
         self._prior_rate = prior_rate
         self._request_rate: dict[str, float] = {}
@@ -47,7 +50,16 @@ class AcceptancePredictor:
 
     def scale(self, depth: int) -> float:
         """Observed over predicted acceptance of nodes at ``depth``."""
-        return (self._observed[depth] + _PRIOR) / (self._predicted[depth] + _PRIOR)
+        unit = self._unit
+        return (self._observed[depth] * unit + _PRIOR) / (self._predicted[depth] * unit + _PRIOR)
+
+    def _decay(self) -> None:
+        """Age every per-depth sum by one observation (by shrinking the unit they are kept in)."""
+        self._unit *= _DECAY
+        if self._unit < 1e-150:
+            self._predicted = [p * self._unit for p in self._predicted]
+            self._observed = [o * self._unit for o in self._observed]
+            self._unit = 1.0
 
     def values(self, tree: TokenTree) -> list[float]:
         """Calibrated acceptance probability of every node, never above its parent's."""
@@ -75,13 +87,12 @@ class AcceptancePredictor:
     def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
         """Learn from one verification of ``tree`` that accepted the path ``accepted_nodes``."""
         on_path = set(accepted_nodes)
-        for i in range(len(self._predicted)):
-            self._predicted[i] *= _DECAY
-            self._observed[i] *= _DECAY
+        self._decay()
+        weight = 1.0 / self._unit
         for node, (f, depth) in enumerate(zip(tree.path_probs, tree.depths)):
             if depth < len(self._predicted):
-                self._predicted[depth] += f
-                self._observed[depth] += node in on_path
+                self._predicted[depth] += f * weight
+                self._observed[depth] += weight * (node in on_path)
         self._confidence_sum = self._confidence_sum * _DECAY + sum(tree.probs)
         self._confidence_count = self._confidence_count * _DECAY + len(tree)
         accepted = len(accepted_nodes)

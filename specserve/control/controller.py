@@ -51,11 +51,9 @@ class SLOController:
             return []
 
         def decide() -> list[TokenTree]:
-            counts = self.policy.select(step, trees)
-            return [
-                tree if n >= len(tree) else tree.select(n, self.predictor.values(tree))
-                for tree, n in zip(trees, counts)
-            ]
+            values = [self.predictor.values(tree) for tree in trees]
+            counts = self.policy.select(step, values)
+            return [tree if n >= len(tree) else tree.select(n, v) for tree, v, n in zip(trees, values, counts)]
 
         return self._timed(decide)
 

@@ -25,6 +25,20 @@ def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
     return ys[i] + slope * (x - xs[i])
 
 
+class LatencyCurve:
+    """Latency in ms as a function of tokens alone, at one context length."""
+
+    __slots__ = ("tokens", "ms", "min_slope")
+
+    def __init__(self, tokens: list[int], ms: list[float]) -> None:
+        self.tokens, self.ms = tokens, ms
+        slopes = [(b - a) / (y - x) for x, y, a, b in zip(tokens, tokens[1:], ms, ms[1:])]
+        self.min_slope = min(slopes, default=0.0)  # ms per token, here and beyond the grid
+
+    def __call__(self, tokens: float) -> float:
+        return max(_interpolate(self.tokens, self.ms, tokens), 0.0) if tokens > 0 else 0.0
+
+
 class LatencyTable(BaseModel):
     """Latency in ms of one forward, ``ms[c][t]`` for ``contexts[c]`` and ``tokens[t]``."""
 
@@ -42,12 +56,29 @@ class LatencyTable(BaseModel):
             raise ValueError("ms must have one row per context and one entry per token count")
         return self
 
+    def at_context(self, context: float) -> LatencyCurve:
+        """The table's slice at mean ``context`` length (interpolated between profiled rows)."""
+        ms = [_interpolate(self.contexts, list(column), context) for column in zip(*self.ms)]
+        return LatencyCurve(self.tokens, ms)
+
     def __call__(self, tokens: float, context: float) -> float:
         """Predicted ms of a forward with ``tokens`` new tokens at mean ``context`` length."""
-        if tokens <= 0:
-            return 0.0
-        by_context = [_interpolate(self.tokens, row, tokens) for row in self.ms]
-        return max(_interpolate(self.contexts, by_context, context), 0.0)
+        return self.at_context(context)(tokens)
+
+
+class StepCost:
+    """The cost model at one iteration's mean context: every query of a step is about tokens."""
+
+    def __init__(self, target: LatencyCurve, draft: LatencyCurve | None) -> None:
+        self.target_ms = target
+        self._draft = draft
+
+    def draft_ms(self, tokens: float) -> float:
+        return 0.0 if self._draft is None else self._draft(tokens)
+
+    def iteration_ms(self, step_tokens: float, draft_tokens: list[float]) -> float:
+        """A draft forward per entry of ``draft_tokens``, then the target forward."""
+        return sum(self.draft_ms(n) for n in draft_tokens) + self.target_ms(step_tokens)
 
 
 class CostModel(BaseModel):
@@ -63,15 +94,18 @@ class CostModel(BaseModel):
         default=None, description="Draft-model forward latency; None: drafting costs nothing."
     )
 
+    def at_context(self, context: float) -> StepCost:
+        return StepCost(self.target.at_context(context), None if self.draft is None else self.draft.at_context(context))
+
     def target_ms(self, tokens: float, context: float) -> float:
         return self.target(tokens, context)
 
     def draft_ms(self, tokens: float, context: float) -> float:
-        return 0.0 if self.draft is None or tokens <= 0 else self.draft(tokens, context)
+        return 0.0 if self.draft is None else self.draft(tokens, context)
 
     def iteration_ms(self, step_tokens: float, draft_tokens: list[float], context: float) -> float:
         """One iteration: a draft forward per entry of ``draft_tokens``, then the target forward."""
-        return sum(self.draft_ms(n, context) for n in draft_tokens) + self.target_ms(step_tokens, context)
+        return self.at_context(context).iteration_ms(step_tokens, draft_tokens)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,13 @@ best nodes the target verifies (``select``). See ../shared/ARCHITECTURE.md secti
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from specserve.control.acceptance import AcceptancePredictor
-from specserve.control.cost_model import CostModel
+from specserve.control.cost_model import CostModel, StepCost
 from specserve.control.slo import SLO
 from specserve.control.selection import Candidates, floor_counts, ranked_extras, select_nodes
 from specserve.spec.tree import TokenTree, TreeBudget
@@ -87,12 +88,15 @@ def chain_tokens(alpha: float, depth: int) -> float:
     return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
 
 
-def draft_forwards(budgets: list[TreeBudget]) -> list[int]:
-    """Tokens fed to the draft per forward: one root each, then each level's frontier."""
-    deepest = max((b.depth for b in budgets), default=0)
-    tokens = [sum(b.depth >= 1 for b in budgets)]
-    tokens += [sum(b.width for b in budgets if b.depth >= level) for level in range(2, deepest + 1)]
-    return tokens if deepest else []
+def draft_forwards(depths: list[int], widths: list[int]) -> list[int]:
+    """Tokens fed to the draft per forward when each request grows a tree of its depth and
+    width: one root each, then each level's frontier."""
+    deepest = max(depths, default=0)
+    if not deepest:
+        return []
+    tokens = [sum(d >= 1 for d in depths)]
+    tokens += [sum(w for d, w in zip(depths, widths) if d >= level) for level in range(2, deepest + 1)]
+    return tokens
 
 
 class Policy(ABC):
@@ -105,6 +109,7 @@ class Policy(ABC):
         self.cost = cost
         self.predictor = predictor
         self.max_step_tokens = max_step_tokens
+        self._step_cost: tuple[StepView, StepCost] | None = None
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return [r.max_budget for r in step.requests]
@@ -113,40 +118,44 @@ class Policy(ABC):
         """Asked after each draft level ``depth``: grow the trees one more level?"""
         return True
 
-    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
-        return [len(tree) for tree in trees]
+    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
+        """How many of its best nodes each request verifies, given every drafted node's value."""
+        return [len(v) for v in values]
 
     # ------------------------------------------------------------------ helpers
 
+    def step_cost(self, step: StepView) -> StepCost:
+        """The cost model at the step's mean context, computed once per step."""
+        if self._step_cost is None or self._step_cost[0] is not step:
+            self._step_cost = (step, self.cost.at_context(step.mean_context))
+        return self._step_cost[1]
+
     def target_ms(self, step: StepView, nodes: float) -> float:
-        return self.cost.target_ms(step.base_tokens + nodes, step.mean_context)
-
-    def plan_ms(self, step: StepView, budgets: list[TreeBudget], nodes: float) -> float:
-        """Predicted iteration time: drafting with ``budgets``, then verifying ``nodes``."""
-        return self.cost.iteration_ms(step.base_tokens + nodes, draft_forwards(budgets), step.mean_context)
-
-    def candidates(self, trees: list[TokenTree]) -> list[list[float]]:
-        return [sorted(self.predictor.values(tree), reverse=True) for tree in trees]
+        return self.step_cost(step).target_ms(step.base_tokens + nodes)
 
     def alpha(self, request: RequestView) -> float:
         """The per-token acceptance rate a chain plan assumes for ``request``."""
         return self.predictor.request_rate(request.request_id)
 
-    def chain_plan(self, step: StepView, depth: int, width: int = 1) -> tuple[list[TreeBudget], float]:
-        """Every request drafts ``depth`` levels (within its cap); predicted tokens per ms."""
-        budgets = [
-            TreeBudget(depth=min(depth, r.max_budget.depth), width=min(width, r.max_budget.width))
-            for r in step.requests
-        ]
-        tokens = sum(chain_tokens(self.alpha(r), b.depth) for r, b in zip(step.requests, budgets))
-        nodes = sum(b.depth for b in budgets)
-        return budgets, tokens / self.plan_ms(step, budgets, nodes)
+    def chain_efficiency(self, step: StepView, alphas: list[float], depth: int, width: int = 1) -> float:
+        """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
+        (within its cap) and verifies them all, each accepting at its ``alphas`` rate."""
+        depths = [min(depth, r.max_budget.depth) for r in step.requests]
+        widths = [min(width, r.max_budget.width) for r in step.requests]
+        tokens = sum(chain_tokens(a, d) for a, d in zip(alphas, depths))
+        ms = self.step_cost(step).iteration_ms(step.base_tokens + sum(depths), draft_forwards(depths, widths))
+        return tokens / ms
 
     def best_chain(self, step: StepView, width: int = 1) -> list[TreeBudget]:
         """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
+        alphas = [self.alpha(r) for r in step.requests]
         deepest = max((r.max_budget.depth for r in step.requests), default=0)
-        plans = [self.chain_plan(step, depth, width) for depth in range(deepest + 1)]
-        return max(plans, key=lambda plan: plan[1])[0]
+        depth = max(range(deepest + 1), key=lambda d: self.chain_efficiency(step, alphas, d, width))
+        return [
+            TreeBudget(depth=min(depth, r.max_budget.depth), width=min(width, r.max_budget.width))
+            if min(depth, r.max_budget.depth) else OFF
+            for r in step.requests
+        ]
 
 
 class NoSpeculation(Policy):
@@ -188,9 +197,8 @@ class SpecServe(Policy):
     name = "specserve"
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
-        _, none = self.chain_plan(step, 0)
-        _, one = self.chain_plan(step, 1)
-        if one <= none:
+        alphas = [self.alpha(r) for r in step.requests]
+        if self.chain_efficiency(step, alphas, 1) <= self.chain_efficiency(step, alphas, 0):
             return [OFF] * len(step.requests)
         return [TreeBudget(depth=r.max_budget.depth) for r in step.requests]
 
@@ -201,16 +209,15 @@ class SpecServe(Policy):
         tokens = len(trees) + sum(sum(v) for v in values)
         nodes = sum(len(v) for v in values)
         more_tokens = tokens + sum(v[-1] * confidence for v in growing)
-        now_ms = self.cost.iteration_ms(step.base_tokens + nodes, [len(trees)] * depth, step.mean_context)
-        more_ms = self.cost.iteration_ms(
-            step.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1), step.mean_context
-        )
+        cost = self.step_cost(step)
+        now_ms = cost.iteration_ms(step.base_tokens + nodes, [len(trees)] * depth)
+        more_ms = cost.iteration_ms(step.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1))
         return bool(growing) and more_tokens / more_ms > tokens / now_ms
 
-    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
-        values = self.candidates(trees)
+    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
+        values = [sorted(v, reverse=True) for v in values]
         counts = [len(v) for v in values]
-        tokens = len(trees) + sum(sum(v) for v in values)
+        tokens = len(values) + sum(sum(v) for v in values)
         nodes = sum(counts)
         tails = sorted((v[n], i) for i, v in enumerate(values) for n in range(len(v)))
         now_ms = step.draft_ms + self.target_ms(step, nodes)
@@ -255,12 +262,12 @@ class AdaServe(Policy):
             budgets.append(TreeBudget(depth=depth, width=width) if depth else OFF)
         return budgets
 
-    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
+    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
         budget = self.token_budget(step)
         iteration_s = (step.draft_ms + self.target_ms(step, budget)) / 1e3
         candidates = [
-            Candidates(values, floor=r.floor(iteration_s))
-            for values, r in zip(self.candidates(trees), step.requests)
+            Candidates(sorted(v, reverse=True), floor=r.floor(iteration_s))
+            for v, r in zip(values, step.requests)
         ]
         return select_nodes(candidates, budget)
 
@@ -291,25 +298,34 @@ class AutoSpeculation(Policy):
             result.append(TreeBudget(depth=depth, width=r.max_budget.width) if depth else OFF)
         return result
 
-    def select(self, step: StepView, trees: list[TokenTree]) -> list[int]:
+    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
         room = max(self.max_step_tokens - step.base_tokens, 0)
         plain_s = (step.draft_ms + self.target_ms(step, 0)) / 1e3
         candidates = []
-        for values, r in zip(self.candidates(trees), step.requests):
+        for v, r in zip(values, step.requests):
             floor = r.floor(plain_s)
-            savable = floor <= 1.0 + sum(values)  # a request its tree cannot save gets best effort
-            candidates.append(Candidates(values, floor=floor if savable else 0.0))
+            savable = floor <= 1.0 + sum(v)  # a request its tree cannot save gets best effort
+            candidates.append(Candidates(sorted(v, reverse=True), floor=floor if savable else 0.0))
         counts = floor_counts(candidates, room)
-        tokens = len(trees) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
+        tokens = len(values) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
         nodes = sum(counts)
-        best = (tokens / (step.draft_ms + self.target_ms(step, nodes)), list(counts))
-        for i, value in ranked_extras(candidates, counts)[: room - nodes]:
+        target_ms = self.step_cost(step).target_ms
+        # No node whose value is below best efficiency x the curve's least ms per token can
+        # raise the efficiency, nor can any after it (values only fall): stop there.
+        min_slope = self.step_cost(step).target_ms.min_slope
+        base, taken = step.base_tokens, []
+        best_efficiency, best_taken = tokens / (step.draft_ms + target_ms(base + nodes)), 0
+        for i, value in itertools.islice(ranked_extras(candidates, counts), room - nodes):
+            if min_slope > 0 and value <= best_efficiency * min_slope:
+                break
+            tokens += value
+            taken.append(i)
+            efficiency = tokens / (step.draft_ms + target_ms(base + nodes + len(taken)))
+            if efficiency > best_efficiency:
+                best_efficiency, best_taken = efficiency, len(taken)
+        for i in taken[:best_taken]:
             counts[i] += 1
-            tokens, nodes = tokens + value, nodes + 1
-            efficiency = tokens / (step.draft_ms + self.target_ms(step, nodes))
-            if efficiency > best[0]:
-                best = (efficiency, list(counts))
-        return best[1]
+        return counts
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -11,6 +11,7 @@ from specserve.config import EngineConfig
 from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.forward_batch import SequenceSlice, build_step_inputs
 from specserve.models.kv_cache import KVCache
+from specserve.models.linear_kernel import KernelPlan, WeightLayout, fastest_plan
 from specserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -20,8 +21,13 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path, tp: TensorParallelGroup) -> None:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
+        plan = (
+            fastest_plan(self.device.type)
+            if config.weight_layout == "auto"
+            else KernelPlan.single(WeightLayout(config.weight_layout))
+        )
         self.model, self.max_model_len = load_model(
-            model_path, tp, self.dtype, self.device, config.max_model_len
+            model_path, tp, self.dtype, self.device, config.max_model_len, plan
         )
         arch = self.model.arch
         self.kv_cache = KVCache(

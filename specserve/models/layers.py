@@ -4,9 +4,8 @@ Column-parallel linears split their output features over ranks, row-parallel lin
 input features (followed by an all-reduce), as in Megatron-LM. Each parameter knows how to take
 its shard out of a full checkpoint tensor (``load``), so the loader stays generic.
 
-Linear weights are stored input-major (``[in, out]``, the transpose of a checkpoint's
-``[out, in]``): on CPU a GEMM over a few rows (a verified token tree, a small batch) runs 2x
-faster against this layout than against ``F.linear``'s, and a single-row GEMV no slower.
+Linear weights load in the checkpoint's ``[out, in]`` layout; ``apply_kernel_plan`` then stores
+them in the layouts whose GEMMs are fastest on the device (see ``linear_kernel``).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.distributed.parallel_state import TensorParallelGroup
+from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, linear
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -37,7 +37,24 @@ class RMSNorm(nn.Module):
         self.weight.copy_(tensor)
 
 
-class MergedColumnParallelLinear(nn.Module):
+class PlannedLinear(nn.Module):
+    """A linear layer whose ``weight`` loads output-major and is then stored as a plan says."""
+
+    kernel: PlannedWeight | None = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel is None:
+            return linear(x, self.weight, bias, WeightLayout.OUTPUT_MAJOR)
+        return self.kernel(x, bias)
+
+    def apply_plan(self, plan: KernelPlan) -> None:
+        if self.kernel is not None:
+            raise ValueError("a kernel plan is applied once, after loading")
+        self.kernel = PlannedWeight(self.weight.detach(), plan)
+        del self.weight  # the plan holds the weight now, in the layouts it multiplies with
+
+
+class MergedColumnParallelLinear(PlannedLinear):
     """Several linears sharing one input (q/k/v or gate/up), fused into one matmul.
 
     ``output_sizes`` are the full (unsharded) sizes; each is split over the TP ranks and the
@@ -59,11 +76,11 @@ class MergedColumnParallelLinear(nn.Module):
             offsets[name] = start
             start += size
         self.offsets = offsets
-        self.weight = nn.Parameter(torch.empty(input_size, start), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(start, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(start), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         """``name`` is '<part>.weight' or '<part>.bias' with part one of ``output_sizes``."""
@@ -71,12 +88,12 @@ class MergedColumnParallelLinear(nn.Module):
         size = self.local_sizes[part]
         shard = tensor.narrow(0, self.tp.rank * size, size)
         if kind == "weight":
-            self.weight.narrow(1, self.offsets[part], size).copy_(shard.t())
+            self.weight.narrow(0, self.offsets[part], size).copy_(shard)
         else:
             self.bias.narrow(0, self.offsets[part], size).copy_(shard)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PlannedLinear):
     """Input features split over ranks; partial products are summed with an all-reduce."""
 
     def __init__(
@@ -85,19 +102,18 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.local_input = divide(input_size, tp.size, "row-parallel input size")
-        self.weight = nn.Parameter(torch.empty(self.local_input, output_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(output_size, self.local_input), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(x @ self.weight)
+        out = self.tp.all_reduce(self.matmul(x, None))
         return out if self.bias is None else out + self.bias
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         if name == "bias":
             self.bias.copy_(tensor)
         else:
-            shard = tensor.narrow(1, self.tp.rank * self.local_input, self.local_input)
-            self.weight.copy_(shard.t())
+            self.weight.copy_(tensor.narrow(1, self.tp.rank * self.local_input, self.local_input))
 
 
 class _VocabShard(nn.Module):
@@ -134,28 +150,26 @@ class VocabParallelEmbedding(_VocabShard):
         self.weight.copy_(self.shard_rows(tensor))
 
 
-class ParallelLMHead(_VocabShard):
+class ParallelLMHead(_VocabShard, PlannedLinear):
     """LM head split by vocabulary columns; a tied head is loaded from the embedding tensor."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
         super().__init__(vocab_size, tp)
-        self.weight = nn.Parameter(torch.empty(hidden_size, self.local_vocab), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (gathered from every rank's shard)."""
-        return self.tp.all_gather_last_dim(hidden @ self.weight)
+        return self.tp.all_gather_last_dim(self.matmul(hidden, None))
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        self.weight.copy_(self.shard_rows(tensor).t())
+        self.weight.copy_(self.shard_rows(tensor))
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight (+ bias)`` for an input-major weight, fused into one addmm when possible."""
-    if bias is None:
-        return x @ weight
-    if x.dim() == 2:
-        return torch.addmm(bias, x, weight)
-    return x @ weight + bias
+def apply_kernel_plan(module: nn.Module, plan: KernelPlan) -> None:
+    """Store every linear weight under ``module`` (just loaded) as ``plan`` multiplies it."""
+    for child in module.modules():
+        if isinstance(child, PlannedLinear):
+            child.apply_plan(plan)
 
 
 class RotaryEmbedding(nn.Module):

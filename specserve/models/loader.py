@@ -13,6 +13,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from specserve.config import DEFAULT_MAX_MODEL_LEN
 from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.architecture import ModelArchitecture
+from specserve.models.layers import apply_kernel_plan
+from specserve.models.linear_kernel import KernelPlan, WeightLayout
 from specserve.models.llama import LlamaForCausalLM
 
 
@@ -71,8 +73,10 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_model_len: int | None,
+    plan: KernelPlan = KernelPlan.single(WeightLayout.OUTPUT_MAJOR),
 ) -> tuple[LlamaForCausalLM, int]:
-    """Build the model, load this rank's weight shards; returns (model, effective max_model_len)."""
+    """Build the model, load this rank's weight shards and store its linear weights as ``plan``
+    says; returns (model, effective max_model_len)."""
     files = ModelFiles.check(path, tokenizer=False)
     arch = ModelArchitecture.from_hf_config(AutoConfig.from_pretrained(str(files.path)))
     limit = arch.max_position_embeddings
@@ -82,4 +86,6 @@ def load_model(
     with torch.device(device):
         model = LlamaForCausalLM(arch, tp, max_len)
     model.load_weights(files.weights())
-    return model.to(dtype=dtype).eval(), max_len
+    model = model.to(dtype=dtype).eval()
+    apply_kernel_plan(model, plan)
+    return model, max_len

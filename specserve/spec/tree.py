@@ -89,11 +89,15 @@ class TokenTree:
         order = sorted(range(len(self)), key=lambda i: (-values[i], self.depths[i], i))
         chosen = sorted(order[:max_nodes], key=lambda i: (self.depths[i], i))
         new_index = {old: new for new, old in enumerate(chosen)}
-        tree = TokenTree(num_candidates=len(self))
-        for old in chosen:
-            parent = self.parents[old]
-            tree.add(self.tokens[old], new_index[parent] if parent >= 0 else -1, self.probs[old])
-        return tree
+        new_index[-1] = -1
+        return TokenTree(
+            tokens=[self.tokens[i] for i in chosen],
+            parents=[new_index[self.parents[i]] for i in chosen],
+            probs=[self.probs[i] for i in chosen],
+            path_probs=[self.path_probs[i] for i in chosen],  # every ancestor came along
+            depths=[self.depths[i] for i in chosen],
+            num_candidates=len(self),
+        )
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's child down to ``node``."""

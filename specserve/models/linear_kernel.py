@@ -1,0 +1,134 @@
+"""How linear layers multiply: the weight layouts whose GEMMs are fastest on this device.
+
+A forward step multiplies a few rows (one decode token, a verified token tree, a small batch)
+by every weight matrix, so the speed of a skinny GEMM against weights streamed from memory sets
+the step time. Which formulation is fast depends on the CPU's BLAS kernels and differs by 2x
+between machines and between one row and several: ``(W @ x^T)^T`` against the checkpoint's
+output-major ``W [out, in]``, or ``x @ W`` against an input-major ``W [in, out]``. A
+:class:`KernelPlan` names the layout for single-row steps and for multi-row steps;
+``fastest_plan`` measures it once per machine (cached on disk), and each linear keeps its weight
+in the layouts its plan uses (both, at twice the memory, when they differ).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import logging
+import platform
+import statistics
+import time
+from typing import NamedTuple
+
+import torch
+from filelock import FileLock
+
+from specserve.models.default_model import cache_root
+
+logger = logging.getLogger(__name__)
+
+
+class WeightLayout(str, enum.Enum):
+    OUTPUT_MAJOR = "output_major"  # [out, in], as checkpoints store it: y = (W @ x^T)^T
+    INPUT_MAJOR = "input_major"  # [in, out]: y = x @ W
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: WeightLayout) -> torch.Tensor:
+    """``x [..., in]`` times a weight stored in ``layout``, plus ``bias``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if layout is WeightLayout.INPUT_MAJOR:
+        out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+    else:
+        out = weight @ rows.t() if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows.t())
+        out = out.t().contiguous()
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def to_layout(weight: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+    """An output-major (checkpoint) weight rearranged into ``layout``."""
+    return weight.t().contiguous() if layout is WeightLayout.INPUT_MAJOR else weight
+
+
+class KernelPlan(NamedTuple):
+    """The weight layout for steps of one row (batch-1 decode) and of several rows."""
+
+    one_row: WeightLayout
+    many_rows: WeightLayout
+
+    @classmethod
+    def single(cls, layout: WeightLayout) -> KernelPlan:
+        return cls(layout, layout)
+
+    def layout_for(self, rows: int) -> WeightLayout:
+        return self.one_row if rows == 1 else self.many_rows
+
+
+class PlannedWeight:
+    """One linear's weight, stored in each layout its plan multiplies with."""
+
+    def __init__(self, weight: torch.Tensor, plan: KernelPlan) -> None:
+        self.plan = plan
+        self.stored = {layout: to_layout(weight, layout) for layout in dict.fromkeys(plan)}
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        layout = self.plan.layout_for(x.numel() // x.shape[-1])
+        return linear(x, self.stored[layout], bias, layout)
+
+
+def _pass_seconds(weights: list[torch.Tensor], layout: WeightLayout, rows: int, repeats: int) -> float:
+    x = torch.randn(rows, weights[0].shape[1])
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        start = time.perf_counter()
+        for w in weights:
+            linear(x, w, None, layout)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def measure_plan(megabytes: int = 128, repeats: int = 3) -> tuple[KernelPlan, dict[str, float]]:
+    """The fastest plan, timed over ``megabytes`` of fp32 weights (more than a CPU cache holds,
+    so they stream from memory as a model's do), and the seconds per pass it was chosen from."""
+    side = 1024
+    count = max(1, megabytes * 2**20 // (side * side * 4))
+    output_major = [torch.randn(side, side) for _ in range(count)]
+    seconds: dict[str, float] = {}
+    for layout in WeightLayout:
+        weights = [to_layout(w, layout) for w in output_major]
+        for rows in (1, 4, 16):
+            seconds[f"{layout.value}/{rows}"] = _pass_seconds(weights, layout, rows, repeats)
+
+    def fastest(rows: tuple[int, ...]) -> WeightLayout:
+        return min(WeightLayout, key=lambda layout: sum(seconds[f"{layout.value}/{n}"] for n in rows))
+
+    return KernelPlan(fastest((1,)), fastest((4, 16))), seconds
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def fastest_plan(device_type: str) -> KernelPlan:
+    """The kernel plan for ``device_type``; a CPU is measured once, then read from the cache."""
+    if device_type != "cpu":
+        return KernelPlan.single(WeightLayout.OUTPUT_MAJOR)  # cuBLAS runs either at full speed
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    path = cache_root() / "kernel_plans.json"
+    with FileLock(f"{path}.lock"):
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if key not in known:
+            plan, seconds = measure_plan()
+            logger.info("kernel plan on %s: %s (seconds per pass: %s)", key, plan, seconds)
+            known[key] = list(plan)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(known, indent=1))
+    return KernelPlan(*(WeightLayout(layout) for layout in known[key]))
