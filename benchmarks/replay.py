@@ -17,7 +17,7 @@ TPOT over none's.
 
     python benchmarks/replay.py --json OUT.json [--trace PATH] [--questions PATH] [--quick]
         [--rates 0.3 1 2 4] [--requests N] [--max-new-tokens N] [--policies none auto ...]
-        [--slo-mix interactive=0.4,chat=0.4,batch=0.2] [--seed N]
+        [--slo-mix interactive=0.4,chat=0.4,batch=0.2] [--slo-scale F] [--seed N]
 
 Writes OUT.json, prints a markdown table and plots attainment and goodput vs load to OUT.png.
 """
@@ -182,6 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest output (64; 32 with --quick)")
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     parser.add_argument("--slo-mix", default=DEFAULT_MIX, help=f"class weights (default {DEFAULT_MIX})")
+    parser.add_argument("--slo-scale", type=float, default=1.0,
+                        help="multiply every class's targets (the classes are sized for a 30 ms/token CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the SLO classes and question order")
     args = parser.parse_args()
     for path in (args.trace, args.questions):
@@ -189,6 +191,8 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"{path} not found")
     if any(r <= 0 for r in args.rates):
         parser.error("--rates must be positive")
+    if args.slo_scale <= 0:
+        parser.error("--slo-scale must be positive")
     args.requests = args.requests or (40 if args.quick else 100)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 64)
     if args.requests < 2 or args.max_new_tokens < 1:
@@ -210,7 +214,7 @@ def main() -> int:
         max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=512,
         speculative=SpeculativeConfig(method="draft", budget=TreeBudget(depth=4, width=2)),
-        control=ControlConfig(policy="auto"),
+        control=ControlConfig(policy="auto", slo=SLOConfig().scaled(args.slo_scale)),
     )
     slo_config = config.control.slo
     engine = LLMEngine(config)  # loads or measures the cost profile that the adaptive policies share
@@ -240,6 +244,7 @@ def main() -> int:
         "mean_prompt_tokens": sum(len(j.prompt) for j in jobs) / len(jobs),
         "mean_output_tokens": sum(j.max_tokens for j in jobs) / len(jobs),
         "slo_mix": args.slo_mix,
+        "slo_scale": args.slo_scale,
         "slo_classes": {name: slo.model_dump() for name, slo in slos.items()},
         "trace": str(args.trace),
         "questions": str(args.questions),

@@ -26,7 +26,7 @@ from policy_report import DEFAULT_TRACE, goals, markdown, parse_mix, plot  # noq
 from specserve.control.cost_model import CostModel  # noqa: E402
 from specserve.control.policies import POLICIES  # noqa: E402
 from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator  # noqa: E402
-from specserve.control.slo import SLO, SLOConfig  # noqa: E402
+from specserve.control.slo import SLOConfig  # noqa: E402
 from specserve.control.workload import (  # noqa: E402
     assign_slo_classes,
     read_trace,
@@ -68,11 +68,7 @@ def main() -> int:
     if not args.trace.is_file():
         parser.error(f"trace {args.trace} not found")
     cost = CostModel.load(args.profile)
-    slo = SLOConfig()
-    slo = SLOConfig(classes={
-        name: SLO(tpot_ms=c.tpot_ms * args.slo_scale, ttft_ms=c.ttft_ms * args.slo_scale)
-        for name, c in slo.classes.items()
-    })
+    slo = SLOConfig().scaled(args.slo_scale)
     acceptance = AcceptanceModel(mean_confidence=args.confidence)
     results: dict[str, list[dict]] = {name: [] for name in args.policies}
     for rate in tqdm(args.rates, desc="loads", unit="load"):

@@ -281,6 +281,15 @@ def test_slo_classes_resolve_with_overrides_and_unknown_names_fail():
     assert not SLO(tpot_ms=50, ttft_ms=100).attained(0.11, 0.01)
 
 
+def test_slo_classes_scale_for_another_machine():
+    config = SLOConfig(classes={"a": SLO(tpot_ms=50, ttft_ms=None)}, default_class="a", on_miss="reject")
+    doubled = config.scaled(2.0)
+    assert doubled.classes["a"] == SLO(tpot_ms=100, ttft_ms=None)
+    assert doubled.on_miss == "reject" and config.classes["a"].tpot_ms == 50
+    with pytest.raises(ValueError, match="positive"):
+        config.scaled(0)
+
+
 # ------------------------------------------------------------ the real engine
 
 

@@ -51,6 +51,19 @@ class SLOConfig(BaseModel):
             raise ValueError(f"default_class {self.default_class!r} is not one of {sorted(self.classes)}")
         return self
 
+    def scaled(self, factor: float) -> SLOConfig:
+        """These classes with every target multiplied by ``factor`` (for a slower or faster machine)."""
+        if factor <= 0:
+            raise ValueError(f"an SLO scale must be positive, got {factor}")
+        classes = {
+            name: SLO(
+                tpot_ms=None if c.tpot_ms is None else c.tpot_ms * factor,
+                ttft_ms=None if c.ttft_ms is None else c.ttft_ms * factor,
+            )
+            for name, c in self.classes.items()
+        }
+        return self.model_copy(update={"classes": classes})
+
     def resolve(self, slo_class: str | None, tpot_ms: float | None, ttft_ms: float | None) -> SLO:
         """A request's SLO: its explicit targets over its class's (or the default class's)."""
         name = slo_class or self.default_class
