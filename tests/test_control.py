@@ -6,6 +6,7 @@ import itertools
 import random
 import time
 
+import numpy as np
 import pytest
 
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
@@ -49,6 +50,14 @@ def test_latency_table_interpolates_and_extrapolates_linearly():
     assert table(1, 200) == pytest.approx(15)  # between contexts
     assert table(4, 500) == pytest.approx(36)
     assert table(0, 100) == 0.0
+
+
+def test_latency_curve_evaluates_many_token_counts_like_one():
+    table = LatencyTable(tokens=[1, 4, 16], contexts=[100, 300], ms=[[10, 16, 20], [20, 26, 40]])
+    curve = table.at_context(180)
+    tokens = np.arange(-2, 40)
+    assert curve.many(tokens) == pytest.approx([curve(t) for t in tokens])
+    assert curve(2.5) == pytest.approx(table(2.5, 180))
 
 
 def test_latency_table_rejects_a_bad_grid():

@@ -12,6 +12,7 @@ import bisect
 import hashlib
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specserve.models.default_model import cache_root
@@ -28,15 +29,23 @@ def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
 class LatencyCurve:
     """Latency in ms as a function of tokens alone, at one context length."""
 
-    __slots__ = ("tokens", "ms", "min_slope")
+    __slots__ = ("tokens", "ms")
 
     def __init__(self, tokens: list[int], ms: list[float]) -> None:
         self.tokens, self.ms = tokens, ms
-        slopes = [(b - a) / (y - x) for x, y, a, b in zip(tokens, tokens[1:], ms, ms[1:])]
-        self.min_slope = min(slopes, default=0.0)  # ms per token, here and beyond the grid
 
     def __call__(self, tokens: float) -> float:
         return max(_interpolate(self.tokens, self.ms, tokens), 0.0) if tokens > 0 else 0.0
+
+    def many(self, tokens: np.ndarray) -> np.ndarray:
+        """``self(t)`` for every ``t`` of ``tokens`` at once."""
+        xs, ys = self.tokens, self.ms
+        out = np.interp(tokens, xs, ys)
+        if len(xs) > 1:  # extrapolate the end segments linearly, as __call__ does
+            low, high = tokens < xs[0], tokens > xs[-1]
+            out[low] = ys[0] + (ys[1] - ys[0]) / (xs[1] - xs[0]) * (tokens[low] - xs[0])
+            out[high] = ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (tokens[high] - xs[-1])
+        return np.where(tokens > 0, np.maximum(out, 0.0), 0.0)
 
 
 class LatencyTable(BaseModel):

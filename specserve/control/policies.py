@@ -8,11 +8,12 @@ best nodes the target verifies (``select``). See ../shared/ARCHITECTURE.md secti
 
 from __future__ import annotations
 
-import itertools
+import functools
 from abc import ABC
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+import numpy as np
 from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CostModel, StepCost
 from specserve.control.slo import SLO
@@ -81,6 +82,12 @@ class StepView:
         return self.other_tokens + len(self.requests)
 
 
+@functools.cache
+def tree_budget(depth: int, width: int) -> TreeBudget:
+    """A shared (immutable) budget; a step asks for the same few shapes many times."""
+    return TreeBudget(depth=depth, width=width) if depth else OFF
+
+
 def chain_tokens(alpha: float, depth: int) -> float:
     """Expected tokens from verifying a chain of ``depth`` with per-token acceptance alpha."""
     if alpha >= 1.0:
@@ -88,15 +95,33 @@ def chain_tokens(alpha: float, depth: int) -> float:
     return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
 
 
-def draft_forwards(depths: list[int], widths: list[int]) -> list[int]:
+def draft_forwards(depths: np.ndarray, widths: np.ndarray) -> list[int]:
     """Tokens fed to the draft per forward when each request grows a tree of its depth and
     width: one root each, then each level's frontier."""
-    deepest = max(depths, default=0)
+    deepest = int(depths.max(initial=0))
     if not deepest:
         return []
-    tokens = [sum(d >= 1 for d in depths)]
-    tokens += [sum(w for d, w in zip(depths, widths) if d >= level) for level in range(2, deepest + 1)]
-    return tokens
+    return [int((depths >= 1).sum())] + [int(widths[depths >= level].sum()) for level in range(2, deepest + 1)]
+
+
+class StepModel:
+    """What every prediction of one step shares: the cost curve at its mean context, and the
+    requests' acceptance rates and speculation caps as arrays."""
+
+    def __init__(self, step: StepView, cost: StepCost, alphas: list[float]) -> None:
+        self.cost = cost
+        self.base_tokens = step.base_tokens
+        self.alphas = np.minimum(np.array(alphas, dtype=float), 1.0 - 1e-9)  # alpha = 1: depth + 1
+        self.depth_caps = np.array([r.max_budget.depth for r in step.requests], dtype=int)
+        self.width_caps = np.array([r.max_budget.width for r in step.requests], dtype=int)
+
+    def chain_efficiency(self, depth: int, width: int = 1) -> float:
+        """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
+        (within its cap) and verifies a chain of them, accepting at its own rate."""
+        depths = np.minimum(depth, self.depth_caps)
+        tokens = ((1.0 - self.alphas ** (depths + 1)) / (1.0 - self.alphas)).sum()
+        forwards = draft_forwards(depths, np.minimum(width, self.width_caps))
+        return float(tokens) / self.cost.iteration_ms(self.base_tokens + int(depths.sum()), forwards)
 
 
 class Policy(ABC):
@@ -109,7 +134,7 @@ class Policy(ABC):
         self.cost = cost
         self.predictor = predictor
         self.max_step_tokens = max_step_tokens
-        self._step_cost: tuple[StepView, StepCost] | None = None
+        self._step_model: tuple[StepView, StepModel] | None = None
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return [r.max_budget for r in step.requests]
@@ -124,38 +149,30 @@ class Policy(ABC):
 
     # ------------------------------------------------------------------ helpers
 
-    def step_cost(self, step: StepView) -> StepCost:
-        """The cost model at the step's mean context, computed once per step."""
-        if self._step_cost is None or self._step_cost[0] is not step:
-            self._step_cost = (step, self.cost.at_context(step.mean_context))
-        return self._step_cost[1]
+    def step_model(self, step: StepView) -> StepModel:
+        """The step's cost curve and request arrays, computed once per step."""
+        if self._step_model is None or self._step_model[0] is not step:
+            cost = self.cost.at_context(step.mean_context)
+            self._step_model = (step, StepModel(step, cost, [self.alpha(r) for r in step.requests]))
+        return self._step_model[1]
 
     def target_ms(self, step: StepView, nodes: float) -> float:
-        return self.step_cost(step).target_ms(step.base_tokens + nodes)
+        return self.step_model(step).cost.target_ms(step.base_tokens + nodes)
 
     def alpha(self, request: RequestView) -> float:
         """The per-token acceptance rate a chain plan assumes for ``request``."""
         return self.predictor.request_rate(request.request_id)
 
-    def chain_efficiency(self, step: StepView, alphas: list[float], depth: int, width: int = 1) -> float:
-        """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
-        (within its cap) and verifies them all, each accepting at its ``alphas`` rate."""
-        depths = [min(depth, r.max_budget.depth) for r in step.requests]
-        widths = [min(width, r.max_budget.width) for r in step.requests]
-        tokens = sum(chain_tokens(a, d) for a, d in zip(alphas, depths))
-        ms = self.step_cost(step).iteration_ms(step.base_tokens + sum(depths), draft_forwards(depths, widths))
-        return tokens / ms
+    def best_chain_depth(self, step: StepView, width: int = 1) -> int:
+        """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
+        model = self.step_model(step)
+        deepest = max((r.max_budget.depth for r in step.requests), default=0)
+        return max(range(deepest + 1), key=lambda d: model.chain_efficiency(d, width))
 
     def best_chain(self, step: StepView, width: int = 1) -> list[TreeBudget]:
-        """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
-        alphas = [self.alpha(r) for r in step.requests]
-        deepest = max((r.max_budget.depth for r in step.requests), default=0)
-        depth = max(range(deepest + 1), key=lambda d: self.chain_efficiency(step, alphas, d, width))
-        return [
-            TreeBudget(depth=min(depth, r.max_budget.depth), width=min(width, r.max_budget.width))
-            if min(depth, r.max_budget.depth) else OFF
-            for r in step.requests
-        ]
+        """Every request drafts the best common depth (within its caps)."""
+        depth = self.best_chain_depth(step, width)
+        return [tree_budget(min(depth, r.max_budget.depth), min(width, r.max_budget.width)) for r in step.requests]
 
 
 class NoSpeculation(Policy):
@@ -197,8 +214,8 @@ class SpecServe(Policy):
     name = "specserve"
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
-        alphas = [self.alpha(r) for r in step.requests]
-        if self.chain_efficiency(step, alphas, 1) <= self.chain_efficiency(step, alphas, 0):
+        model = self.step_model(step)
+        if model.chain_efficiency(1) <= model.chain_efficiency(0):
             return [OFF] * len(step.requests)
         return [TreeBudget(depth=r.max_budget.depth) for r in step.requests]
 
@@ -209,7 +226,7 @@ class SpecServe(Policy):
         tokens = len(trees) + sum(sum(v) for v in values)
         nodes = sum(len(v) for v in values)
         more_tokens = tokens + sum(v[-1] * confidence for v in growing)
-        cost = self.step_cost(step)
+        cost = self.step_model(step).cost
         now_ms = cost.iteration_ms(step.base_tokens + nodes, [len(trees)] * depth)
         more_ms = cost.iteration_ms(step.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1))
         return bool(growing) and more_tokens / more_ms > tokens / now_ms
@@ -287,15 +304,15 @@ class AutoSpeculation(Policy):
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         plain_s = self.target_ms(step, 0) / 1e3
-        budgets = self.best_chain(step, width=max(r.max_budget.width for r in step.requests))
+        best = self.best_chain_depth(step, width=max(r.max_budget.width for r in step.requests))
+        alphas = self.step_model(step).alphas
         result = []
-        for r, budget in zip(step.requests, budgets):
-            depth, floor = budget.depth, r.floor(plain_s)
-            alpha = self.alpha(r)
+        for r, alpha in zip(step.requests, alphas):
+            depth, floor = min(best, r.max_budget.depth), r.floor(plain_s)
             if 1.0 < floor <= chain_tokens(alpha, r.max_budget.depth):  # behind, but can catch up
                 needed = next(d for d in range(r.max_budget.depth + 1) if chain_tokens(alpha, d) >= floor)
                 depth = max(depth, needed)
-            result.append(TreeBudget(depth=depth, width=r.max_budget.width) if depth else OFF)
+            result.append(tree_budget(depth, r.max_budget.width))
         return result
 
     def select(self, step: StepView, values: list[list[float]]) -> list[int]:
@@ -307,23 +324,15 @@ class AutoSpeculation(Policy):
             savable = floor <= 1.0 + sum(v)  # a request its tree cannot save gets best effort
             candidates.append(Candidates(sorted(v, reverse=True), floor=floor if savable else 0.0))
         counts = floor_counts(candidates, room)
-        tokens = len(values) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
         nodes = sum(counts)
-        target_ms = self.step_cost(step).target_ms
-        # No node whose value is below best efficiency x the curve's least ms per token can
-        # raise the efficiency, nor can any after it (values only fall): stop there.
-        min_slope = self.step_cost(step).target_ms.min_slope
-        base, taken = step.base_tokens, []
-        best_efficiency, best_taken = tokens / (step.draft_ms + target_ms(base + nodes)), 0
-        for i, value in itertools.islice(ranked_extras(candidates, counts), room - nodes):
-            if min_slope > 0 and value <= best_efficiency * min_slope:
-                break
-            tokens += value
-            taken.append(i)
-            efficiency = tokens / (step.draft_ms + target_ms(base + nodes + len(taken)))
-            if efficiency > best_efficiency:
-                best_efficiency, best_taken = efficiency, len(taken)
-        for i in taken[:best_taken]:
+        extras = ranked_extras(candidates, counts)[: room - nodes]
+        # Expected tokens and predicted ms after adding the best k extras, for every k at once.
+        tokens = len(values) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
+        gains = tokens + np.cumsum([0.0] + [value for _, value in extras])
+        added = step.base_tokens + nodes + np.arange(len(extras) + 1)
+        ms = step.draft_ms + self.step_model(step).cost.target_ms.many(added)
+        best = int(np.argmax(gains / ms))  # the first maximum: fewest nodes on ties
+        for i, _ in extras[:best]:
             counts[i] += 1
         return counts
 

@@ -12,10 +12,8 @@ the budget among selections that meet every floor (when the budget allows that).
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 
 @dataclass
@@ -49,22 +47,17 @@ def floor_counts(candidates: list[Candidates], budget: int) -> list[int]:
     return counts
 
 
-def ranked_extras(candidates: list[Candidates], counts: list[int]) -> Iterator[tuple[int, float]]:
-    """Phase 2's order: (request, value) of every node not yet chosen, best value first."""
-    heap = [(-c.values[n], i, n) for i, (c, n) in enumerate(zip(candidates, counts)) if n < c.limit]
-    heapq.heapify(heap)
-    while heap:
-        value, i, n = heap[0]
-        yield i, -value
-        if n + 1 < candidates[i].limit:
-            heapq.heapreplace(heap, (-candidates[i].values[n + 1], i, n + 1))
-        else:
-            heapq.heappop(heap)
+def ranked_extras(candidates: list[Candidates], counts: list[int]) -> list[tuple[int, float]]:
+    """Phase 2's order: (request, value) of every node not yet chosen, best value first (ties:
+    the earlier request first). Each request's values are sorted, so this never takes a node
+    before a better one of the same request."""
+    extras = [(i, value) for i, (c, n) in enumerate(zip(candidates, counts)) for value in c.values[n : c.limit]]
+    return sorted(extras, key=itemgetter(1), reverse=True)  # stable: ties keep request order
 
 
 def select_nodes(candidates: list[Candidates], budget: int) -> list[int]:
     """Nodes to verify per request: floors first, then the best nodes up to ``budget`` in all."""
     counts = floor_counts(candidates, budget)
-    for i, _ in itertools.islice(ranked_extras(candidates, counts), max(budget - sum(counts), 0)):
+    for i, _ in ranked_extras(candidates, counts)[: max(budget - sum(counts), 0)]:
         counts[i] += 1
     return counts
