@@ -189,7 +189,8 @@ class Simulator:
             [item.draft_budget for item in asked],
             lambda depth, grown: self.controller.keep_drafting(step, grown, depth),
         )
-        step.draft_ms = sum(self.cost.draft_ms(n, step.mean_context) for n in forwards)
+        draft_cost = self.cost.at_context(step.mean_context)  # one curve for all the step's draft forwards
+        step.draft_ms = sum(draft_cost.draft_ms(n) for n in forwards)
         chosen = dict(zip((i.request.request_id for i in asked), self.controller.select(step, trees)))
         contexts = [item.request.num_tokens for item in scheduled]
         verified = sum(len(t) for t in chosen.values())
