@@ -158,6 +158,72 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> int:
+    """Send one prompt to a running server over HTTP (OpenAI API) or gRPC and print the reply."""
+    slo = {k: v for k, v in {"slo_class": args.slo_class, "tpot_slo_ms": args.tpot_slo_ms,
+                             "ttft_slo_ms": args.ttft_slo_ms}.items() if v is not None}
+    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    prompt = None if args.chat else args.prompt
+    if args.protocol == "grpc":
+        import grpc
+
+        from specserve.deployments.client import SpecServeClient
+
+        try:
+            with SpecServeClient(args.grpc_target) as client:
+                params = dict(max_tokens=args.max_tokens, temperature=args.temperature, **slo)
+                if args.stream:
+                    for reply in client.stream(prompt, messages, **params):
+                        print(reply.text, end="", flush=True)
+                    print()
+                else:
+                    reply = client.generate(prompt, messages, **params)
+                    print(reply.text)
+        except grpc.RpcError as exc:
+            print(f"specserve: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        stats = {"finish_reason": reply.finish_reason, "ttft_ms": reply.stats.ttft_ms,
+                 "tpot_ms": reply.stats.tpot_ms, "slo_attained": reply.stats.slo_attained}
+    else:
+        import openai
+
+        client = openai.OpenAI(base_url=args.url, api_key="none")
+        params = dict(max_tokens=args.max_tokens, temperature=args.temperature,
+                      extra_body=slo, stream=args.stream)
+        try:
+            params["model"] = args.model_name or client.models.list().data[0].id
+            if args.chat:
+                reply = client.chat.completions.create(messages=messages, **params)
+            else:
+                reply = client.completions.create(prompt=prompt, **params)
+            stats = _print_http_reply(reply, args.chat, args.stream)
+        except openai.APIStatusError as exc:
+            print(f"specserve: error: HTTP {exc.status_code}: {exc.message}", file=sys.stderr)
+            return 2
+        except openai.APIConnectionError as exc:
+            print(f"specserve: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 2
+    if args.stats:
+        print(stats, file=sys.stderr)
+    return 0
+
+
+def _print_http_reply(reply, chat: bool, stream: bool) -> dict:
+    """Print an OpenAI reply (or stream of chunks); returns its SpecServe stats."""
+    if not stream:
+        choice = reply.choices[0]
+        print(choice.message.content if chat else choice.text)
+        return (reply.model_extra or {}).get("specserve", {})
+    stats = {}
+    for chunk in reply:
+        if chunk.choices:
+            choice = chunk.choices[0]
+            print((choice.delta.content if chat else choice.text) or "", end="", flush=True)
+        stats = (chunk.model_extra or {}).get("specserve") or stats
+    print()
+    return stats
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description="SLO-aware LLM serving with speculative decoding")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--lr", type=float, default=1e-3)
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(handler=_distill)
+
+    client = commands.add_parser("client", help="send a prompt to a running server (HTTP or gRPC)")
+    client.add_argument("prompt")
+    client.add_argument("--chat", action="store_true", help="send it as a chat message")
+    client.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    client.add_argument("--url", default="http://localhost:8000/v1", help="OpenAI API base URL")
+    client.add_argument("--grpc-target", default="localhost:9000")
+    client.add_argument("--model-name", default=None, help="the served model's name (HTTP; default: the one served)")
+    client.add_argument("--stream", action="store_true")
+    client.add_argument("--max-tokens", type=int, default=128)
+    client.add_argument("--temperature", type=float, default=0.0)
+    client.add_argument("--slo-class", default=None, help="a named SLO class of the server")
+    client.add_argument("--tpot-slo-ms", type=float, default=None)
+    client.add_argument("--ttft-slo-ms", type=float, default=None)
+    client.add_argument("--stats", action="store_true", help="print latency and SLO stats to stderr")
+    client.set_defaults(handler=_client)
     return parser
 
 

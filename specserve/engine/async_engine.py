@@ -71,6 +71,15 @@ class AsyncLLMEngine:
                 self._send(("abort", request_id))
             self._streams.pop(request_id, None)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests handed to this engine and not yet ended (queued commands included)."""
+        return len(self._streams)
+
+    def is_alive(self) -> bool:
+        """Whether the engine loop is still running."""
+        return self._thread.is_alive() and not self._stopped
+
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 

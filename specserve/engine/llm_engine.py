@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 Pick = tuple[list[int], list[dict[int, float] | None]]  # a step's new tokens and their logprobs
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot of an engine's load: the signals serving and autoscaling act on."""
+
+    waiting: int  # requests not yet admitted
+    running: int  # requests holding a KV slot
+    kv_usage: float  # share of KV slots in use
+    on_track: float  # share of unfinished requests that can still meet their SLO
 
 
 class LLMEngine:
@@ -115,6 +126,19 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def load(self) -> EngineLoad:
+        """How busy the engine is (safe to call from another thread: it only reads)."""
+        waiting, running = list(self.scheduler.waiting), list(self.scheduler.running)
+        now = time.monotonic()
+        unfinished = waiting + running
+        on_track = sum(r.on_track(now) for r in unfinished)
+        return EngineLoad(
+            waiting=len(waiting),
+            running=len(running),
+            kv_usage=len(running) / self.config.max_num_seqs,
+            on_track=on_track / len(unfinished) if unfinished else 1.0,
+        )
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt token ids of a conversation (the template supplies the special tokens)."""

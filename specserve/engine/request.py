@@ -72,6 +72,7 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None
     spec_stats: SpecStats | None = None  # when the request was speculated on
+    slo: SLO = field(default_factory=SLO)
 
 
 class Request:
@@ -119,6 +120,14 @@ class Request:
             return float("inf")
         return self.metrics.arrival_time + self.slo.ttft_ms / 1e3
 
+    def on_track(self, now: float) -> bool:
+        """Whether it can still meet its SLO: a waiting request before its TTFT deadline, a
+        running one whose TPOT so far is within its target."""
+        if self.metrics.first_token_time is None:
+            return now <= self.ttft_deadline
+        tpot = self.metrics.tpot
+        return self.slo.tpot_ms is None or tpot is None or tpot * 1e3 <= self.slo.tpot_ms
+
     @property
     def is_decoding(self) -> bool:
         """Everything but the last sampled token is cached: the next step decodes it."""
@@ -158,4 +167,5 @@ class Request:
             metrics=self.metrics,
             error=self.error,
             spec_stats=self.spec_stats if self.spec_stats.steps else None,
+            slo=self.slo,
         )

@@ -1,0 +1,92 @@
+"""The gRPC API over the same serving logic as HTTP: protobuf in, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from pydantic import ValidationError
+
+from specserve.deployments.grpc import specserve_pb2 as pb
+from specserve.deployments.openai_serving import (
+    OpenAIServing,
+    bad_request,
+    invalid_fields,
+    prepend,
+    request_stats,
+)
+from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
+from specserve.engine.request import RequestOutput
+from specserve.engine.sampling_params import SamplingParams
+
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms")
+
+
+def to_openai(request: pb.GenerateRequest) -> CompletionRequest | ChatCompletionRequest:
+    """The equivalent OpenAI request body (validated the same way); raises a 400 ServingError."""
+    if bool(request.prompt) == bool(request.messages):
+        raise bad_request("set exactly one of prompt and messages", "prompt")
+    fields = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
+    if request.stop:
+        fields["stop"] = list(request.stop)
+    if request.HasField("speculation"):
+        s = request.speculation
+        fields["speculation"] = {"depth": s.depth, "width": s.width or 1}
+        if s.HasField("max_nodes"):
+            fields["speculation"]["max_nodes"] = s.max_nodes
+    fields["ignore_eos"] = request.ignore_eos
+    try:
+        if request.messages:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            return ChatCompletionRequest(messages=messages, **fields)
+        return CompletionRequest(prompt=request.prompt, **fields)
+    except ValidationError as exc:
+        raise invalid_fields(exc.errors()) from exc
+
+
+def _inputs(serving: OpenAIServing, request: pb.GenerateRequest) -> tuple[str | list[int], SamplingParams]:
+    body = to_openai(request)
+    if isinstance(body, ChatCompletionRequest):
+        return serving.chat_inputs(body)
+    return serving.completion_inputs(body)
+
+
+def _final_fields(output: RequestOutput) -> dict:
+    stats = request_stats(output)
+    spec = stats.speculation
+    return {
+        "finish_reason": output.output.finish_reason.value,
+        "usage": pb.Usage(prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.output.token_ids)),
+        "stats": pb.RequestStats(
+            **{k: v for k, v in stats.model_dump(exclude={"speculation"}).items() if v is not None},
+            speculation_steps=spec.steps if spec else 0,
+            accepted_tokens=spec.accepted if spec else 0,
+            mean_accepted_tokens=spec.mean_accepted_tokens if spec else 0.0,
+        ),
+    }
+
+
+async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.GenerateResponse:
+    prompt, params = _inputs(serving, request)
+    output = None
+    async for output in serving.generate(prompt, params):
+        pass
+    return pb.GenerateResponse(text=output.output.text, token_ids=output.output.token_ids, **_final_fields(output))
+
+
+async def generate_stream(serving: OpenAIServing, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    """Responses with the new text and tokens; input errors raise before the first one."""
+    prompt, params = _inputs(serving, request)
+    outputs = serving.generate(prompt, params)
+    first = await anext(outputs)
+    return _stream(first, outputs)
+
+
+async def _stream(first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[pb.GenerateResponse]:
+    async with aclosing(outputs):
+        async for output in prepend(first, outputs):
+            if output.output.delta_token_ids or output.finished:
+                extra = _final_fields(output) if output.finished else {}
+                yield pb.GenerateResponse(
+                    text=output.output.delta_text, token_ids=output.output.delta_token_ids, **extra
+                )

@@ -1,0 +1,379 @@
+"""The OpenAI API over an AsyncLLMEngine, independent of the web framework and of Ray.
+
+Turns request bodies into engine prompts and sampling parameters, runs them, and shapes what
+the engine reports into OpenAI responses or server-sent-event chunks. Bad input raises
+``ServingError`` with the HTTP status and the OpenAI error type the front end should send.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from specserve.deployments.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    RequestStats,
+    SpeculationStats,
+    Usage,
+    _GenerationFields,
+    _id,
+    _now,
+)
+from specserve.engine.async_engine import AsyncLLMEngine
+from specserve.engine.request import RequestOutput
+from specserve.engine.sampling_params import SamplingParams
+
+# What an engine error message says -> the request field it is about (most specific first).
+_FIELD_HINTS = {
+    "max_completion_tokens": "max_completion_tokens",
+    "max_tokens": "max_tokens",
+    "SLO class": "slo_class",
+    "stop": "stop",
+    "chat template": "messages",
+    "messages": "messages",
+    "prompt": "prompt",
+    "speculation": "speculation",
+}
+
+
+@dataclass
+class ServingError(Exception):
+    """An error the client caused (4xx) or an overload it should retry (429/503)."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    retry_after_s: int | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+
+def bad_request(message: str, param: str | None = None) -> ServingError:
+    if param is None:
+        param = next((field for hint, field in _FIELD_HINTS.items() if hint in message), None)
+    return ServingError(400, message, param=param)
+
+
+def invalid_fields(errors: list[dict]) -> ServingError:
+    """A 400 naming the first invalid field of a pydantic validation error list."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return ServingError(400, "the request body is not valid JSON")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    return ServingError(400, f"{param}: {message}" if param else message, param=param)
+
+
+def request_stats(output: RequestOutput) -> RequestStats:
+    m = output.metrics
+    ttft, tpot = m.ttft, m.tpot
+    spec = output.spec_stats
+    return RequestStats(
+        ttft_ms=None if ttft is None else ttft * 1e3,
+        tpot_ms=None if tpot is None else tpot * 1e3,
+        e2e_ms=None if m.finished_time is None else (m.finished_time - m.arrival_time) * 1e3,
+        tpot_slo_ms=output.slo.tpot_ms,
+        ttft_slo_ms=output.slo.ttft_ms,
+        slo_attained=output.slo.attained(ttft, tpot),
+        speculation=None if spec is None else SpeculationStats(
+            steps=spec.steps,
+            drafted=spec.drafted,
+            verified=spec.verified,
+            accepted=spec.accepted,
+            mean_accepted_tokens=spec.mean_accepted_tokens,
+        ),
+    )
+
+
+async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """``first``, then the rest of a request's outputs (after peeking at the first for errors)."""
+    yield first
+    async for output in rest:
+        yield output
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+class OpenAIServing:
+    """Completions and chat completions for one served model."""
+
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        model_name: str,
+        max_waiting_requests: int,
+        on_done: Callable[[RequestOutput, str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_waiting_requests = max_waiting_requests
+        self.on_done = on_done  # called with each request's last output and its outcome
+        self.outcomes: Counter[str] = Counter()  # requests by outcome: a finish reason or "abort"
+        self._mean_e2e_s = 1.0  # moving mean of finished requests' latency, for Retry-After
+
+    # ------------------------------------------------------------------ checks
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name)])
+
+    def check_capacity(self) -> None:
+        """Refuse new work (429 with Retry-After) while the queue is past its limit."""
+        slots = self.engine.engine.config.max_num_seqs
+        waiting = self.engine.num_requests - slots
+        if waiting >= self.max_waiting_requests:
+            wait = self._mean_e2e_s * (1 + waiting / slots)
+            raise ServingError(
+                429,
+                f"the server is overloaded ({waiting} requests waiting); retry later",
+                type="rate_limit_error",
+                retry_after_s=max(1, math.ceil(wait)),
+            )
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ServingError(
+                404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                type="not_found_error", param="model",
+            )
+
+    def _params(self, request: _GenerationFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                seed=request.seed,
+                stop=request.stop,
+                stop_token_ids=request.stop_token_ids or [],
+                ignore_eos=request.ignore_eos,
+                logprobs=logprobs,
+                speculation=request.speculation,
+                slo_class=request.slo_class,
+                tpot_slo_ms=request.tpot_slo_ms,
+                ttft_slo_ms=request.ttft_slo_ms,
+            )
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+
+    def _room(self, prompt_ids: list[int]) -> int:
+        room = self.engine.engine.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                f"{self.engine.engine.max_model_len}", "messages",
+            )
+        return room
+
+    # -------------------------------------------------------------- generation
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Run one request; a ValueError of the engine becomes a 400 before anything is yielded.
+
+        Closing the iterator early (a client that went away) aborts the request.
+        """
+        stream = self.engine.generate(prompt, params, request_id=_id("req"))
+        async with aclosing(stream):
+            try:
+                output = await anext(stream)
+            except ValueError as exc:
+                raise bad_request(str(exc)) from exc
+            outcome = "abort"  # unless it finishes or fails
+            try:
+                yield output
+                async for output in stream:
+                    yield output
+                outcome = output.output.finish_reason.value
+            except RuntimeError:
+                outcome = "error"
+                raise
+            finally:
+                self._done(output, outcome)
+
+    def _done(self, output: RequestOutput, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if output.finished:
+            e2e = output.metrics.finished_time - output.metrics.arrival_time
+            self._mean_e2e_s = 0.9 * self._mean_e2e_s + 0.1 * e2e
+        if self.on_done is not None:
+            self.on_done(output, outcome)
+
+    @staticmethod
+    def _usage(output: RequestOutput) -> Usage:
+        prompt, completion = len(output.prompt_token_ids), len(output.output.token_ids)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    # ------------------------------------------------------------- completions
+
+    def completion_inputs(self, request: CompletionRequest) -> tuple[str | list[int], SamplingParams]:
+        self._check_model(request.model)
+        params = self._params(request, request.max_tokens or 16, request.logprobs)
+        return request.prompt, params
+
+    async def completion(self, request: CompletionRequest) -> CompletionResponse:
+        prompt, params = self.completion_inputs(request)
+        output = None
+        async for output in self.generate(prompt, params):
+            pass
+        return CompletionResponse(
+            model=self.model_name,
+            choices=[CompletionChoice(
+                text=output.output.text,
+                finish_reason=output.output.finish_reason.value,
+                logprobs=self._completion_logprobs(output, 0) if request.logprobs is not None else None,
+            )],
+            usage=self._usage(output),
+            specserve=request_stats(output),
+        )
+
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
+        """SSE lines; input errors raise before the first line, so they can still be a 400."""
+        prompt, params = self.completion_inputs(request)
+        outputs = self.generate(prompt, params)
+        first = await anext(outputs)
+        return self._completion_events(request, first, outputs)
+
+    async def _completion_events(
+        self, request: CompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[str]:
+        response_id, created = _id("cmpl"), _now()
+        sent = 0
+        async with aclosing(outputs):
+            async for output in prepend(first, outputs):
+                choice = {
+                    "index": 0,
+                    "text": output.output.delta_text,
+                    "finish_reason": output.output.finish_reason.value if output.finished else None,
+                    "logprobs": self._completion_logprobs(output, sent) if request.logprobs is not None else None,
+                }
+                sent = len(output.output.token_ids)
+                chunk = {"id": response_id, "object": "text_completion", "created": created,
+                         "model": self.model_name, "choices": [choice]}
+                if output.finished:
+                    chunk["specserve"] = request_stats(output).model_dump()
+                if choice["text"] or output.finished or choice["logprobs"]:
+                    yield sse(chunk)
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield sse({"id": response_id, "object": "text_completion", "created": created,
+                       "model": self.model_name, "choices": [], "usage": self._usage(output).model_dump()})
+        yield sse("[DONE]")
+
+    def _completion_logprobs(self, output: RequestOutput, start: int) -> dict:
+        tokenizer = self.engine.engine.tokenizer
+        ids = output.output.token_ids[start:]
+        rows = (output.output.logprobs or [])[start:]
+        return {
+            "tokens": [tokenizer.decode([t]) for t in ids],
+            "token_logprobs": [row[t] for t, row in zip(ids, rows)],
+            "top_logprobs": [{tokenizer.decode([k]): v for k, v in row.items()} for row in rows],
+        }
+
+    # -------------------------------------------------------- chat completions
+
+    def chat_inputs(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+        self._check_model(request.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+            prompt_ids = self.engine.engine.apply_chat_template(messages)
+        except ValueError as exc:
+            raise bad_request(str(exc), "messages") from exc
+        room = self._room(prompt_ids)
+        max_tokens = request.max_completion_tokens or request.max_tokens or room
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        return prompt_ids, self._params(request, max_tokens, logprobs)
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        prompt_ids, params = self.chat_inputs(request)
+        output = None
+        async for output in self.generate(prompt_ids, params):
+            pass
+        return ChatCompletionResponse(
+            model=self.model_name,
+            choices=[ChatChoice(
+                message=ChatMessageOut(content=output.output.text),
+                finish_reason=output.output.finish_reason.value,
+                logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
+            )],
+            usage=self._usage(output),
+            specserve=request_stats(output),
+        )
+
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """SSE lines; input errors raise before the first line, so they can still be a 400."""
+        prompt_ids, params = self.chat_inputs(request)
+        outputs = self.generate(prompt_ids, params)
+        first = await anext(outputs)
+        return self._chat_events(request, first, outputs)
+
+    async def _chat_events(
+        self, request: ChatCompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[str]:
+        response_id, created = _id("chatcmpl"), _now()
+
+        def chunk(choices: list[ChatChunkChoice], **extra) -> str:
+            body = ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
+                                       choices=choices, **extra)
+            return sse(body.model_dump_json(exclude_none=True))
+
+        yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        sent = 0
+        async with aclosing(outputs):
+            async for output in prepend(first, outputs):
+                text = output.output.delta_text
+                logprobs = self._chat_logprobs(output, sent, request) if request.logprobs else None
+                sent = len(output.output.token_ids)
+                if text or output.finished or logprobs:
+                    yield chunk(
+                        [ChatChunkChoice(
+                            delta=DeltaMessage(content=text),
+                            finish_reason=output.output.finish_reason.value if output.finished else None,
+                            logprobs=logprobs,
+                        )],
+                        specserve=request_stats(output) if output.finished else None,
+                    )
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield chunk([], usage=self._usage(output))
+        yield sse("[DONE]")
+
+    def _chat_logprobs(self, output: RequestOutput, start: int, request: ChatCompletionRequest) -> dict:
+        tokenizer = self.engine.engine.tokenizer
+        count = request.top_logprobs or 0
+        content = []
+        for token, row in zip(output.output.token_ids[start:], (output.output.logprobs or [])[start:]):
+            text = tokenizer.decode([token])
+            top = sorted(row.items(), key=lambda kv: -kv[1])[:count]
+            content.append({
+                "token": text,
+                "logprob": row[token],
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": tokenizer.decode([k]), "logprob": v, "bytes": list(tokenizer.decode([k]).encode())}
+                    for k, v in top
+                ],
+            })
+        return {"content": content}
+

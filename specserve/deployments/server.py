@@ -1,0 +1,149 @@
+"""The engine replica: a Ray Serve deployment that owns an engine and speaks HTTP and gRPC.
+
+HTTP is a FastAPI app (OpenAI-compatible); gRPC methods are plain methods with the proto's
+names, which Serve's gRPC proxy calls. Each replica reports its load for the SLO autoscaler
+and exports Prometheus metrics.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' body types at run time.
+
+import threading
+from dataclasses import asdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+
+from specserve.deployments import grpc_serving
+from specserve.deployments.autoscaling import KV_USAGE, ON_TRACK, WAITING
+from specserve.deployments.config import ServerConfig
+from specserve.deployments.grpc import specserve_pb2 as pb
+from specserve.deployments.metrics import ServingMetrics
+from specserve.deployments.openai_serving import OpenAIServing, ServingError, invalid_fields
+from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
+from specserve.engine.async_engine import AsyncLLMEngine
+
+api = FastAPI(title="SpecServe", description="OpenAI-compatible API with per-request SLOs")
+
+_GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _error_response(exc: ServingError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(ServingError)
+async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+    return _error_response(exc)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(invalid_fields(list(exc.errors())))
+
+
+def _grpc_error(context: RayServegRPCContext, exc: ServingError) -> None:
+    context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
+    context.set_details(exc.message)
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
+@serve.ingress(api)
+class SpecServeServer:
+    """One engine replica."""
+
+    def __init__(self, config: ServerConfig | dict) -> None:
+        self._stop = threading.Event()
+        config = ServerConfig.model_validate(config)
+        self.engine = AsyncLLMEngine(config.engine)
+        name = config.model_name or Path(self.engine.engine.model_path).name
+        self.metrics = ServingMetrics(name)
+        self.serving = OpenAIServing(self.engine, name, config.max_waiting_requests, self.metrics.request_done)
+        self._metrics_interval_s = config.metrics_interval_s
+        threading.Thread(target=self._refresh_metrics, name="specserve-metrics", daemon=True).start()
+
+    def _refresh_metrics(self) -> None:
+        while not self._stop.wait(self._metrics_interval_s):
+            self.metrics.refresh(self.engine.engine)
+
+    # ---------------------------------------------------------------- HTTP
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        if not self.engine.is_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return self.serving.models().model_dump()
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        self.serving.check_capacity()
+        if body.stream:
+            return StreamingResponse(await self.serving.completion_stream(body), media_type="text/event-stream")
+        return (await self.serving.completion(body)).model_dump(exclude_none=True)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        self.serving.check_capacity()
+        if body.stream:
+            return StreamingResponse(await self.serving.chat_stream(body), media_type="text/event-stream")
+        return (await self.serving.chat(body)).model_dump(exclude_none=True)
+
+    # ---------------------------------------------------------------- gRPC
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:  # noqa: N802
+        try:
+            self.serving.check_capacity()
+            return await grpc_serving.generate(self.serving, request)
+        except ServingError as exc:
+            _grpc_error(grpc_context, exc)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(  # noqa: N802
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            self.serving.check_capacity()
+            responses = await grpc_serving.generate_stream(self.serving, request)
+        except ServingError as exc:
+            # A stream that yields nothing never passes its context on: raising with the code
+            # set is how Serve's proxy still sends it.
+            _grpc_error(grpc_context, exc)
+            raise
+        async for response in responses:
+            yield response
+
+    # ------------------------------------------------------- Serve's hooks
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose engine stopped."""
+        if not self.engine.is_alive():
+            raise RuntimeError("the engine loop has stopped")
+
+    def stats(self) -> dict:
+        """This replica's load and its requests by outcome (for operators and tests)."""
+        load = self.engine.engine.load()
+        return {"load": asdict(load), "outcomes": dict(self.serving.outcomes)}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        load = self.engine.engine.load()
+        return {WAITING: float(load.waiting), KV_USAGE: load.kv_usage, ON_TRACK: load.on_track}
+
+    def __del__(self) -> None:
+        self._stop.set()
+        if hasattr(self, "engine"):
+            self.engine.shutdown()

@@ -1,0 +1,66 @@
+"""Serve config files, the application config, and the SLO autoscaling policy (no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from specserve.deployments.autoscaling import KV_USAGE, ON_TRACK, WAITING, SLOAutoscalingPolicy  # noqa: E402
+from specserve.deployments.config import AppConfig  # noqa: E402
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_configs_are_valid(path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for app in schema.applications:
+        assert app.import_path == "specserve.deployments.app:build_app"
+        AppConfig.model_validate(app.args)  # raises on any unknown or invalid field
+
+
+def test_configs_cover_default_autoscaling_and_gpu():
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "autoscaling.yaml", "gpu-tp2.yaml"}
+
+
+def test_app_config_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="bogus"):
+        AppConfig.model_validate({"bogus": 1})
+
+
+def test_autoscaling_settings_name_the_slo_policy():
+    config = AppConfig.model_validate({"autoscaling": {"max_replicas": 3, "waiting_per_replica": 2}})
+    serve_config = config.autoscaling.serve_config()
+    assert serve_config["policy"]["policy_function"] == "specserve.deployments.autoscaling:SLOAutoscalingPolicy"
+    assert serve_config["policy"]["policy_kwargs"]["waiting_per_replica"] == 2
+    assert serve_config["max_replicas"] == 3
+
+
+@pytest.mark.parametrize("current, waiting, kv, on_track, expected", [
+    (1, 0, 0.5, 1.0, 1),    # busy enough, nobody waits: stay
+    (1, 9, 1.0, 1.0, 2),    # 9 waiting at 4 per replica asks for 3; at most doubling
+    (2, 9, 1.0, 1.0, 3),    # ... which 2 replicas may reach
+    (2, 40, 1.0, 1.0, 4),   # at most doubling per decision
+    (2, 0, 0.8, 0.5, 3),    # requests falling behind their SLO: one more
+    (3, 0, 0.1, 1.0, 2),    # idle: one fewer
+    (1, 0, 0.0, 1.0, 1),    # never below one
+])
+def test_policy_decisions(current, waiting, kv, on_track, expected):
+    assert SLOAutoscalingPolicy().desired(current, waiting, kv, on_track) == expected
+
+
+def test_policy_reads_replica_stats():
+    policy = SLOAutoscalingPolicy(waiting_per_replica=2)
+    ctx = SimpleNamespace(
+        current_num_replicas=2, total_num_requests=10,
+        aggregated_metrics={WAITING: {"a": 3.0, "b": 4.0}, KV_USAGE: {"a": 1.0, "b": 1.0}, ON_TRACK: {"a": 1.0, "b": 1.0}},
+    )
+    assert policy(ctx) == (4, {})
+    cold = SimpleNamespace(current_num_replicas=0, total_num_requests=1, aggregated_metrics={})
+    assert policy(cold) == (1, {})

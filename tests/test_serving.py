@@ -1,0 +1,237 @@
+"""The Ray Serve application end to end: OpenAI HTTP API, gRPC, errors, overload, disconnects."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from specserve.config import EngineConfig  # noqa: E402
+from specserve.deployments.app import build_app  # noqa: E402
+from specserve.deployments.client import SpecServeClient  # noqa: E402
+from specserve.engine.llm_engine import LLMEngine  # noqa: E402
+from specserve.engine.sampling_params import SamplingParams  # noqa: E402
+from tiny_models import build_tiny_model  # noqa: E402
+
+HTTP_PORT, GRPC_PORT = 18000, 19000
+BASE = f"http://127.0.0.1:{HTTP_PORT}"
+SERVICER = "specserve.deployments.grpc.specserve_pb2_grpc.add_SpecServeServicer_to_server"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """Two applications on one local Ray: 'specserve' (the tiny model) and 'busy' (a slower
+    model with one KV slot and room for one waiting request, so that requests overlap and a
+    third concurrent one is refused). Yields the handles of both."""
+    # A loaded CI machine can take longer than Serve's 5 s to start its proxy.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": HTTP_PORT},
+        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER]},
+    )
+    engine = {"model": str(tiny_model), "max_num_seqs": 2, "max_model_len": 256}
+    serve.run(build_app({"engine": engine, "model_name": "tiny", "num_cpus": 0}), name="specserve", route_prefix="/")
+    slow_model = build_tiny_model(tmp_path_factory.mktemp("slow-llama"), hidden_size=256, intermediate_size=1024,
+                                  num_hidden_layers=8, max_position_embeddings=1024)
+    busy = {"model": str(slow_model), "max_num_seqs": 1, "max_model_len": 1024}
+    serve.run(build_app({"engine": busy, "model_name": "slow", "max_waiting_requests": 1, "num_cpus": 0}),
+              name="busy", route_prefix="/busy")
+    yield {"specserve": serve.get_app_handle("specserve"), "busy": serve.get_app_handle("busy")}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """Greedy outputs of the in-process engine, to compare the served ones with."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=2, max_model_len=256))
+
+    def run(prompt, max_tokens: int) -> str:
+        request = engine.make_request("ref", prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+        engine.add_request(request)
+        final = None
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                final = output
+        return final.output.text
+
+    yield run, engine
+    engine.shutdown()
+
+
+def _post(path: str, body: bytes | dict) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(BASE + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def test_models_and_health(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with urllib.request.urlopen(BASE + "/health") as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+
+
+def test_completion_matches_in_process_engine(client, reference):
+    run, _ = reference
+    reply = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=12, temperature=0)
+    assert reply.choices[0].text == run("The quick brown fox", 12)
+    assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
+    stats = reply.model_extra["specserve"]
+    assert stats["ttft_ms"] > 0 and stats["tpot_slo_ms"] == 120.0 and stats["slo_attained"] is True
+
+
+def test_streamed_completion_equals_unary(client):
+    unary = client.completions.create(model="tiny", prompt="Hello world", max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="Hello world", max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == unary.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_streaming_and_not(client, reference):
+    run, engine = reference
+    messages = [{"role": "user", "content": "Hello"}]
+    expected = run(engine.apply_chat_template(messages), 8)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].model_extra["specserve"]["tpot_ms"] > 0
+
+
+def test_slo_extension_fields(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        extra_body={"slo_class": "interactive", "ttft_slo_ms": 9000},
+    )
+    stats = reply.model_extra["specserve"]
+    assert stats["tpot_slo_ms"] == 60.0 and stats["ttft_slo_ms"] == 9000.0
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "bogus": 1}, "bogus"),
+    ({"prompt": "x", "max_tokens": 10_000}, "max_tokens"),
+    ({"prompt": "x", "slo_class": "nope"}, "slo_class"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "n": 2}, "n"),
+    (b"{not json", None),
+])
+def test_bad_requests_get_openai_errors(server, body, param):
+    status, error, _ = _post("/v1/completions", body)
+    assert status == 400
+    assert error["error"]["type"] == "invalid_request_error" and error["error"]["param"] == param
+    assert error["error"]["message"]
+
+
+def test_unknown_model_is_404_and_client_raises(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=3)
+
+
+def test_grpc_unary_and_stream_match_http(client):
+    http = client.completions.create(model="tiny", prompt="Serving large", max_tokens=9, temperature=0)
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        reply = grpc_client.generate("Serving large", max_tokens=9, temperature=0, slo_class="batch")
+        assert reply.text == http.choices[0].text and reply.finish_reason == "length"
+        assert reply.usage.completion_tokens == 9 and reply.stats.tpot_slo_ms == 400.0
+        parts = list(grpc_client.stream("Serving large", max_tokens=9, temperature=0))
+        assert "".join(p.text for p in parts) == reply.text
+        assert parts[-1].finish_reason == "length" and all(not p.finish_reason for p in parts[:-1])
+        chat = grpc_client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+        assert chat.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("call", ["generate", "stream"])
+def test_grpc_bad_request_is_invalid_argument(server, call):
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(getattr(grpc_client, call)("x", temperature=-1.0)) if call == "stream" else \
+                grpc_client.generate("x", temperature=-1.0)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "temperature" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_client.generate("x", messages=[{"role": "user", "content": "y"}])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_overload_gets_429_with_retry_after(server):
+    """'busy' has one KV slot and admits one waiting request; the rest are refused."""
+    body = {"prompt": "Hello", "max_tokens": 600, "ignore_eos": True, "temperature": 0}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: _post("/busy/v1/completions", body), range(8)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses.count(200) >= 2 and 429 in statuses
+    refused = next((error, headers) for status, error, headers in results if status == 429)
+    assert refused[0]["error"]["type"] == "rate_limit_error" and int(refused[1]["retry-after"]) >= 1
+
+
+def test_client_disconnect_aborts_and_frees_the_slot(server):
+    busy = server["busy"]
+    before = busy.stats.remote().result()["outcomes"].get("abort", 0)
+    body = json.dumps({"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "temperature": 0,
+                       "stream": True}).encode()
+    request = urllib.request.Request(BASE + "/busy/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    response = urllib.request.urlopen(request)
+    assert response.readline().startswith(b"data: ")  # generating
+    response.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = busy.stats.remote().result()
+        if stats["outcomes"].get("abort", 0) > before and stats["load"]["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["outcomes"].get("abort", 0) == before + 1
+    assert stats["load"]["running"] == 0 and stats["load"]["kv_usage"] == 0.0
+
+
+def test_autoscaling_stats_are_reported(server):
+    stats = server["specserve"].record_autoscaling_stats.remote().result()
+    assert set(stats) == {"waiting", "kv_usage", "on_track"}
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+@pytest.mark.parametrize("protocol, extra", [("http", []), ("http", ["--stream", "--chat"]),
+                                             ("grpc", []), ("grpc", ["--stream"])])
+def test_cli_client(server, capsys, protocol, extra):
+    from specserve.cli import main
+
+    argv = ["client", "The quick brown fox", "--protocol", protocol, "--max-tokens", "6", "--stats",
+            "--url", f"{BASE}/v1", "--grpc-target", f"127.0.0.1:{GRPC_PORT}", *extra]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "tpot_ms" in err
+
+
+def test_cli_client_reports_errors(server, capsys):
+    from specserve.cli import main
+
+    for protocol in ("http", "grpc"):
+        assert main(["client", "x", "--protocol", protocol, "--slo-class", "nope", "--url", f"{BASE}/v1",
+                     "--grpc-target", f"127.0.0.1:{GRPC_PORT}"]) == 2
+        assert "slo" in capsys.readouterr().err.lower()
