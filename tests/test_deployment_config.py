@@ -59,7 +59,8 @@ def test_policy_reads_replica_stats():
     policy = SLOAutoscalingPolicy(waiting_per_replica=2)
     ctx = SimpleNamespace(
         current_num_replicas=2, total_num_requests=10,
-        aggregated_metrics={WAITING: {"a": 3.0, "b": 4.0}, KV_USAGE: {"a": 1.0, "b": 1.0}, ON_TRACK: {"a": 1.0, "b": 1.0}},
+        aggregated_metrics={WAITING: {"a": 3.0, "b": 4.0}, KV_USAGE: {"a": 1.0, "b": 1.0},
+                            ON_TRACK: {"a": 1.0, "b": 1.0}},
     )
     assert policy(ctx) == (4, {})
     cold = SimpleNamespace(current_num_replicas=0, total_num_requests=1, aggregated_metrics={})

@@ -15,13 +15,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from tiny_models import build_tiny_model  # noqa: E402
 
 from specserve.config import EngineConfig  # noqa: E402
 from specserve.deployments.app import build_app  # noqa: E402
 from specserve.deployments.client import SpecServeClient  # noqa: E402
 from specserve.engine.llm_engine import LLMEngine  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
 
 HTTP_PORT, GRPC_PORT = 18000, 19000
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
@@ -196,7 +196,8 @@ def test_client_disconnect_aborts_and_frees_the_slot(server):
     before = busy.stats.remote().result()["outcomes"].get("abort", 0)
     body = json.dumps({"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "temperature": 0,
                        "stream": True}).encode()
-    request = urllib.request.Request(BASE + "/busy/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(BASE + "/busy/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
     response = urllib.request.urlopen(request)
     assert response.readline().startswith(b"data: ")  # generating
     response.close()

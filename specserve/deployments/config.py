@@ -20,6 +20,11 @@ class ServerConfig(BaseModel):
         default=64, ge=1, description="Queue length at which new requests get 429 with Retry-After."
     )
     metrics_interval_s: float = Field(default=1.0, gt=0, description="How often engine gauges are exported.")
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="CPU threads of the replica's torch; None: every core of its node (Ray would "
+        "otherwise limit a replica to its num_cpus threads).",
+    )
 
 
 class AutoscalingSettings(BaseModel):

@@ -25,14 +25,14 @@ from specserve.deployments.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    GenerationFields,
     ModelCard,
     ModelList,
     RequestStats,
     SpeculationStats,
     Usage,
-    _GenerationFields,
-    _id,
-    _now,
+    new_id,
+    unix_now,
 )
 from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.request import RequestOutput
@@ -160,7 +160,7 @@ class OpenAIServing:
                 type="not_found_error", param="model",
             )
 
-    def _params(self, request: _GenerationFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(self, request: GenerationFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -196,7 +196,7 @@ class OpenAIServing:
 
         Closing the iterator early (a client that went away) aborts the request.
         """
-        stream = self.engine.generate(prompt, params, request_id=_id("req"))
+        stream = self.engine.generate(prompt, params, request_id=new_id("req"))
         async with aclosing(stream):
             try:
                 output = await anext(stream)
@@ -260,7 +260,7 @@ class OpenAIServing:
     async def _completion_events(
         self, request: CompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[str]:
-        response_id, created = _id("cmpl"), _now()
+        response_id, created = new_id("cmpl"), unix_now()
         sent = 0
         async with aclosing(outputs):
             async for output in prepend(first, outputs):
@@ -332,7 +332,7 @@ class OpenAIServing:
     async def _chat_events(
         self, request: ChatCompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[str]:
-        response_id, created = _id("chatcmpl"), _now()
+        response_id, created = new_id("chatcmpl"), unix_now()
 
         def chunk(choices: list[ChatChunkChoice], **extra) -> str:
             body = ChatCompletionChunk(id=response_id, created=created, model=self.model_name,

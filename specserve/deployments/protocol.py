@@ -32,7 +32,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationFields(SLOFields):
+class GenerationFields(SLOFields):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
@@ -50,7 +50,7 @@ class _GenerationFields(SLOFields):
     user: str | None = None
 
 
-class CompletionRequest(_GenerationFields):
+class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
@@ -87,7 +87,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_GenerationFields):
+class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -120,11 +120,11 @@ class RequestStats(BaseModel):
     speculation: SpeculationStats | None = None
 
 
-def _id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _now() -> int:
+def unix_now() -> int:
     return int(time.time())
 
 
@@ -136,9 +136,9 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _id("cmpl"))
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_now)
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
@@ -158,9 +158,9 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_now)
     model: str
     choices: list[ChatChoice]
     usage: Usage
@@ -192,7 +192,7 @@ class ChatCompletionChunk(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_now)
     owned_by: str = "specserve"
 
 

@@ -7,12 +7,14 @@ and exports Prometheus metrics.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' body types at run time.
 
+import os
 import threading
-from dataclasses import asdict
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,6 +55,12 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _error_response(invalid_fields(list(exc.errors())))
 
 
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _grpc_error(context: RayServegRPCContext, exc: ServingError) -> None:
     context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
     context.set_details(exc.message)
@@ -66,6 +74,7 @@ class SpecServeServer:
     def __init__(self, config: ServerConfig | dict) -> None:
         self._stop = threading.Event()
         config = ServerConfig.model_validate(config)
+        torch.set_num_threads(config.torch_threads or _usable_cores())
         self.engine = AsyncLLMEngine(config.engine)
         name = config.model_name or Path(self.engine.engine.model_path).name
         self.metrics = ServingMetrics(name)
