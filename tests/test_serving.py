@@ -23,7 +23,7 @@ from specserve.deployments.client import SpecServeClient  # noqa: E402
 from specserve.engine.llm_engine import LLMEngine  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
 
-HTTP_PORT, GRPC_PORT = 18000, 19000
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 18000, 19000, 18080
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 SERVICER = "specserve.deployments.grpc.specserve_pb2_grpc.add_SpecServeServicer_to_server"
 
@@ -35,7 +35,8 @@ def server(tiny_model, tmp_path_factory):
     third concurrent one is refused). Yields the handles of both."""
     # A loaded CI machine can take longer than Serve's 5 s to start its proxy.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # export metrics within a second
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     serve.start(
         http_options={"host": "127.0.0.1", "port": HTTP_PORT},
         grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER]},
@@ -236,3 +237,19 @@ def test_cli_client_reports_errors(server, capsys):
         assert main(["client", "x", "--protocol", protocol, "--slo-class", "nope", "--url", f"{BASE}/v1",
                      "--grpc-target", f"127.0.0.1:{GRPC_PORT}"]) == 2
         assert "slo" in capsys.readouterr().err.lower()
+
+
+def test_prometheus_metrics_are_exported(client):
+    client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
+    wanted = ["ray_specserve_ttft_seconds_bucket", "ray_specserve_requests_total", "ray_specserve_kv_usage",
+              "ray_specserve_waiting_requests", "ray_specserve_on_track"]
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics") as response:
+            text = response.read().decode()
+        missing = [name for name in wanted if name not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, f"not exported: {missing}"
+    assert 'finish_reason="length"' in text and 'model="tiny"' in text
