@@ -92,6 +92,11 @@ class EngineConfig(BaseModel):
         default="auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
     )
     tensor_parallel_size: int = Field(default=1, ge=1)
+    worker_backend: Literal["process", "ray"] = Field(
+        default="process",
+        description="How TP ranks 1..N-1 run: local processes, or Ray actors in a STRICT_PACK "
+        "placement group (the Serve replica's own when it has one; needs a running Ray).",
+    )
     weight_layout: Literal["auto", "output_major", "input_major"] = Field(
         default="auto",
         description="How linear weights are stored: 'auto' measures which layout multiplies "

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import pytest
+
 from specserve.config import EngineConfig
+from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.sampling_params import SamplingParams
 from specserve.llm import LLM
 from tiny_models import PROMPTS, build_tiny_model
@@ -41,3 +47,63 @@ def test_tp2_tree_speculation_equals_plain_greedy(tmp_path):
     finally:
         plain.shutdown()
         spec.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_tp2_over_ray_actors_equals_tp1(tmp_path, local_ray):
+    """Rank 1 as a Ray actor in a placement group gives the same greedy tokens as TP=1."""
+    path = str(build_tiny_model(tmp_path))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    results = {}
+    for tp, backend in ((1, "process"), (2, "ray")):
+        llm = LLM(path, tensor_parallel_size=tp, worker_backend=backend, max_num_seqs=4)
+        try:
+            results[tp] = [o.output.token_ids for o in llm.generate(PROMPTS, params)]
+            if backend == "ray":
+                assert llm.engine.executor.healthy()
+        finally:
+            llm.shutdown()
+    assert results[2] == results[1]
+
+
+def test_dead_tp_worker_fails_requests_clearly_and_stops_the_engine(tmp_path, local_ray):
+    """Killing rank 1 mid-generation fails the in-flight request with a clear error; the engine
+    reports itself dead (a Serve replica's health check then replaces it) and refuses new work."""
+    path = str(build_tiny_model(tmp_path, max_position_embeddings=1024))
+    engine = AsyncLLMEngine(EngineConfig(model=path, tensor_parallel_size=2, worker_backend="ray",
+                                         max_num_seqs=2, max_model_len=1024))
+    params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+
+    async def run() -> str:
+        outputs = 0
+        try:
+            async for _ in engine.generate("Hello", params):
+                outputs += 1
+                if outputs == 3:
+                    local_ray.kill(engine.engine.executor.workers.actors[0])
+        except RuntimeError as exc:
+            return str(exc)
+        return "finished"
+
+    try:
+        error = asyncio.run(run())
+        assert error.startswith("forward failed") and "by peer" in error  # reset or closed
+        deadline = time.monotonic() + 30
+        while engine.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not engine.is_alive()
+
+        async def late():
+            async for _ in engine.generate("Hi", SamplingParams(max_tokens=2)):
+                pass
+        with pytest.raises(RuntimeError, match="tensor-parallel worker died"):
+            asyncio.run(late())
+    finally:
+        engine.shutdown()

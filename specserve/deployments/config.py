@@ -70,4 +70,9 @@ class AppConfig(ServerConfig):
         default=None, description="Scale replicas on SLO signals instead of a fixed count."
     )
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per replica.")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica.")
+    num_gpus: float = Field(
+        default=0.0, ge=0,
+        description="GPUs Ray reserves per replica process; with TP over Ray workers "
+        "(engine.worker_backend 'ray') each further rank gets its own GPU in the replica's "
+        "placement group.",
+    )

@@ -38,6 +38,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._wakeup = threading.Event()
         self._stopped = False
+        self._failure: str | None = None  # why the loop stopped on its own
         self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
         self._thread.start()
 
@@ -53,6 +54,8 @@ class AsyncLLMEngine:
         """
         request_id = request_id or uuid.uuid4().hex
         request = self.engine.make_request(request_id, prompt, params)
+        if not self.is_alive():
+            raise RuntimeError(f"the engine has stopped: {self._failure or 'shut down'}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._send(("add", request))
@@ -113,6 +116,16 @@ class AsyncLLMEngine:
         if stream is not None:
             stream.put(exc)
 
+    def _fail_everything(self, reason: str) -> None:
+        """Stop the loop for good and fail every request still waiting on it (the owner, e.g.
+        a Serve replica's health check, replaces the engine)."""
+        self._failure = reason
+        self._stopped = True
+        self._apply_commands()  # adds that raced in are failed below
+        for request_id in list(self._streams):
+            self.engine.abort_request(request_id)
+            self._deliver_error(request_id, RuntimeError(f"the engine has stopped: {reason}"))
+
     def _run(self) -> None:
         while not self._stopped:
             self._apply_commands()
@@ -124,13 +137,20 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # keep serving: fail what was in flight, go on
+            except Exception as exc:  # fail what was in flight; go on unless a TP worker died
                 logger.exception("engine step failed")
                 for request_id in list(self.engine.requests):
                     self.engine.abort_request(request_id)
                     self._deliver_error(request_id, RuntimeError(f"engine step failed: {exc}"))
+                self._stop_if_workers_died()
                 continue
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put(output)
+            if any(output.error for output in outputs):
+                self._stop_if_workers_died()
+
+    def _stop_if_workers_died(self) -> None:
+        if not self.engine.executor.healthy(wait_s=5.0):
+            self._fail_everything("a tensor-parallel worker died")
