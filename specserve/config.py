@@ -43,6 +43,13 @@ class SpeculativeConfig(BaseModel):
         default_factory=TreeBudget,
         description="The largest tree a request drafts; adaptive policies choose within it.",
     )
+    draft_placement: Literal["colocated", "actor"] = Field(
+        default="colocated",
+        description="'colocated': the draft model runs in the engine's process; 'actor': on its "
+        "own Ray actor (another process, node or GPU; needs a running Ray), restarted if it dies.",
+    )
+    draft_num_cpus: float = Field(default=1.0, ge=0, description="CPUs of the draft actor.")
+    draft_num_gpus: float = Field(default=0.0, ge=0, description="GPUs of the draft actor.")
     ngram_min: int = Field(default=2, ge=1)
     ngram_max: int = Field(default=4, ge=1)
 

@@ -10,11 +10,14 @@ from specserve.models.loader import ModelFiles
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import Drafter
 from specserve.spec.ngram import NgramDrafter
+from specserve.spec.remote_drafter import RemoteDrafter
 
 
 def build_drafter(config: EngineConfig, target_vocab: int, max_len: int) -> Drafter:
     spec: SpeculativeConfig = config.speculative
     if spec.method == "ngram":
         return NgramDrafter(spec.ngram_min, spec.ngram_max)
-    path = ModelFiles.check(spec.draft_model or default_draft_dir(), tokenizer=False).path
-    return ModelDrafter(Path(path), config, target_vocab, max_len)
+    path = Path(ModelFiles.check(spec.draft_model or default_draft_dir(), tokenizer=False).path)
+    if spec.draft_placement == "actor":
+        return RemoteDrafter(path, config, target_vocab, max_len, spec.draft_num_cpus, spec.draft_num_gpus)
+    return ModelDrafter(path, config, target_vocab, max_len)

@@ -1,0 +1,71 @@
+"""A draft model on its own Ray actor (another process, node or GPU than the target).
+
+Each step makes one Ray call: the accepts and releases since the last step ride along with the
+next proposal, in order. The remote drafter drafts each request's planned budget without
+consulting the controller level by level (that would cost a round trip per level). If the actor
+dies, that step goes without speculation (every request still advances: verification is
+lossless) and a new actor is started, which rebuilds its cache from the requests' tokens. The
+actor ends with the engine (when its handle is dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from specserve.config import EngineConfig
+from specserve.spec.draft_model import ModelDrafter
+from specserve.spec.drafter import DraftRequest, KeepGoing
+from specserve.spec.tree import TokenTree
+
+logger = logging.getLogger(__name__)
+
+Update = tuple[str, str, list[int]]  # ("accept" | "release", request id, accepted tokens)
+
+
+class DraftWorker:
+    """The Ray actor: a ModelDrafter that applies the queued updates, then proposes."""
+
+    def __init__(self, draft_path: Path, config: EngineConfig, target_vocab: int, max_len: int) -> None:
+        self.drafter = ModelDrafter(draft_path, config, target_vocab, max_len)
+
+    def step(self, updates: list[Update], requests: list[DraftRequest]) -> list[TokenTree]:
+        for kind, request_id, tokens in updates:
+            if kind == "accept":
+                self.drafter.accept(request_id, tokens)
+            else:
+                self.drafter.release(request_id)
+        return self.drafter.propose(requests) if requests else []
+
+
+class RemoteDrafter:
+    """The engine-side Drafter that drives a DraftWorker actor."""
+
+    def __init__(self, draft_path: Path, config: EngineConfig, target_vocab: int, max_len: int,
+                 num_cpus: float = 1, num_gpus: float = 0) -> None:
+        import ray
+
+        self._args = (draft_path, config, target_vocab, max_len)
+        self._actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(DraftWorker)
+        self._updates: list[Update] = []
+        self.restarts = 0
+        self.actor = self._actor_class.remote(*self._args)
+
+    def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        updates, self._updates = self._updates, []
+        try:
+            return ray.get(self.actor.step.remote(updates, requests))
+        except RayActorError as exc:
+            logger.warning("draft actor died (%s); this step goes without speculation, restarting it", exc)
+            self.restarts += 1
+            self.actor = self._actor_class.remote(*self._args)
+            return [TokenTree() for _ in requests]
+
+    def accept(self, request_id: str, tokens: list[int]) -> None:
+        self._updates.append(("accept", request_id, list(tokens)))
+
+    def release(self, request_id: str) -> None:
+        self._updates.append(("release", request_id, []))
