@@ -192,6 +192,21 @@ def test_overload_gets_429_with_retry_after(server):
     assert refused[0]["error"]["type"] == "rate_limit_error" and int(refused[1]["retry-after"]) >= 1
 
 
+def test_grpc_overload_is_resource_exhausted(server):
+    def call(_):
+        with SpecServeClient(f"127.0.0.1:{GRPC_PORT}", application="busy") as grpc_client:
+            try:
+                grpc_client.generate("Hello", max_tokens=600, ignore_eos=True, temperature=0)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(call, range(8)))
+    assert codes.count(grpc.StatusCode.OK) >= 2 and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
 def test_client_disconnect_aborts_and_frees_the_slot(server):
     busy = server["busy"]
     before = busy.stats.remote().result()["outcomes"].get("abort", 0)
