@@ -88,11 +88,13 @@ def tree_budget(depth: int, width: int) -> TreeBudget:
     return TreeBudget(depth=depth, width=width) if depth else OFF
 
 
-def chain_tokens(alpha: float, depth: int) -> float:
-    """Expected tokens from verifying a chain of ``depth`` with per-token acceptance alpha."""
-    if alpha >= 1.0:
-        return depth + 1.0
-    return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
+def chain_tokens(alpha: float | np.ndarray, depth: int | np.ndarray) -> float | np.ndarray:
+    """Expected tokens from verifying a chain of ``depth`` with per-token acceptance alpha
+    (elementwise on arrays)."""
+    alpha, depth = np.asarray(alpha, dtype=float), np.asarray(depth)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tokens = np.where(alpha >= 1.0, depth + 1.0, (1.0 - alpha ** (depth + 1)) / (1.0 - alpha))
+    return tokens if tokens.ndim else float(tokens)
 
 
 def draft_forwards(depths: np.ndarray, widths: np.ndarray) -> list[int]:
@@ -119,7 +121,7 @@ class StepModel:
         """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
         (within its cap) and verifies a chain of them, accepting at its own rate."""
         depths = np.minimum(depth, self.depth_caps)
-        tokens = ((1.0 - self.alphas ** (depths + 1)) / (1.0 - self.alphas)).sum()
+        tokens = chain_tokens(self.alphas, depths).sum()
         forwards = draft_forwards(depths, np.minimum(width, self.width_caps))
         return float(tokens) / self.cost.iteration_ms(self.base_tokens + int(depths.sum()), forwards)
 
