@@ -29,7 +29,6 @@ class DataConfig:
     top_logprobs: int = 20
     batch_size: int = 32
     seed: int = 0
-    vocabulary_topics: bool = True  # draw most topics from the target's vocabulary words
 
 
 def read_samples(work_dir: Path) -> Iterator[dict]:
@@ -41,24 +40,12 @@ def read_samples(work_dir: Path) -> Iterator[dict]:
                     yield json.loads(line)
 
 
-def vocabulary_words(tokenizer, min_letters: int = 5) -> list[str]:
-    """Whole lower-case words of the tokenizer's vocabulary (a token that decodes to " word")."""
-    words = set()
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        word = text[1:]
-        if text.startswith(" ") and len(word) >= min_letters and word.isalpha() and word.islower():
-            words.add(word)
-    return sorted(words)
-
-
 def generate_dataset(engine: LLMEngine, work_dir: Path, config: DataConfig) -> Path:
     """Answer every prompt greedily with the target; returns the samples file."""
     work_dir.mkdir(parents=True, exist_ok=True)
     done = {s["prompt_id"]: s for s in read_samples(work_dir)}
-    words = vocabulary_words(engine.tokenizer) if config.vocabulary_topics else []
-    first_round = document_requests(config.num_documents, config.seed, words) + chat_prompts(
-        config.num_prompts, config.seed, words
+    first_round = document_requests(config.num_documents, config.seed) + chat_prompts(
+        config.num_prompts, config.seed
     )
     _answer(engine, work_dir, [p for p in first_round if p.prompt_id not in done], config, "round 1")
     done = {s["prompt_id"]: s for s in read_samples(work_dir)}

@@ -10,7 +10,6 @@ long-context prompts wrap documents that the target itself wrote in an earlier r
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 TOPICS = [
@@ -166,12 +165,6 @@ GERMAN = [
     "Die Universität bietet kostenlose Kurse für ältere Menschen an.",
     "Der Film erzählt die Geschichte einer mutigen Ärztin.",
 ]
-VOCABULARY = [
-    "What does the word \"{word}\" mean? Use it in three example sentences.",
-    "Write a short story that uses the word \"{word}\".",
-    "Write a paragraph about {word}.",
-    "Tell me something interesting related to {word}.",
-]
 DOCUMENT_REQUESTS = [
     "Write a detailed news article about {topic}.",
     "Write a long encyclopedia-style article about {topic}.",
@@ -193,23 +186,14 @@ class Prompt:
     text: str
 
 
-def _topic_chooser(rng: random.Random, words: Sequence[str]):
-    """Topics from the curated list or, more often when given, from ``words`` (the target's
-    vocabulary), so that answers range over far more subjects than any list could name."""
-    def choose() -> str:
-        return rng.choice(words) if words and rng.random() < 0.6 else rng.choice(TOPICS)
-    return choose
-
-
-def chat_prompts(count: int, seed: int, words: Sequence[str] = ()) -> list[Prompt]:
+def chat_prompts(count: int, seed: int) -> list[Prompt]:
     """``count`` distinct single-turn prompts across the short-context categories."""
     rng = random.Random(seed)
-    topic = _topic_chooser(rng, words)
     makers = [
-        ("writing", lambda: rng.choice(WRITING).format(topic=topic(), place=rng.choice(PLACES))),
+        ("writing", lambda: rng.choice(WRITING).format(topic=rng.choice(TOPICS), place=rng.choice(PLACES))),
         ("roleplay", lambda: rng.choice(ROLEPLAY).format(
-            persona=rng.choice(PERSONAS), topic=topic(), place=rng.choice(PLACES))),
-        ("knowledge", lambda: rng.choice(KNOWLEDGE).format(topic=topic(), other=topic())),
+            persona=rng.choice(PERSONAS), topic=rng.choice(TOPICS), place=rng.choice(PLACES))),
+        ("knowledge", lambda: rng.choice(KNOWLEDGE).format(topic=rng.choice(TOPICS), other=rng.choice(TOPICS))),
         ("qa", lambda: rng.choice(QA).format(**{k: rng.choice(v) for k, v in QA_FILL.items()})),
         ("coding", lambda: rng.choice(CODING).format(
             task=rng.choice(CODE_TASKS), task_alt=rng.choice(CODE_ALGORITHMS), concept=rng.choice(CODE_CONCEPTS))),
@@ -223,12 +207,10 @@ def chat_prompts(count: int, seed: int, words: Sequence[str] = ()) -> list[Promp
         ("math", lambda: rng.choice(MATH).format(
             a=rng.randint(2, 12), b=rng.randint(1, 30), c=rng.randint(20, 200), n=rng.randint(3, 12))),
         ("extraction", lambda: rng.choice(EXTRACTION).format(
-            text=f"{rng.choice(NAMES)} travelled from {rng.choice(PLACES)} to {rng.choice(PLACES)} to study {topic()}.",
+            text=f"{rng.choice(NAMES)} travelled from {rng.choice(PLACES)} to {rng.choice(PLACES)} to study {rng.choice(TOPICS)}.",
             review=rng.choice(REVIEWS))),
         ("translation", lambda: "Translate German to English: " + rng.choice(GERMAN)),
     ]
-    if words:
-        makers.append(("vocabulary", lambda: rng.choice(VOCABULARY).format(word=rng.choice(words))))
     seen: set[str] = set()
     prompts: list[Prompt] = []
     attempts = 0
@@ -242,11 +224,11 @@ def chat_prompts(count: int, seed: int, words: Sequence[str] = ()) -> list[Promp
     return prompts
 
 
-def document_requests(count: int, seed: int, words: Sequence[str] = ()) -> list[Prompt]:
+def document_requests(count: int, seed: int) -> list[Prompt]:
     """Prompts whose answers become the documents of the long-context round."""
     rng = random.Random(seed + 1)
-    topic = _topic_chooser(rng, words)
-    topics = [topic() for _ in range(count)]
+    topics = rng.sample(TOPICS, min(count, len(TOPICS)))
+    topics += [rng.choice(TOPICS) for _ in range(count - len(topics))]
     return [
         Prompt(f"document-s{seed}-{i}", "document", rng.choice(DOCUMENT_REQUESTS).format(topic=topic))
         for i, topic in enumerate(topics)
