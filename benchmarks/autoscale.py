@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
     parser.add_argument("--quick", action="store_true", help="shorter phases (30 s) and cool-down (60 s)")
     parser.add_argument("--low", type=float, default=0.05)
-    parser.add_argument("--high", type=float, default=0.6)
+    parser.add_argument("--high", type=float, default=0.4)
     parser.add_argument("--phases", type=int, default=4, help="rate steps up (and as many down)")
     parser.add_argument("--phase-s", type=float, default=None, help="seconds per step (60; 30 with --quick)")
     parser.add_argument("--cooldown-s", type=float, default=None, help="idle seconds at the end (120; 60 quick)")
