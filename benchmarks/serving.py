@@ -2,14 +2,17 @@
 
 Starts a local Ray with the application of ``configs/default.yaml`` (HTTP and gRPC on free
 ports) and replays, in real time, the Azure conversation trace's arrivals at ``--rate`` with
-Spec-Bench prompts and the trace's output lengths (as ``replay.py`` does), once through the
-OpenAI HTTP API (streaming, the official client), once through gRPC streaming, and once on the
-in-process engine with the same engine config. Client-side TTFT and TPOT (from the streamed
-chunks) give SLO attainment and goodput per path; the serving overhead is the mean TPOT over the
-network path against the in-process one (goal: at most 5% added per-token latency).
+Spec-Bench prompts and the trace's output lengths (as ``replay.py`` does) through three paths:
+the OpenAI HTTP API (streaming, the official client), gRPC streaming, and the in-process engine
+with the same engine config (loaded beside the application, idle while it serves). The paths
+take turns for ``--rounds`` rounds, every other round in reverse order, so that the machine's
+drift over the run falls on all of them alike. Client-side TTFT and TPOT (from the streamed
+chunks) give SLO attainment and goodput per path; the serving overhead is the mean TPOT over a
+network path against the in-process one (goal: at most 5% added per-token latency). The server's
+own TPOT of the same requests tells what the network path itself adds.
 
     python benchmarks/serving.py --json OUT.json [--trace PATH] [--questions PATH] [--quick]
-        [--rate R] [--requests N] [--max-new-tokens N] [--config configs/default.yaml]
+        [--rate R] [--requests N] [--rounds N] [--max-new-tokens N] [--config configs/default.yaml]
 """
 
 from __future__ import annotations
@@ -161,9 +164,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     parser.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
-    parser.add_argument("--quick", action="store_true", help="20 requests, 32 new tokens at most")
+    parser.add_argument("--quick", action="store_true", help="12 requests a round, 32 new tokens at most")
     parser.add_argument("--rate", type=float, default=0.15, help="requests/s")
-    parser.add_argument("--requests", type=int, default=None, help="default 60, 20 with --quick")
+    parser.add_argument("--requests", type=int, default=None, help="per path and round; default 40, 12 with --quick")
+    parser.add_argument("--rounds", type=int, default=2, help="turns of every path (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64, 32 with --quick")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -172,7 +176,9 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"{path} not found")
     if args.rate <= 0:
         parser.error("--rate must be positive")
-    args.requests = args.requests or (20 if args.quick else 60)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    args.requests = args.requests or (12 if args.quick else 40)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 64)
     return args
 
@@ -192,36 +198,42 @@ def main() -> int:
     # gRPC takes text: decoding and re-encoding a chat prompt gives back the same ids here.
     prompts_text = {tuple(p): engine.tokenizer.decode(p) for p in prompts}
 
-    results = {}
-    with tqdm(total=3 * len(jobs), desc="requests") as bar:
-        bar.set_postfix_str("in-process")
-        outcomes, duration = replay(engine, jobs, "inproc", bar)
-        results["in_process"] = {**summarize(outcomes, duration), "duration_s": duration}
-        model_name = config.model_name or engine.model_path.name
+    model_name = config.model_name or engine.model_path.name
+    http_port, grpc_port = free_port(), free_port()
+    start_app(args.config, http_port, grpc_port)
+    runs = {
+        "in_process": lambda bar, server_tpot: replay(engine, jobs, "inproc", bar),
+        "http": lambda bar, server_tpot: asyncio.run(
+            replay_http(jobs, f"http://127.0.0.1:{http_port}/v1", model_name, bar, server_tpot)),
+        "grpc": lambda bar, server_tpot: asyncio.run(
+            replay_grpc(jobs, f"127.0.0.1:{grpc_port}", prompts_text, bar, server_tpot)),
+    }
+    outcomes: dict[str, list[Outcome]] = {path: [] for path in runs}
+    durations = dict.fromkeys(runs, 0.0)
+    server_tpots: dict[str, list] = {path: [] for path in runs}
+    try:
+        with tqdm(total=args.rounds * len(runs) * len(jobs), desc="requests") as bar:
+            for round_ in range(args.rounds):
+                for path in list(runs) if round_ % 2 == 0 else reversed(runs):
+                    bar.set_postfix_str(f"round {round_ + 1}: {path}")
+                    done, duration = runs[path](bar, server_tpots[path])
+                    outcomes[path] += done
+                    durations[path] += duration
+    finally:
+        stop_app()
         engine.shutdown()
-        http_port, grpc_port = free_port(), free_port()
-        start_app(args.config, http_port, grpc_port)
-        try:
-            bar.set_postfix_str("http")
-            server_tpot: list = []
-            outcomes, duration = asyncio.run(
-                replay_http(jobs, f"http://127.0.0.1:{http_port}/v1", model_name, bar, server_tpot))
-            results["http"] = {**summarize(outcomes, duration), "duration_s": duration,
-                               "server_mean_tpot_ms": _mean(server_tpot)}
-            bar.set_postfix_str("grpc")
-            server_tpot = []
-            outcomes, duration = asyncio.run(
-                replay_grpc(jobs, f"127.0.0.1:{grpc_port}", prompts_text, bar, server_tpot))
-            results["grpc"] = {**summarize(outcomes, duration), "duration_s": duration,
-                               "server_mean_tpot_ms": _mean(server_tpot)}
-        finally:
-            stop_app()
+    results = {path: {**summarize(outcomes[path], durations[path]), "duration_s": durations[path]}
+               for path in runs}
+    for path in ("http", "grpc"):
+        results[path]["server_mean_tpot_ms"] = _mean(server_tpots[path])
+        results[path]["network_added_tpot_ms"] = results[path]["mean_tpot_ms"] - _mean(server_tpots[path])
 
     base = results["in_process"]["mean_tpot_ms"]
     overhead = {path: results[path]["mean_tpot_ms"] / base - 1 for path in ("http", "grpc")}
     report = {
         "rate": args.rate,
-        "requests": len(jobs),
+        "requests_per_round": len(jobs),
+        "rounds": args.rounds,
         "max_new_tokens": args.max_new_tokens,
         "paths": results,
         "tpot_overhead": overhead,

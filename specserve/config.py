@@ -104,6 +104,12 @@ class EngineConfig(BaseModel):
         description="How TP ranks 1..N-1 run: local processes, or Ray actors in a STRICT_PACK "
         "placement group (the Serve replica's own when it has one; needs a running Ray).",
     )
+    collective_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="Longest rank 0 waits in one tensor-parallel collective before the step fails "
+        "(a worker that died without closing its connection); the workers wait for rank 0's next "
+        "call without a limit, however long the replica idles.",
+    )
     weight_layout: Literal["auto", "output_major", "input_major"] = Field(
         default="auto",
         description="How linear weights are stored: 'auto' measures which layout multiplies "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 import random
 import time
 
@@ -241,8 +242,10 @@ def test_auto_keeps_speculating_for_a_request_behind_its_slo_even_when_verificat
 def test_specserve_stops_drafting_and_trims_tails_by_confidence():
     specserve = policy("specserve", cost_model(30.0, 3.0))
     step = step_view(2)
-    assert specserve.keep_drafting(step, [chain([0.95]), chain([0.95])], 1)
-    assert not specserve.keep_drafting(step, [chain([0.95, 0.05]), chain([0.95, 0.05])], 2)
+    rule = specserve.drafting_rule(step)
+    assert rule(1, [chain([0.95]), chain([0.95])])
+    assert not rule(2, [chain([0.95, 0.05]), chain([0.95, 0.05])])
+    assert pickle.loads(pickle.dumps(rule))(1, [chain([0.95]), chain([0.95])])  # may run on a draft actor
     counts = specserve.select(step, node_values([chain([0.95, 0.9, 0.05]), chain([0.9, 0.02, 0.01])]))
     assert counts == [2, 1]
 

@@ -1,7 +1,9 @@
-"""Serve config files, the application config, and the SLO autoscaling policy (no cluster)."""
+"""Serve config files, the application config, the SLO autoscaling policy, and error mapping (no cluster)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from specserve.deployments.autoscaling import KV_USAGE, ON_TRACK, WAITING, SLOAutoscalingPolicy  # noqa: E402
 from specserve.deployments.config import AppConfig  # noqa: E402
+from specserve.deployments.openai_serving import OpenAIServing, ServingError, error_events  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -65,3 +68,28 @@ def test_policy_reads_replica_stats():
     assert policy(ctx) == (4, {})
     cold = SimpleNamespace(current_num_replicas=0, total_num_requests=1, aggregated_metrics={})
     assert policy(cold) == (1, {})
+
+
+def test_engine_failures_are_500_or_503_when_the_engine_stopped():
+    failure = RuntimeError("forward failed: Connection closed by peer")
+    running = SimpleNamespace(engine=SimpleNamespace(is_alive=lambda: True))
+    stopped = SimpleNamespace(engine=SimpleNamespace(is_alive=lambda: False))
+    error = OpenAIServing._server_error(running, failure)
+    assert (error.status, error.type, error.retry_after_s) == (500, "server_error", None)
+    assert "forward failed" in error.message
+    error = OpenAIServing._server_error(stopped, failure)
+    assert (error.status, error.type) == (503, "server_error") and error.retry_after_s > 0
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event():
+    async def events():
+        yield "data: 1\n\n"
+        raise ServingError(500, "generation failed: boom", type="server_error")
+
+    async def collect():
+        return [event async for event in error_events(events())]
+
+    first, last = asyncio.run(collect())
+    assert first == "data: 1\n\n"
+    assert json.loads(last.removeprefix("data: "))["error"] == {
+        "message": "generation failed: boom", "type": "server_error", "param": None, "code": None}

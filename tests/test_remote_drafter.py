@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from specserve.config import ControlConfig, SpeculativeConfig
+from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.sampling_params import SamplingParams
 from specserve.llm import LLM
+from specserve.spec.draft_model import ModelDrafter
+from specserve.spec.drafter import DraftRequest
+from specserve.spec.remote_drafter import RemoteDrafter
 from specserve.spec.tree import TreeBudget
 from tiny_models import PROMPTS, build_tiny_model
 
@@ -20,27 +23,48 @@ def local_ray():
     ray.shutdown()
 
 
-def _llm(path: str, placement: str) -> LLM:
+def _llm(path: str, placement: str, control: ControlConfig = ControlConfig(policy="fixed")) -> LLM:
     spec = SpeculativeConfig(draft_model=path, budget=TreeBudget(depth=3, width=2), draft_placement=placement,
                              draft_num_cpus=0)
-    return LLM(path, max_num_seqs=4, speculative=spec, control=ControlConfig(policy="fixed"))
+    return LLM(path, max_num_seqs=4, speculative=spec, control=control)
+
+
+def _run(llm: LLM) -> tuple[list[list[int]], tuple[int, int]]:
+    """Greedy outputs of the prompts and the drafted/accepted totals."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    try:
+        outputs = [o.output.token_ids for o in llm.generate(PROMPTS, params)]
+        stats = llm.engine.spec_stats
+        return outputs, (stats.drafted, stats.accepted)
+    finally:
+        llm.shutdown()
 
 
 def test_draft_actor_gives_the_colocated_output(tmp_path, local_ray):
     path = str(build_tiny_model(tmp_path))
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    outputs = {}
-    for placement in ("colocated", "actor"):
-        llm = _llm(path, placement)
-        try:
-            outputs[placement] = [o.output.token_ids for o in llm.generate(PROMPTS, params)]
-            stats = llm.engine.spec_stats
-            assert stats.accepted > 0
-            outputs[placement + "-stats"] = (stats.drafted, stats.accepted)
-        finally:
-            llm.shutdown()
-    assert outputs["actor"] == outputs["colocated"]
-    assert outputs["actor-stats"] == outputs["colocated-stats"]  # the same trees were drafted
+    colocated, colocated_stats = _run(_llm(path, "colocated"))
+    actor, actor_stats = _run(_llm(path, "actor"))
+    assert colocated_stats[1] > 0
+    assert actor == colocated
+    assert actor_stats == colocated_stats  # the same trees were drafted
+
+
+def test_draft_actor_asks_the_drafting_rule_after_each_level(tmp_path, local_ray):
+    """The rule travels with the step's call and the actor stops where it says, as the engine's
+    own drafter does."""
+    path = build_tiny_model(tmp_path)
+    config = EngineConfig(model=str(path), max_num_seqs=2, max_model_len=128)
+    requests = [DraftRequest("a", 0, [1, 5, 9, 12], TreeBudget(depth=3)),
+                DraftRequest("b", 1, [3, 4], TreeBudget(depth=3))]
+    stop_after_one_level = lambda depth, trees: depth < 1  # noqa: E731 (pickled by value)
+    remote = RemoteDrafter(path, config, target_vocab=384, max_len=128, num_cpus=0)
+    local = ModelDrafter(path, config, target_vocab=384, max_len=128)
+    for drafter in (local, remote):
+        trees = drafter.propose(requests, stop_after_one_level)
+        assert [max(t.depths) for t in trees] == [1, 1]
+        for r in requests:
+            drafter.release(r.request_id)
+        assert [max(t.depths) for t in drafter.propose(requests)] == [3, 3]
 
 
 def test_killed_draft_actor_loses_no_request_and_is_restarted(tmp_path, local_ray):

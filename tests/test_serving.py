@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -30,9 +32,10 @@ SERVICER = "specserve.deployments.grpc.specserve_pb2_grpc.add_SpecServeServicer_
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """Two applications on one local Ray: 'specserve' (the tiny model) and 'busy' (a slower
+    """Three applications on one local Ray: 'specserve' (the tiny model), 'busy' (a slower
     model with one KV slot and room for one waiting request, so that requests overlap and a
-    third concurrent one is refused). Yields the handles of both."""
+    third concurrent one is refused) and 'tp' (TP=2 with rank 1 a Ray actor in the replica's
+    placement group). Yields the handles of the first two."""
     # A loaded CI machine can take longer than Serve's 5 s to start its proxy.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # export metrics within a second
@@ -48,6 +51,10 @@ def server(tiny_model, tmp_path_factory):
     busy = {"model": str(slow_model), "max_num_seqs": 1, "max_model_len": 1024}
     serve.run(build_app({"engine": busy, "model_name": "slow", "max_waiting_requests": 1, "num_cpus": 0}),
               name="busy", route_prefix="/busy")
+    tp = {"model": str(tiny_model), "max_num_seqs": 2, "max_model_len": 256, "tensor_parallel_size": 2,
+          "worker_backend": "ray", "collective_timeout_s": 10}
+    serve.run(build_app({"engine": tp, "model_name": "tiny", "num_cpus": 0.5, "torch_threads": 1}),
+              name="tp", route_prefix="/tp")
     yield {"specserve": serve.get_app_handle("specserve"), "busy": serve.get_app_handle("busy")}
     serve.shutdown()
     ray.shutdown()
@@ -268,3 +275,27 @@ def test_prometheus_metrics_are_exported(client):
         time.sleep(1)
     assert not missing, f"not exported: {missing}"
     assert 'finish_reason="length"' in text and 'model="tiny"' in text
+
+
+def test_dead_tp_worker_fails_requests_and_the_replica_recovers(server):
+    body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0}
+    status, reply, _ = _post("/tp/v1/completions", body)
+    assert status == 200
+    expected = reply["choices"][0]["text"]
+    # Ray titles an actor's process "ray::<class>" (the state API would need the dashboard).
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if any("ray::TensorParallelWorker" in part for part in p.info["cmdline"] or ())]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGKILL)  # the worker process crashes
+    status, error, headers = _post("/tp/v1/completions", body)
+    assert status in (500, 503) and error["error"]["type"] == "server_error"
+    assert error["error"]["message"].startswith(("generation failed", "this replica's engine has stopped"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve's health check replaces the replica
+        status, reply, headers = _post("/tp/v1/completions", body)
+        if status == 200:
+            break
+        assert status in (500, 503)
+        time.sleep(2)
+    assert status == 200 and reply["choices"][0]["text"] == expected
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -103,7 +105,40 @@ def test_dead_tp_worker_fails_requests_clearly_and_stops_the_engine(tmp_path, lo
         async def late():
             async for _ in engine.generate("Hi", SamplingParams(max_tokens=2)):
                 pass
-        with pytest.raises(RuntimeError, match="tensor-parallel worker died"):
+        with pytest.raises(RuntimeError, match="tensor-parallel group failed"):
             asyncio.run(late())
     finally:
+        engine.shutdown()
+
+
+def test_a_worker_that_stops_answering_fails_the_step_within_the_collective_timeout(tmp_path):
+    """A hung rank 1 (stopped, its connection still open) fails rank 0's step after
+    ``collective_timeout_s`` instead of hanging it, and the engine stops for good."""
+    path = str(build_tiny_model(tmp_path))
+    engine = AsyncLLMEngine(EngineConfig(model=path, tensor_parallel_size=2, max_num_seqs=2,
+                                         max_model_len=256, collective_timeout_s=2.0))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def run() -> str:
+        try:
+            async for _ in engine.generate("Hello", params):
+                pass
+        except RuntimeError as exc:
+            return str(exc)
+        return "finished"
+
+    worker = engine.engine.executor.workers.procs[0]
+    try:
+        assert asyncio.run(run()) == "finished"
+        os.kill(worker.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        error = asyncio.run(run())
+        assert error.startswith("forward failed") and "Timed out" in error
+        assert time.monotonic() - start < 30
+        deadline = time.monotonic() + 10
+        while engine.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not engine.is_alive() and not engine.engine.executor.healthy()
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
         engine.shutdown()

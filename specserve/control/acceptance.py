@@ -35,6 +35,15 @@ class _Rate:
         return (self.accepted + _PRIOR * prior) / (total + _PRIOR)
 
 
+def calibrated_values(tree: TokenTree, scales: list[float]) -> list[float]:
+    """Every node's path probability times its depth's calibration, never above its parent's."""
+    values: list[float] = []
+    for f, depth, parent in zip(tree.path_probs, tree.depths, tree.parents):
+        ceiling = 1.0 if parent < 0 else values[parent]
+        values.append(min(f * scales[depth], ceiling))
+    return values
+
+
 class AcceptancePredictor:
     def __init__(self, max_depth: int = 32, prior_rate: float = 0.5) -> None:
         # Decayed per-depth sums, stored divided by _unit (the decay so far) so that an
@@ -61,13 +70,13 @@ class AcceptancePredictor:
             self._observed = [o * self._unit for o in self._observed]
             self._unit = 1.0
 
+    def scales(self, max_depth: int) -> list[float]:
+        """``scale(depth)`` for depths 0 .. ``max_depth``."""
+        return [self.scale(depth) for depth in range(max_depth + 1)]
+
     def values(self, tree: TokenTree) -> list[float]:
         """Calibrated acceptance probability of every node, never above its parent's."""
-        values: list[float] = []
-        for f, depth, parent in zip(tree.path_probs, tree.depths, tree.parents):
-            ceiling = 1.0 if parent < 0 else values[parent]
-            values.append(min(f * self.scale(depth), ceiling))
-        return values
+        return calibrated_values(tree, self.scales(max(tree.depths, default=0)))
 
     @property
     def rate(self) -> float:

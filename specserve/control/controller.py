@@ -1,10 +1,10 @@
 """The central SLO controller: one policy, one acceptance predictor, one cost model.
 
 The engine (or the simulator) asks it three things every iteration, in this order: the draft
-budgets of the decoding requests (``plan``), whether to grow the trees one more level
-(``keep_drafting``), and which drafted nodes to verify (``select``); after verification it
-reports what was accepted (``observe``). The controller times its own decisions, so their
-overhead relative to the iteration can be measured.
+budgets of the decoding requests (``plan``), the rule the drafter asks after each level whether to
+grow the trees one more (``drafting_rule``), and which drafted nodes to verify (``select``); after
+verification it reports what was accepted (``observe``). The controller times its own decisions,
+so their overhead relative to the iteration can be measured.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CostModel
-from specserve.control.policies import PolicyName, StepView, build_policy
+from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
@@ -26,7 +26,8 @@ class SLOController:
         self.predictor = AcceptancePredictor()
         self.cost = cost
         self.policy = build_policy(policy, cost, self.predictor, max_step_tokens)
-        self.decision_seconds = 0.0  # spent in plan / keep_drafting / select / observe
+        self.decision_seconds = 0.0  # spent in plan / drafting rule / select / observe
+        self._rule: DraftingRule | None = None
 
     def _timed(self, decide: Callable[[], T]) -> T:
         start = time.perf_counter()
@@ -42,11 +43,16 @@ class SLOController:
         budgets = self._timed(lambda: self.policy.draft_budgets(step))
         return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
 
-    def keep_drafting(self, step: StepView, trees: list[TokenTree], depth: int) -> bool:
-        return self._timed(lambda: self.policy.keep_drafting(step, trees, depth))
+    def drafting_rule(self, step: StepView) -> DraftingRule | None:
+        """What the drafter asks after each level of this step (its time counts on ``select``)."""
+        self._rule = self._timed(lambda: self.policy.drafting_rule(step))
+        return self._rule
 
     def select(self, step: StepView, trees: list[TokenTree]) -> list[TokenTree]:
         """The subtree of each drafted tree that the target verifies."""
+        if self._rule is not None:  # asked in this process (a draft actor asks its own copy)
+            self.decision_seconds += self._rule.seconds
+            self._rule = None
         if not trees:
             return []
 

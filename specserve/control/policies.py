@@ -2,19 +2,20 @@
 
 Every policy answers the same three questions each iteration, for the decoding requests of the
 step (``StepView``): the tree budget each request drafts with (``draft_budgets``), whether the
-drafter should grow the trees one more level (``keep_drafting``), and how many of each request's
-best nodes the target verifies (``select``). See ../shared/ARCHITECTURE.md section 3.
+drafter should grow the trees one more level (a ``DraftingRule``, asked where the draft runs), and
+how many of each request's best nodes the target verifies (``select``). See ../shared/ARCHITECTURE.md section 3.
 """
 
 from __future__ import annotations
 
 import functools
-from abc import ABC
+import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
-from specserve.control.acceptance import AcceptancePredictor
+from specserve.control.acceptance import AcceptancePredictor, calibrated_values
 from specserve.control.cost_model import CostModel, StepCost
 from specserve.control.slo import SLO
 from specserve.control.selection import Candidates, floor_counts, ranked_extras, select_nodes
@@ -126,6 +127,47 @@ class StepModel:
         return float(tokens) / self.cost.iteration_ms(self.base_tokens + int(depths.sum()), forwards)
 
 
+class DraftingRule(ABC):
+    """A policy's answer to "grow the trees one more level?", asked by the drafter after each
+    draft level. Plain data, so it can run where the draft runs (in the engine or on a draft
+    actor); it adds the time it takes to ``seconds``."""
+
+    seconds: float = 0.0
+
+    def __call__(self, depth: int, trees: list[TokenTree]) -> bool:
+        start = time.perf_counter()
+        try:
+            return self.grow(depth, trees)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    @abstractmethod
+    def grow(self, depth: int, trees: list[TokenTree]) -> bool:
+        """After level ``depth`` with these ``trees`` (one per request of the step)."""
+
+
+@dataclass
+class GrowWhileEfficient(DraftingRule):
+    """SpecServe's adaptive drafter: one more level only while the predicted tokens per ms rise
+    (each growing request's next node is its deepest value times the mean confidence)."""
+
+    scales: list[float]  # the predictor's calibration per depth
+    confidence: float
+    cost: StepCost
+    base_tokens: int
+    depth_caps: list[int]  # per request
+
+    def grow(self, depth: int, trees: list[TokenTree]) -> bool:
+        values = [calibrated_values(tree, self.scales) for tree in trees]
+        growing = [v for v, cap in zip(values, self.depth_caps) if v and cap > depth]
+        tokens = len(trees) + sum(sum(v) for v in values)
+        nodes = sum(len(v) for v in values)
+        more_tokens = tokens + sum(v[-1] * self.confidence for v in growing)
+        now_ms = self.cost.iteration_ms(self.base_tokens + nodes, [len(trees)] * depth)
+        more_ms = self.cost.iteration_ms(self.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1))
+        return bool(growing) and more_tokens / more_ms > tokens / now_ms
+
+
 class Policy(ABC):
     name: ClassVar[PolicyName]
     needs_cost_model: ClassVar[bool] = True
@@ -141,9 +183,9 @@ class Policy(ABC):
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return [r.max_budget for r in step.requests]
 
-    def keep_drafting(self, step: StepView, trees: list[TokenTree], depth: int) -> bool:
-        """Asked after each draft level ``depth``: grow the trees one more level?"""
-        return True
+    def drafting_rule(self, step: StepView) -> DraftingRule | None:
+        """The test the drafter asks after each level of this step (None: draft the whole plan)."""
+        return None
 
     def select(self, step: StepView, values: list[list[float]]) -> list[int]:
         """How many of its best nodes each request verifies, given every drafted node's value."""
@@ -221,17 +263,15 @@ class SpecServe(Policy):
             return [OFF] * len(step.requests)
         return [TreeBudget(depth=r.max_budget.depth) for r in step.requests]
 
-    def keep_drafting(self, step: StepView, trees: list[TokenTree], depth: int) -> bool:
-        confidence = self.predictor.mean_confidence
-        values = [self.predictor.values(tree) for tree in trees]
-        growing = [v for v, r in zip(values, step.requests) if v and r.max_budget.depth > depth]
-        tokens = len(trees) + sum(sum(v) for v in values)
-        nodes = sum(len(v) for v in values)
-        more_tokens = tokens + sum(v[-1] * confidence for v in growing)
-        cost = self.step_model(step).cost
-        now_ms = cost.iteration_ms(step.base_tokens + nodes, [len(trees)] * depth)
-        more_ms = cost.iteration_ms(step.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1))
-        return bool(growing) and more_tokens / more_ms > tokens / now_ms
+    def drafting_rule(self, step: StepView) -> GrowWhileEfficient:
+        caps = [r.max_budget.depth for r in step.requests]
+        return GrowWhileEfficient(
+            scales=self.predictor.scales(max(caps, default=0)),
+            confidence=self.predictor.mean_confidence,
+            cost=self.step_model(step).cost,
+            base_tokens=step.base_tokens,
+            depth_caps=caps,
+        )
 
     def select(self, step: StepView, values: list[list[float]]) -> list[int]:
         values = [sorted(v, reverse=True) for v in values]

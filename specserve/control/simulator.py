@@ -2,7 +2,7 @@
 model instead of forwards and a synthetic drafter instead of models.
 
 Each iteration runs the engine's order: the controller plans draft budgets, the scheduler admits
-and chunks prefills, the synthetic drafter grows trees (asking ``keep_drafting`` after every
+and chunks prefills, the synthetic drafter grows trees (asking the drafting rule after every
 level), the controller selects the nodes to verify, verification samples which path the target
 accepts, and the clock advances by the cost model's prediction for the drafted levels and the
 target forward. Only the models are simulated; every decision is made by the code that serves.
@@ -50,13 +50,15 @@ class AcceptanceModel:
             left -= p
         return probs
 
-    def draft(self, rng: random.Random, budgets: list[TreeBudget], keep_going: KeepGoing) -> tuple[list[TokenTree], list[int]]:
+    def draft(
+        self, rng: random.Random, budgets: list[TreeBudget], keep_going: KeepGoing | None
+    ) -> tuple[list[TokenTree], list[int]]:
         """Beam-grown trees within ``budgets`` and the tokens each draft forward fed."""
         trees = [TokenTree() for _ in budgets]
         frontiers: list[list[int]] = [[-1] for _ in budgets]
         forwards = []
         for depth in range(1, max((b.depth for b in budgets), default=0) + 1):
-            if depth > 1 and not keep_going(depth - 1, trees):
+            if depth > 1 and keep_going is not None and not keep_going(depth - 1, trees):
                 break
             level = [i for i, b in enumerate(budgets) if b.depth >= depth and frontiers[i]]
             if not level:
@@ -187,7 +189,7 @@ class Simulator:
         trees, forwards = self.acceptance.draft(
             self.rng,
             [item.draft_budget for item in asked],
-            lambda depth, grown: self.controller.keep_drafting(step, grown, depth),
+            self.controller.drafting_rule(step),
         )
         draft_cost = self.cost.at_context(step.mean_context)  # one curve for all the step's draft forwards
         step.draft_ms = sum(draft_cost.draft_ms(n) for n in forwards)

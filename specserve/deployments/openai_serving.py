@@ -38,6 +38,8 @@ from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.request import RequestOutput
 from specserve.engine.sampling_params import SamplingParams
 
+RECOVERY_RETRY_AFTER_S = 15  # about how long Serve takes to replace a replica
+
 # What an engine error message says -> the request field it is about (most specific first).
 _FIELD_HINTS = {
     "max_completion_tokens": "max_completion_tokens",
@@ -53,7 +55,8 @@ _FIELD_HINTS = {
 
 @dataclass
 class ServingError(Exception):
-    """An error the client caused (4xx) or an overload it should retry (429/503)."""
+    """An error the client caused (4xx), an overload it should retry (429/503), or a failed
+    generation (500)."""
 
     status: int
     message: str
@@ -111,6 +114,17 @@ async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> A
     yield first
     async for output in rest:
         yield output
+
+
+async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events, ending with an OpenAI error event if generation fails after the stream began
+    (its HTTP status is already sent)."""
+    async with aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except ServingError as exc:
+            yield sse(exc.body())
 
 
 def sse(payload: dict | str) -> str:
@@ -192,7 +206,8 @@ class OpenAIServing:
     # -------------------------------------------------------------- generation
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Run one request; a ValueError of the engine becomes a 400 before anything is yielded.
+        """Run one request; a ValueError of the engine becomes a 400 before anything is yielded,
+        a failed generation a 500, and a stopped engine a 503 (the replica is being replaced).
 
         Closing the iterator early (a client that went away) aborts the request.
         """
@@ -202,17 +217,25 @@ class OpenAIServing:
                 output = await anext(stream)
             except ValueError as exc:
                 raise bad_request(str(exc)) from exc
+            except RuntimeError as exc:
+                raise self._server_error(exc) from exc
             outcome = "abort"  # unless it finishes or fails
             try:
                 yield output
                 async for output in stream:
                     yield output
                 outcome = output.output.finish_reason.value
-            except RuntimeError:
+            except RuntimeError as exc:
                 outcome = "error"
-                raise
+                raise self._server_error(exc) from exc
             finally:
                 self._done(output, outcome)
+
+    def _server_error(self, exc: RuntimeError) -> ServingError:
+        if not self.engine.is_alive():
+            return ServingError(503, f"this replica's engine has stopped ({exc}); retry",
+                                type="server_error", retry_after_s=RECOVERY_RETRY_AFTER_S)
+        return ServingError(500, f"generation failed: {exc}", type="server_error")
 
     def _done(self, output: RequestOutput, outcome: str) -> None:
         self.outcomes[outcome] += 1
@@ -255,7 +278,7 @@ class OpenAIServing:
         prompt, params = self.completion_inputs(request)
         outputs = self.generate(prompt, params)
         first = await anext(outputs)
-        return self._completion_events(request, first, outputs)
+        return error_events(self._completion_events(request, first, outputs))
 
     async def _completion_events(
         self, request: CompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
@@ -327,7 +350,7 @@ class OpenAIServing:
         prompt_ids, params = self.chat_inputs(request)
         outputs = self.generate(prompt_ids, params)
         first = await anext(outputs)
-        return self._chat_events(request, first, outputs)
+        return error_events(self._chat_events(request, first, outputs))
 
     async def _chat_events(
         self, request: ChatCompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]

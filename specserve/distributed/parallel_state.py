@@ -7,6 +7,7 @@ code has one path for both cases.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,18 +45,27 @@ class TensorParallelGroup:
 
 
 SINGLE_PROCESS = TensorParallelGroup()
+_NO_LIMIT = timedelta(days=365)  # torch's default is 30 minutes: an idle worker would give up
 
 
 def init_tensor_parallel(
-    rank: int, size: int, init_method: str, device: torch.device
+    rank: int, size: int, init_method: str, device: torch.device, timeout_s: float | None = None
 ) -> TensorParallelGroup:
-    """Join the TP group (gloo on CPU, NCCL on CUDA) and return it."""
+    """Join the TP group (gloo on CPU, NCCL on CUDA) and return it.
+
+    ``timeout_s`` bounds every wait of this rank in a collective (None: no limit). The limit is
+    local to the process: rank 0 sets one so that a dead peer fails the step instead of hanging
+    it, while workers, idle until rank 0's next call, wait without one.
+    """
     if size == 1:
         return SINGLE_PROCESS
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = _NO_LIMIT if timeout_s is None else timedelta(seconds=timeout_s)
+    # Joining may take as long as the slowest rank's start-up (torch's default limit); the
+    # groups the collectives run on then carry this rank's own limit.
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
-    device_group = dist.group.WORLD
-    cpu_group = device_group if backend == "gloo" else dist.new_group(backend="gloo")
+    device_group = dist.new_group(backend=backend, timeout=timeout)
+    cpu_group = device_group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     return TensorParallelGroup(rank, size, device_group, cpu_group)
 
 

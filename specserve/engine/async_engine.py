@@ -153,4 +153,4 @@ class AsyncLLMEngine:
 
     def _stop_if_workers_died(self) -> None:
         if not self.engine.executor.healthy(wait_s=5.0):
-            self._fail_everything("a tensor-parallel worker died")
+            self._fail_everything("the tensor-parallel group failed (a worker died or stopped answering)")

@@ -185,6 +185,7 @@ class ModelExecutor:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
         size = config.tensor_parallel_size
         self.workers: _ProcessWorkers | _RayWorkers | None = None
+        self.broken = False
         self.tp: TensorParallelGroup = SINGLE_PROCESS
         if size > 1:
             host = _node_address() if config.worker_backend == "ray" else "127.0.0.1"
@@ -193,7 +194,9 @@ class ModelExecutor:
             self.workers = launcher(config, model_path, init_method)
         try:
             if size > 1:
-                self.tp = init_tensor_parallel(0, size, init_method, config.torch_device())
+                self.tp = init_tensor_parallel(
+                    0, size, init_method, config.torch_device(), config.collective_timeout_s
+                )
             self.runner = ModelRunner(config, model_path, self.tp)
             if self.workers is not None:
                 self.workers.wait_ready()
@@ -205,19 +208,29 @@ class ModelExecutor:
         self.max_model_len = self.runner.max_model_len
 
     def call(self, method: str, *args: Any) -> Any:
-        """Run ``runner.method(*args)`` on every rank; returns rank 0's result."""
-        self.tp.broadcast_object((method, args))
-        return getattr(self.runner, method)(*args)
+        """Run ``runner.method(*args)`` on every rank; returns rank 0's result.
+
+        With workers, a failed call leaves the ranks out of lockstep (some inside a collective
+        the others left), so the group is broken for good.
+        """
+        if self.broken:
+            raise RuntimeError("the tensor-parallel group is broken by an earlier failure")
+        try:
+            self.tp.broadcast_object((method, args))
+            return getattr(self.runner, method)(*args)
+        except Exception:
+            self.broken = self.workers is not None
+            raise
 
     def healthy(self, wait_s: float = 0.0) -> bool:
-        """Whether every worker rank is still running. After a failed step, give ``wait_s`` for
-        a worker's death to become known."""
-        return self.workers is None or self.workers.alive(wait_s)
+        """Whether the TP group can still run calls: no call failed, and every worker rank is
+        still running (after a failed step, give ``wait_s`` for a worker's death to be known)."""
+        return self.workers is None or (not self.broken and self.workers.alive(wait_s))
 
     def shutdown(self) -> None:
         if self.workers is None:
             return
-        if self.workers.alive():
+        if not self.broken and self.workers.alive():
             self.tp.broadcast_object((_SHUTDOWN, ()))
             self.workers.join()
         else:

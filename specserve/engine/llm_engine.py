@@ -250,9 +250,7 @@ class LLMEngine:
         step_tokens = sum(item.num_new_tokens for item in scheduled)
         step = StepView([views[item.request.request_id] for item in asked], step_tokens - len(asked))
         start = time.perf_counter()
-        drafted = self.drafter.propose(
-            asks, lambda depth, trees: self.controller.keep_drafting(step, trees, depth)
-        )
+        drafted = self.drafter.propose(asks, self.controller.drafting_rule(step))
         draft_time = time.perf_counter() - start
         step.draft_ms = draft_time * 1e3
         chosen = self.controller.select(step, drafted)

@@ -1,8 +1,8 @@
 """A draft model on its own Ray actor (another process, node or GPU than the target).
 
 Each step makes one Ray call: the accepts and releases since the last step ride along with the
-next proposal, in order. The remote drafter drafts each request's planned budget without
-consulting the controller level by level (that would cost a round trip per level). If the actor
+next proposal, in order, and so does the controller's drafting rule (plain data), which the actor
+asks after each level itself instead of a round trip per level. If the actor
 dies, that step goes without speculation (every request still advances: verification is
 lossless) and a new actor is started, which rebuilds its cache from the requests' tokens. The
 actor ends with the engine (when its handle is dropped).
@@ -29,13 +29,13 @@ class DraftWorker:
     def __init__(self, draft_path: Path, config: EngineConfig, target_vocab: int, max_len: int) -> None:
         self.drafter = ModelDrafter(draft_path, config, target_vocab, max_len)
 
-    def step(self, updates: list[Update], requests: list[DraftRequest]) -> list[TokenTree]:
+    def step(self, updates: list[Update], requests: list[DraftRequest], keep_going: KeepGoing | None) -> list[TokenTree]:
         for kind, request_id, tokens in updates:
             if kind == "accept":
                 self.drafter.accept(request_id, tokens)
             else:
                 self.drafter.release(request_id)
-        return self.drafter.propose(requests) if requests else []
+        return self.drafter.propose(requests, keep_going) if requests else []
 
 
 class RemoteDrafter:
@@ -57,7 +57,7 @@ class RemoteDrafter:
 
         updates, self._updates = self._updates, []
         try:
-            return ray.get(self.actor.step.remote(updates, requests))
+            return ray.get(self.actor.step.remote(updates, requests, keep_going))
         except RayActorError as exc:
             logger.warning("draft actor died (%s); this step goes without speculation, restarting it", exc)
             self.restarts += 1
