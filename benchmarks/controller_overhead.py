@@ -102,7 +102,7 @@ def main() -> int:
     max_tokens = 16 if args.quick else 48
     real = {}
     for name in tqdm(args.policies, desc="engine"):
-        controller = SLOController(name, engine.controller.cost, config.max_num_batched_tokens)
+        controller = SLOController(name, engine.controller.cost.profile, config.max_num_batched_tokens)
         real[name] = engine_overhead(engine, controller, prompts, max_tokens)
     engine.shutdown()
 

@@ -218,7 +218,7 @@ def main() -> int:
     )
     slo_config = config.control.slo
     engine = LLMEngine(config)  # loads or measures the cost profile that the adaptive policies share
-    cost = engine.controller.cost
+    cost = engine.controller.cost.profile
     controllers = {name: SLOController(name, cost, config.max_num_batched_tokens) for name in args.policies}
     slos = {name: slo_config.resolve(name, None, None) for name in slo_config.classes}
 

@@ -12,7 +12,11 @@ network path against the in-process one (goal: at most 5% added per-token latenc
 own TPOT of the same requests tells what the network path itself adds.
 
     python benchmarks/serving.py --json OUT.json [--trace PATH] [--questions PATH] [--quick]
-        [--rate R] [--requests N] [--rounds N] [--max-new-tokens N] [--config configs/default.yaml]
+        [--rate R] [--requests N] [--rounds N] [--max-new-tokens N] [--torch-threads N]
+        [--config configs/default.yaml]
+
+``--torch-threads N`` runs both engines with N torch threads (default: the config's, else every
+core), e.g. 1 on a 2-core machine to leave a core to the client and Ray's proxy.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import json
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import openai
+import torch
+import yaml
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,6 +177,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="turns of every path (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64, 32 with --quick")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=None, help="both engines' torch threads")
     args = parser.parse_args()
     for path in (args.trace, args.questions, args.config):
         if not path.is_file():
@@ -178,6 +186,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--rate must be positive")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error("--torch-threads must be at least 1")
     args.requests = args.requests or (12 if args.quick else 40)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 64)
     return args
@@ -185,8 +195,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    app_args = load_config(args.config).applications[0].args
-    config = AppConfig.model_validate(app_args)
+    serve_config = load_config(args.config)
+    if args.torch_threads is not None:
+        serve_config.applications[0].args["torch_threads"] = args.torch_threads
+        torch.set_num_threads(args.torch_threads)
+    config = AppConfig.model_validate(serve_config.applications[0].args)
     engine_config: EngineConfig = config.engine
 
     engine = LLMEngine(engine_config)
@@ -200,7 +213,9 @@ def main() -> int:
 
     model_name = config.model_name or engine.model_path.name
     http_port, grpc_port = free_port(), free_port()
-    start_app(args.config, http_port, grpc_port)
+    config_path = Path(tempfile.mkdtemp()) / args.config.name
+    config_path.write_text(yaml.safe_dump(serve_config.model_dump(mode="json", exclude_unset=True)))
+    start_app(config_path, http_port, grpc_port)
     runs = {
         "in_process": lambda bar, server_tpot: replay(engine, jobs, "inproc", bar),
         "http": lambda bar, server_tpot: asyncio.run(
@@ -239,6 +254,7 @@ def main() -> int:
         "tpot_overhead": overhead,
         "goal_tpot_overhead_at_most_5pct": all(v <= 0.05 for v in overhead.values()),
         "config": str(args.config),
+        "torch_threads": args.torch_threads,
     }
     print("| path | SLO attainment | goodput tok/s | mean TTFT ms | mean TPOT ms (client) | "
           "mean TPOT ms (server) | p99 TPOT ms |")

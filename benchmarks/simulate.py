@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=2, help="the largest tree: width")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--on-miss", choices=["best_effort", "reject"], default="best_effort",
+                        help="requests that can no longer make their TTFT SLO: serve them anyway, or reject early")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not args.trace.is_file():
@@ -78,6 +80,7 @@ def main() -> int:
                 max_budget=TreeBudget(depth=args.depth, width=args.width),
                 max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
+                on_miss=args.on_miss,
                 seed=args.seed,
             )
             simulator = Simulator(config, cost, acceptance)

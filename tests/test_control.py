@@ -6,6 +6,7 @@ import itertools
 import pickle
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -339,7 +340,24 @@ def test_engine_profiles_itself_into_a_keyed_cache(tiny_model, monkeypatch, tmp_
     cost = CostModel.load(path)
     assert cost.target.tokens[-1] <= 64 and cost.draft is not None
     assert all(ms > 0 for row in cost.target.ms for ms in row)
-    assert engine.controller.cost == cost
+    assert engine.controller.cost.profile == cost
+
+
+def test_the_cost_model_follows_the_machine_online():
+    from specserve.control.cost_model import CorrectedCost
+
+    profile = cost_model(10.0, 1.0, draft_ms=2.0)  # 10 + tokens ms
+    cost = CorrectedCost(profile)
+    for _ in range(60):  # the machine now runs twice as slow as profiled
+        cost.observe_forward(tokens=10, context=0, seconds=2 * 20.0 / 1e3)
+    assert cost.scale == pytest.approx(2.0, rel=0.01)
+    step = cost.at_context(0)
+    assert step.target_ms(10) == pytest.approx(40.0, rel=0.01)
+    assert step.draft_ms(1) == pytest.approx(4.0, rel=0.01)
+    assert cost.prefill_s(90) == pytest.approx(0.2, rel=0.01)
+    before = cost.scale
+    cost.observe_forward(tokens=10, context=0, seconds=100.0)  # one stall, clamped
+    assert cost.scale - before <= 0.1 * (4.0 - before) + 1e-9
 
 
 def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):
@@ -386,6 +404,25 @@ def sim_requests(n: int = 30):
     slo = SLOConfig().classes
     names = ["interactive", "chat", "batch"]
     return [SimRequest(f"r{i}", 20 + 7 * i % 50, 10 + 3 * i % 20, slo[names[i % 3]], 0.05 * i) for i in range(n)]
+
+
+def test_simulator_rejects_like_the_engine_when_configured():
+    """Under overload, on_miss='reject' drops the waiting requests that can no longer make their
+    TTFT (as the engine does) so the ones it serves start sooner."""
+    from specserve.control.simulator import AcceptanceModel, SimConfig, Simulator
+
+    overload = [replace(r, arrival_s=0.005 * i) for i, r in enumerate(sim_requests(60))]
+    runs = {}
+    for on_miss in ("best_effort", "reject"):
+        simulator = Simulator(SimConfig(policy="none", max_num_seqs=4, on_miss=on_miss), DEAR_VERIFY, AcceptanceModel())
+        runs[on_miss], _ = simulator.run([replace(r) for r in overload], progress=False)
+    assert not any(o.rejected for o in runs["best_effort"])
+    rejected = [o for o in runs["reject"] if o.rejected]
+    assert rejected and all(o.output_tokens == 0 and not o.attained for o in rejected)
+    served = [o for o in runs["reject"] if not o.rejected]
+    assert served and all(o.output_tokens > 0 for o in served)
+    late = [o for o in runs["best_effort"] if o.ttft_s * 1e3 > o.slo.ttft_ms]
+    assert len(late) > sum(o.ttft_s * 1e3 > o.slo.ttft_ms for o in served)
 
 
 def test_the_synthetic_drafter_is_calibrated():

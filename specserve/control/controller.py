@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from specserve.control.acceptance import AcceptancePredictor
-from specserve.control.cost_model import CostModel
+from specserve.control.cost_model import CorrectedCost, CostModel
 from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
 from specserve.spec.tree import TokenTree, TreeBudget
 
@@ -24,8 +24,8 @@ T = TypeVar("T")
 class SLOController:
     def __init__(self, policy: PolicyName, cost: CostModel | None, max_step_tokens: int) -> None:
         self.predictor = AcceptancePredictor()
-        self.cost = cost
-        self.policy = build_policy(policy, cost, self.predictor, max_step_tokens)
+        self.cost = None if cost is None else CorrectedCost(cost)
+        self.policy = build_policy(policy, self.cost, self.predictor, max_step_tokens)
         self.decision_seconds = 0.0  # spent in plan / drafting rule / select / observe
         self._rule: DraftingRule | None = None
 
@@ -65,6 +65,11 @@ class SLOController:
 
     def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
         self._timed(lambda: self.predictor.observe(request_id, tree, accepted_nodes))
+
+    def observe_forward(self, tokens: int, context: float, seconds: float) -> None:
+        """A target forward's measured time, which corrects the cost model online."""
+        if self.cost is not None:
+            self._timed(lambda: self.cost.observe_forward(tokens, context, seconds))
 
     def forget(self, request_id: str) -> None:
         self.predictor.forget(request_id)

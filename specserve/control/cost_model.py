@@ -89,6 +89,13 @@ class StepCost:
         """A draft forward per entry of ``draft_tokens``, then the target forward."""
         return sum(self.draft_ms(n) for n in draft_tokens) + self.target_ms(step_tokens)
 
+    def scaled(self, factor: float) -> StepCost:
+        """Every latency times ``factor``."""
+        def scale(curve: LatencyCurve) -> LatencyCurve:
+            return LatencyCurve(curve.tokens, [ms * factor for ms in curve.ms])
+
+        return StepCost(scale(self.target_ms), None if self._draft is None else scale(self._draft))
+
 
 class CostModel(BaseModel):
     """Profiled latencies of one target (and its draft) on one device and TP size."""
@@ -111,6 +118,10 @@ class CostModel(BaseModel):
 
     def draft_ms(self, tokens: float, context: float) -> float:
         return 0.0 if self.draft is None else self.draft(tokens, context)
+
+    def prefill_s(self, tokens: int) -> float:
+        """Predicted seconds to prefill a prompt of ``tokens`` (what a TTFT deadline must leave)."""
+        return self.target(tokens, 0) / 1e3
 
     def iteration_ms(self, step_tokens: float, draft_tokens: list[float], context: float) -> float:
         """One iteration: a draft forward per entry of ``draft_tokens``, then the target forward."""
@@ -136,3 +147,33 @@ def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int)
         digest.update((Path(model_dir) / "config.json").read_bytes())
     name = f"{Path(model_dirs[0]).name}-{digest.hexdigest()[:10]}-{device}-tp{tensor_parallel_size}"
     return cache_root() / "profiles" / f"{name.replace(':', '')}.json"
+
+
+class CorrectedCost:
+    """A profile scaled online by how fast the machine runs now.
+
+    Profiles drift (clock, thermal state, neighbours on a shared machine; 2-3x between sessions
+    here), so the controller keeps an EMA of observed over predicted target-forward time and
+    scales every prediction, draft included, by it.
+    """
+
+    def __init__(self, profile: CostModel, weight: float = 0.1, clamp: tuple[float, float] = (0.25, 4.0)) -> None:
+        self.profile = profile
+        self.scale = 1.0
+        self._weight = weight
+        self._clamp = clamp  # one observation's ratio is clamped: a stall must not swing the scale
+
+    def observe_forward(self, tokens: int, context: float, seconds: float) -> None:
+        """One target forward of ``tokens`` new tokens at mean ``context`` took ``seconds``."""
+        predicted_ms = self.profile.target_ms(tokens, context)
+        if predicted_ms <= 0:
+            return
+        ratio = min(max(seconds * 1e3 / predicted_ms, self._clamp[0]), self._clamp[1])
+        self.scale += self._weight * (ratio - self.scale)
+
+    def at_context(self, context: float) -> StepCost:
+        step = self.profile.at_context(context)
+        return step if self.scale == 1.0 else step.scaled(self.scale)
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.profile.prefill_s(tokens) * self.scale

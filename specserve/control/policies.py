@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from specserve.control.acceptance import AcceptancePredictor, calibrated_values
-from specserve.control.cost_model import CostModel, StepCost
+from specserve.control.cost_model import CorrectedCost, CostModel, StepCost
 from specserve.control.slo import SLO
 from specserve.control.selection import Candidates, floor_counts, ranked_extras, select_nodes
 from specserve.spec.tree import TokenTree, TreeBudget
@@ -172,7 +172,9 @@ class Policy(ABC):
     name: ClassVar[PolicyName]
     needs_cost_model: ClassVar[bool] = True
 
-    def __init__(self, cost: CostModel | None, predictor: AcceptancePredictor, max_step_tokens: int) -> None:
+    def __init__(
+        self, cost: CostModel | CorrectedCost | None, predictor: AcceptancePredictor, max_step_tokens: int
+    ) -> None:
         if self.needs_cost_model and cost is None:
             raise ValueError(f"policy {self.name!r} needs a cost model")
         self.cost = cost
@@ -385,7 +387,7 @@ POLICIES: dict[str, type[Policy]] = {
 
 
 def build_policy(
-    name: PolicyName, cost: CostModel | None, predictor: AcceptancePredictor, max_step_tokens: int
+    name: PolicyName, cost: CostModel | CorrectedCost | None, predictor: AcceptancePredictor, max_step_tokens: int
 ) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown speculation policy {name!r}; known: {sorted(POLICIES)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -105,6 +106,7 @@ class SimRequest:
     slot: int | None = None
     status: RequestStatus = RequestStatus.WAITING
     token_times: list[float] = field(default_factory=list)
+    rejected: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -126,7 +128,7 @@ class SimRequest:
         times = self.token_times
         ttft = times[0] - self.arrival_s if times else None
         tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-        return Outcome(self.slo, ttft, tpot, self.num_output, self.steps)
+        return Outcome(self.slo, ttft, tpot, self.num_output, self.steps, self.rejected)
 
 
 @dataclass
@@ -136,6 +138,7 @@ class SimConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_model_len: int = 4096
+    on_miss: Literal["best_effort", "reject"] = "best_effort"  # as SLOConfig.on_miss
     seed: int = 0
 
 
@@ -159,14 +162,26 @@ class Simulator:
             while pending or self.scheduler.num_unfinished:
                 while pending and pending[-1].arrival_s <= self.now:
                     self.scheduler.add(pending.pop())
+                if self.config.on_miss == "reject":
+                    rejected = self._reject_hopeless()
+                    done += rejected
+                    bar.update(len(rejected))
                 if not self.scheduler.num_unfinished:
-                    self.now = pending[-1].arrival_s
+                    if pending:
+                        self.now = max(self.now, pending[-1].arrival_s)
                     continue
                 finished = self._step()
                 done += finished
                 bar.update(len(finished))
         start = min((r.arrival_s for r in requests), default=0.0)
         return [r.outcome() for r in requests], self.now - start
+
+    def _reject_hopeless(self) -> list[SimRequest]:
+        """The engine's early rejection: waiting requests that can no longer make their TTFT."""
+        hopeless = self.scheduler.take_hopeless(self.now, lambda r: self.cost.prefill_s(r.num_tokens))
+        for request in hopeless:
+            request.status, request.rejected = RequestStatus.FINISHED, True
+        return hopeless
 
     def _max_budget(self, request: SimRequest) -> TreeBudget:
         free = self.config.max_model_len - request.num_tokens

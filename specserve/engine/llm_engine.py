@@ -172,6 +172,10 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its batch, never the engine
             logger.exception("forward step failed")
             return [self._fail(item.request, f"forward failed: {exc}") for item in scheduled]
+        if self.controller is not None:
+            fed = sum(item.num_new_tokens for item in scheduled) + sum(len(t) for t in trees.values())
+            context = sum(item.request.num_tokens for item in scheduled) / len(scheduled)
+            self.controller.observe_forward(fed, context, verify_time)
         due = [item.request for item in scheduled if item.completes_context]
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
@@ -372,18 +376,20 @@ class LLMEngine:
         """Finish waiting requests whose first token can no longer come within their TTFT SLO."""
         now = time.monotonic()
         cost = self.controller.cost if self.controller is not None else None
+
+        def prefill_s(request: Request) -> float:
+            return 0.0 if cost is None else cost.prefill_s(request.num_tokens)
+
         outputs = []
-        for request in list(self.scheduler.waiting):
-            prefill_s = 0.0 if cost is None else cost.target_ms(request.num_tokens, 0) / 1e3
-            if now + prefill_s > request.ttft_deadline:
-                waited_ms = (now - request.metrics.arrival_time) * 1e3
-                request.finish(
-                    FinishReason.REJECTED,
-                    f"rejected: the TTFT SLO of {request.slo.ttft_ms:.0f} ms can no longer be met "
-                    f"(waited {waited_ms:.0f} ms, prefill needs about {prefill_s * 1e3:.0f} ms)",
-                )
-                self._retire(request)
-                outputs.append(request.take_output())
+        for request in self.scheduler.take_hopeless(now, prefill_s):
+            waited_ms = (now - request.metrics.arrival_time) * 1e3
+            request.finish(
+                FinishReason.REJECTED,
+                f"rejected: the TTFT SLO of {request.slo.ttft_ms:.0f} ms can no longer be met "
+                f"(waited {waited_ms:.0f} ms, prefill needs about {prefill_s(request) * 1e3:.0f} ms)",
+            )
+            self._retire(request)
+            outputs.append(request.take_output())
         return outputs
 
     # ------------------------------------------------------------ cost model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from specserve.engine.request import Request, RequestStatus
@@ -78,6 +79,14 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
         return scheduled
+
+    def take_hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> list[Request]:
+        """Waiting requests whose first token can no longer come by their TTFT deadline (now plus
+        their predicted prefill is past it), taken out of the queue."""
+        late = [r for r in self.waiting if now + prefill_s(r) > r.ttft_deadline]
+        for request in late:
+            self.remove(request)
+        return late
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out and free its KV slot."""
