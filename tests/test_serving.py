@@ -232,6 +232,7 @@ def test_client_disconnect_aborts_and_frees_the_slot(server):
         time.sleep(0.2)
     assert stats["outcomes"].get("abort", 0) == before + 1
     assert stats["load"]["running"] == 0 and stats["load"]["kv_usage"] == 0.0
+    assert stats["speculation"]["steps"] == 0  # this replica does not speculate
 
 
 def test_autoscaling_stats_are_reported(server):

@@ -144,9 +144,11 @@ class SpecServeServer:
             raise RuntimeError("the engine loop has stopped")
 
     def stats(self) -> dict:
-        """This replica's load and its requests by outcome (for operators and tests)."""
+        """This replica's load, its requests by outcome, and its speculation totals (for operators
+        and tests)."""
         load = self.engine.engine.load()
-        return {"load": asdict(load), "outcomes": dict(self.serving.outcomes)}
+        return {"load": asdict(load), "outcomes": dict(self.serving.outcomes),
+                "speculation": self.engine.engine.spec_stats.to_dict()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.engine.engine.load()
