@@ -35,6 +35,7 @@ import grpc
 import openai
 import torch
 import yaml
+from ray.serve.schema import ServeDeploySchema
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -148,11 +149,23 @@ async def replay_grpc(
         return await _at_arrivals(jobs, send, bar)
 
 
-def start_app(config_path: Path, http_port: int, grpc_port: int) -> None:
+def load_app(config_path: Path, torch_threads: int | None) -> tuple[ServeDeploySchema, AppConfig]:
+    """The Serve config file and its application's typed config, with ``torch_threads`` (if
+    given) set for the replica and for this process's in-process engine."""
+    serve_config = load_config(config_path)
+    if torch_threads is not None:
+        serve_config.applications[0].args["torch_threads"] = torch_threads
+        torch.set_num_threads(torch_threads)
+    return serve_config, AppConfig.model_validate(serve_config.applications[0].args)
+
+
+def start_app(serve_config: ServeDeploySchema, http_port: int, grpc_port: int) -> None:
     import ray
 
     from specserve.deployments.launch import deploy
 
+    config_path = Path(tempfile.mkdtemp()) / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config.model_dump(mode="json", exclude_unset=True)))
     ray.init(include_dashboard=False, log_to_driver=False)
     deploy(config_path, http_port=http_port, grpc_port=grpc_port, host="127.0.0.1")
 
@@ -195,11 +208,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    serve_config = load_config(args.config)
-    if args.torch_threads is not None:
-        serve_config.applications[0].args["torch_threads"] = args.torch_threads
-        torch.set_num_threads(args.torch_threads)
-    config = AppConfig.model_validate(serve_config.applications[0].args)
+    serve_config, config = load_app(args.config, args.torch_threads)
     engine_config: EngineConfig = config.engine
 
     engine = LLMEngine(engine_config)
@@ -213,9 +222,7 @@ def main() -> int:
 
     model_name = config.model_name or engine.model_path.name
     http_port, grpc_port = free_port(), free_port()
-    config_path = Path(tempfile.mkdtemp()) / args.config.name
-    config_path.write_text(yaml.safe_dump(serve_config.model_dump(mode="json", exclude_unset=True)))
-    start_app(config_path, http_port, grpc_port)
+    start_app(serve_config, http_port, grpc_port)
     runs = {
         "in_process": lambda bar, server_tpot: replay(engine, jobs, "inproc", bar),
         "http": lambda bar, server_tpot: asyncio.run(

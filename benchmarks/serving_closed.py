@@ -17,22 +17,17 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import openai
-import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replay import DEFAULT_QUESTIONS  # noqa: E402
-from serving import free_port, start_app, stop_app  # noqa: E402
+from serving import free_port, load_app, start_app, stop_app  # noqa: E402
 
-from specserve.deployments.config import AppConfig  # noqa: E402
-from specserve.deployments.launch import load_config  # noqa: E402
 from specserve.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -79,11 +74,7 @@ def main() -> int:
     if min(args.requests, args.concurrency) < 1 or args.max_new_tokens < 2:
         parser.error("--requests and --concurrency must be at least 1, --max-new-tokens at least 2")
 
-    serve_config = load_config(args.config)
-    if args.torch_threads is not None:
-        serve_config.applications[0].args["torch_threads"] = args.torch_threads
-        torch.set_num_threads(args.torch_threads)
-    config = AppConfig.model_validate(serve_config.applications[0].args)
+    serve_config, config = load_app(args.config, args.torch_threads)
     questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
     conversations = [[{"role": "user", "content": q["turns"][0][:600]}] for q in questions[: args.requests]]
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
@@ -105,10 +96,8 @@ def main() -> int:
 
     from ray import serve
 
-    config_path = Path(tempfile.mkdtemp()) / args.config.name
-    config_path.write_text(yaml.safe_dump(serve_config.model_dump(mode="json", exclude_unset=True)))
     http_port = free_port()
-    start_app(config_path, http_port, free_port())
+    start_app(serve_config, http_port, free_port())
     try:
         replica = serve.get_app_handle(serve_config.applications[0].name)
 
