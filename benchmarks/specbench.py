@@ -73,17 +73,17 @@ def generate(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> tu
 
 def step_costs(engine: LLMEngine, context: int = 256, reps: int = 30) -> dict[str, float]:
     """Median ms of one batch-1 decode step: target forward vs draft forward (same context)."""
-    def timed(runner) -> float:
-        runner.forward([SequenceSlice(0, [1] * context, list(range(context)), 0, logits_at=[context - 1])])
+    def timed(forward) -> float:
+        forward([SequenceSlice(0, [1] * context, list(range(context)), 0, logits_at=[context - 1])])
         step = [SequenceSlice(0, [2], [context], context, logits_at=[0])]
         times = []
         for _ in range(reps):
             start = time.perf_counter()
-            runner.forward(step)
+            forward(step)
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1000
 
-    target, draft = timed(engine.executor.runner), timed(engine.drafter.runner)
+    target, draft = timed(engine.executor.runner.forward), timed(engine.drafter.profile_forward)
     return {"target_step_ms": target, "draft_step_ms": draft, "draft_over_target": draft / target}
 
 

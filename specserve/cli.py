@@ -125,6 +125,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     from specserve.config import EngineConfig
     from specserve.distill.data import DataConfig, generate_dataset, read_samples
+    from specserve.distill.eagle import EagleTrainConfig, train_eagle
     from specserve.distill.train import TrainConfig, train_draft
     from specserve.engine.llm_engine import LLMEngine
 
@@ -144,14 +145,22 @@ def _distill(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     samples = list(read_samples(work))
-    train = TrainConfig(
-        layers=tuple(args.layers),
-        vocab_size=args.draft_vocab,
-        epochs=args.epochs,
-        lr=args.lr,
-        seed=args.seed,
-    )
-    summary = train_draft(samples, target_path, Path(args.out).expanduser(), train)
+    out = Path(args.out).expanduser()
+    if args.method == "eagle":
+        epochs = {"epochs": args.epochs} if args.epochs else {}
+        config = EagleTrainConfig(
+            vocab_size=args.draft_vocab, layers=tuple(args.layers), lr=args.lr, seed=args.seed, **epochs
+        )
+        summary = train_eagle(samples, target_path, work, out, config)
+    else:
+        train = TrainConfig(
+            layers=tuple(args.layers),
+            vocab_size=args.draft_vocab,
+            epochs=args.epochs or TrainConfig.epochs,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        summary = train_draft(samples, target_path, out, train)
     for key, value in summary.items():
         print(f"{key}: {value}")
     print(f"draft written to {args.out}")
@@ -263,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--max-new-tokens", type=int, default=192)
     distill.add_argument("--document-tokens", type=int, default=320, help="length of each written document")
     distill.add_argument("--batch-size", type=int, default=32, help="concurrent requests while generating data")
+    distill.add_argument("--method", choices=["eagle", "model"], default="eagle",
+                         help="eagle: a head over the target's features (the default draft); model: a small standalone LM")
     distill.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="target layers the draft starts from")
     distill.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (incl. the unknown row)")
-    distill.add_argument("--epochs", type=int, default=8)
+    distill.add_argument("--epochs", type=int, default=None, help="training epochs (default: 4 for eagle, 8 for model)")
     distill.add_argument("--lr", type=float, default=1e-3)
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(handler=_distill)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specserve.cli import main
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.distill.data import SAMPLES_FILE
+from specserve.distill.eagle import FEATURES_FILE
 from specserve.distill.prompts import chat_prompts
 from specserve.engine.llm_engine import LLMEngine
 from specserve.spec.tree import TreeBudget
@@ -14,9 +17,10 @@ from test_engine import GREEDY, run
 from tiny_models import PROMPTS
 
 
-def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["eagle", "model"])
+def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_path, capsys, method):
     work, out = tmp_path / "work", tmp_path / "draft"
-    args = ["distill", "--model", str(tiny_model), "--work", str(work), "--out", str(out),
+    args = ["distill", "--method", method, "--model", str(tiny_model), "--work", str(work), "--out", str(out),
             "--num-prompts", "12", "--num-documents", "2", "--max-new-tokens", "12", "--document-tokens", "24",
             "--batch-size", "8", "--layers", "0", "--draft-vocab", "200", "--epochs", "2"]
     assert main(args) == 0
@@ -30,6 +34,8 @@ def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_pa
 
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 200 and config["num_hidden_layers"] == 1
+    assert config["architectures"] == ["EagleLlamaDraft" if method == "eagle" else "LlamaForCausalLM"]
+    assert (work / FEATURES_FILE).is_file() == (method == "eagle")
     assert len(json.loads((out / "draft_vocab.json").read_text())["target_ids"]) == 199
 
     spec = SpeculativeConfig(draft_model=str(out), budget=TreeBudget(depth=3, width=2))

@@ -52,7 +52,7 @@ def _ours(path, plan=PLANS["output_major"]):
 def _step(model, cache, seqs):
     step = build_step_inputs(seqs, model.heads_per_kv, torch.float32, torch.device("cpu"))
     with torch.inference_mode():
-        return model(step, cache)
+        return model.logits(model.hidden_states(step, cache), step)
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
@@ -180,3 +180,18 @@ def test_a_draft_directory_needs_no_tokenizer(tmp_path):
     (path / "tokenizer.json").unlink()
     assert ModelFiles.check(path, tokenizer=False).path == path
     _ours(path)
+
+
+def test_a_model_built_on_another_device_keeps_every_tensor_there(tiny_model):
+    """What load_model does on a GPU (build under ``torch.device``), on the meta device here:
+    a CPU-only tensor mixed into construction fails as it would on CUDA."""
+    from transformers import AutoConfig
+
+    from specserve.models.architecture import ModelArchitecture
+    from specserve.models.llama import LlamaForCausalLM
+
+    arch = ModelArchitecture.from_hf_config(AutoConfig.from_pretrained(tiny_model))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, SINGLE_PROCESS, 64)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and all(t.device.type == "meta" for t in tensors)

@@ -11,7 +11,7 @@ from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import DraftRequest
 from specserve.spec.remote_drafter import RemoteDrafter
 from specserve.spec.tree import TreeBudget
-from tiny_models import PROMPTS, build_tiny_model
+from tiny_models import PROMPTS, build_tiny_eagle, build_tiny_model
 
 ray = pytest.importorskip("ray")
 
@@ -23,8 +23,9 @@ def local_ray():
     ray.shutdown()
 
 
-def _llm(path: str, placement: str, control: ControlConfig = ControlConfig(policy="fixed")) -> LLM:
-    spec = SpeculativeConfig(draft_model=path, budget=TreeBudget(depth=3, width=2), draft_placement=placement,
+def _llm(path: str, placement: str, control: ControlConfig = ControlConfig(policy="fixed"), draft: str | None = None) -> LLM:
+    """The target drafting for itself, unless another ``draft`` is given."""
+    spec = SpeculativeConfig(draft_model=draft or path, budget=TreeBudget(depth=3, width=2), draft_placement=placement,
                              draft_num_cpus=0)
     return LLM(path, max_num_seqs=4, speculative=spec, control=control)
 
@@ -40,10 +41,13 @@ def _run(llm: LLM) -> tuple[list[list[int]], tuple[int, int]]:
         llm.shutdown()
 
 
-def test_draft_actor_gives_the_colocated_output(tmp_path, local_ray):
-    path = str(build_tiny_model(tmp_path))
-    colocated, colocated_stats = _run(_llm(path, "colocated"))
-    actor, actor_stats = _run(_llm(path, "actor"))
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+def test_draft_actor_gives_the_colocated_output(tmp_path, local_ray, kind):
+    """For an EAGLE head the target's features travel to the actor with each step."""
+    path = build_tiny_model(tmp_path / "target")
+    draft = str(build_tiny_eagle(tmp_path / "eagle", path, repeat=True)) if kind == "eagle" else None
+    colocated, colocated_stats = _run(_llm(str(path), "colocated", draft=draft))
+    actor, actor_stats = _run(_llm(str(path), "actor", draft=draft))
     assert colocated_stats[1] > 0
     assert actor == colocated
     assert actor_stats == colocated_stats  # the same trees were drafted

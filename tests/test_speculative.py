@@ -17,7 +17,7 @@ from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.draft_model import VOCAB_FILE
 from specserve.spec.tree import TreeBudget
 from test_engine import GREEDY, assert_all_slots_free, run
-from tiny_models import PROMPTS, build_tiny_model
+from tiny_models import PROMPTS, build_tiny_eagle, build_tiny_model
 
 RAGGED_PROMPTS = PROMPTS + ["The quick brown fox jumps over the lazy dog. The quick brown fox"]
 
@@ -42,6 +42,12 @@ def reduced_vocab_draft(tmp_path_factory, tiny_model):
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": 301}))
     (path / VOCAB_FILE).write_text(json.dumps({"target_ids": list(range(300))}))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_eagle(tmp_path_factory, tiny_model):
+    """A random EAGLE head over the tiny target's features (300-token vocabulary)."""
+    return build_tiny_eagle(tmp_path_factory.mktemp("tiny-eagle"), tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +79,12 @@ BUDGETS = [
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"d{b.depth}w{b.width}n{b.node_limit}")
-@pytest.mark.parametrize("drafter", ["draft", "target", "reduced", "ngram"])
+@pytest.mark.parametrize("drafter", ["draft", "target", "reduced", "eagle", "ngram"])
 def test_greedy_speculation_equals_plain_greedy(
-    tiny_model, tiny_draft, reduced_vocab_draft, plain_outputs, drafter, budget
+    tiny_model, tiny_draft, reduced_vocab_draft, tiny_eagle, plain_outputs, drafter, budget
 ):
-    draft = {"draft": tiny_draft, "target": tiny_model, "reduced": reduced_vocab_draft}.get(drafter)
+    drafts = {"draft": tiny_draft, "target": tiny_model, "reduced": reduced_vocab_draft, "eagle": tiny_eagle}
+    draft = drafts.get(drafter)
     engine = spec_engine(tiny_model, draft, "ngram" if drafter == "ngram" else "draft", budget)
     outputs = run(engine, RAGGED_PROMPTS, GREEDY, stagger=2)
     assert [o.output.token_ids for o in outputs] == plain_outputs
@@ -141,6 +148,37 @@ def test_kv_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_mode
         n = len(tokens)
         for ours, reference in zip(_slot_kv(cache, request.slot, n), _slot_kv(fresh.executor.runner.kv_cache, 0, n)):
             torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):
+    """After speculative steps (trees dropped, accepted tokens fed again), the EAGLE draft's K/V
+    equal one fresh feed of the sequence with the target's own features of each previous
+    position: the engine handed over exactly the right features, in order. The head repeats the
+    target's last choice, which this target accepts now and then."""
+    from specserve.distributed.parallel_state import SINGLE_PROCESS
+    from specserve.engine.model_runner import ModelRunner
+    from specserve.models.forward_batch import SequenceSlice
+
+    target = build_tiny_model(tmp_path / "target", vocab_size=12, seed=3)
+    eagle = build_tiny_eagle(tmp_path / "eagle", target, known_tokens=10, repeat=True)
+    engine = spec_engine(target, eagle, budget=TreeBudget(depth=3, width=2))
+    engine.add_request(engine.make_request("r", [5, 7, 3, 9, 2], GREEDY.model_copy(update={"max_tokens": 40})))
+    while engine.spec_stats.steps < 10:
+        engine.step()
+    assert engine.spec_stats.accepted > 0
+    request, drafter = engine.requests["r"], engine.drafter
+    cached = drafter._cached["r"]
+    tokens = request.all_token_ids[:cached]
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    with torch.no_grad():
+        features = model.model(input_ids=torch.tensor([tokens])).last_hidden_state[0]
+    fresh = ModelRunner(EngineConfig(model=str(eagle), max_num_seqs=1, max_model_len=256), eagle, SINGLE_PROCESS)
+    fresh.forward(
+        [SequenceSlice(0, drafter.vocab.to_draft[tokens].tolist(), list(range(cached)), 0, logits_at=[cached - 1])],
+        torch.cat([torch.zeros(1, features.shape[1]), features[:-1]]),
+    )
+    for ours, reference in zip(_slot_kv(drafter.runner.kv_cache, request.slot, cached), _slot_kv(fresh.kv_cache, 0, cached)):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
 
 def test_ngram_drafter_finds_the_continuation_of_the_longest_match():

@@ -81,3 +81,31 @@ def build_tiny_model(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+
+
+def build_tiny_eagle(path: Path, target: Path, seed: int = 0, known_tokens: int = 300, repeat: bool = False) -> Path:
+    """Save a random-weight EAGLE head for ``target`` whose vocabulary is the target's first
+    ``known_tokens`` ids (the rest map to its unknown row). ``repeat``: a head that passes the
+    input feature through unchanged (``fc`` = [0 | I], zero output projections) over the
+    target's own embedding, so it proposes the token the target just chose, again and again."""
+    from safetensors.torch import load_file
+
+    from specserve.distill.eagle import EagleHead, head_config, save_head
+
+    torch.manual_seed(seed)
+    head = EagleHead(head_config(target, known_tokens + 1))
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+        if repeat:
+            hidden = head.config.hidden_size
+            embed = load_file(target / "model.safetensors")["model.embed_tokens.weight"]
+            head.embed_tokens.weight.copy_(torch.cat([embed[:known_tokens], embed[known_tokens:].mean(0, keepdim=True)]))
+            head.fc.weight.zero_()
+            head.fc.weight[:, hidden:] = torch.eye(hidden)
+            for layer in head.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    save_head(head, list(range(known_tokens)), path, {"test": True})
+    return path

@@ -38,6 +38,7 @@ class TrainConfig:
 
 @dataclass
 class Example:
+    prompt_id: str
     input_ids: list[int]  # draft ids of prompt + answer
     answer_start: int  # index of the first position whose next token is an answer token
     top_ids: list[list[int]]  # draft ids of the target's top-k, per answer token
@@ -65,6 +66,7 @@ def make_examples(samples: list[dict], to_draft: torch.Tensor, max_len: int) -> 
         probs = [torch.tensor(lp).exp() for lp in s["top_logprobs"][:answers]]
         examples.append(
             Example(
+                prompt_id=s["prompt_id"],
                 input_ids=to_draft[torch.tensor(ids)].tolist(),
                 answer_start=len(s["prompt_ids"]) - 1,
                 top_ids=[to_draft[torch.tensor(t)].tolist() for t in s["top_ids"][:answers]],

@@ -3,7 +3,8 @@
 One step flows in one direction: reject the hopeless (if configured) -> the SLO controller plans
 each decoding request's draft budget -> schedule -> draft token trees -> the controller selects
 the nodes to verify -> build sequence slices -> one target forward -> sample or verify (the
-controller learns from the outcome) -> append tokens, detokenize, check stops -> report outputs
+controller learns from the outcome) -> keep the target's features of the cached positions for the
+next DraftRequest (EAGLE heads only) -> append tokens, detokenize, check stops -> report outputs
 and free finished requests' slots.
 """
 
@@ -15,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,7 +44,14 @@ from specserve.spec.verifier import verify
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-Pick = tuple[list[int], list[dict[int, float] | None]]  # a step's new tokens and their logprobs
+
+
+class Pick(NamedTuple):
+    """A due request's new tokens in one step."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]
+    rows: list[int]  # the request's logits row each token was picked from (0: its first)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class LLMEngine:
             self.controller = self._build_controller()
         self.spec_stats = SpecStats()
         self.requests: dict[str, Request] = {}
+        # The target's features of positions cached since a request's last DraftRequest (EAGLE).
+        self._target_features: dict[str, list[torch.Tensor]] = {}
         self._seed_rng = random.Random(self.config.seed)
 
     # ----------------------------------------------------------------- requests
@@ -162,12 +173,15 @@ class LLMEngine:
         for item in scheduled:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
+        features_wanted = self.drafter is not None and self.drafter.needs_target_features
         try:
             trees = self._draft(scheduled, views) if budgets else {}
             start = time.perf_counter()
-            logits = self.executor.call(
-                "forward", [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
-            )
+            slices = [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
+            if features_wanted:
+                logits, hidden = self.executor.call("forward_with_hidden", slices)
+            else:
+                logits = self.executor.call("forward", slices)
             verify_time = time.perf_counter() - start
         except Exception as exc:  # a failed step fails its batch, never the engine
             logger.exception("forward step failed")
@@ -180,9 +194,11 @@ class LLMEngine:
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time)
+        if features_wanted:
+            self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
         now = time.monotonic()
-        for request, (tokens, logprobs) in zip(due, picks):
-            for token, token_logprobs in zip(tokens, logprobs):
+        for request, pick in zip(due, picks):
+            for token, token_logprobs in zip(pick.tokens, pick.logprobs):
                 self._append_token(request, token, now, token_logprobs)
                 if request.finished:
                     break
@@ -196,7 +212,7 @@ class LLMEngine:
     ) -> list[Pick]:
         """Each due request's new tokens (and logprobs): sampled, or verified from its tree."""
         rows = logits.split([len(trees.get(r.request_id, ())) + 1 for r in due])
-        picks: list[Pick] = [([], [])] * len(due)
+        picks: list[Pick] = [Pick([], [], [])] * len(due)
         plain = [i for i, r in enumerate(due) if r.request_id not in trees]
         if plain:
             plain_logits = torch.cat([rows[i] for i in plain])
@@ -204,7 +220,7 @@ class LLMEngine:
             tokens = sample(plain_logits, [r.params for r in requests], [r.generator for r in requests])
             logprobs = self._logprobs(plain_logits, tokens, requests)
             for i, token, token_logprobs in zip(plain, tokens, logprobs):
-                picks[i] = ([token], [token_logprobs])
+                picks[i] = Pick([token], [token_logprobs], [0])
         speculated = [i for i, r in enumerate(due) if r.request_id in trees]
         if speculated:
             verified = self._verify(
@@ -248,7 +264,13 @@ class LLMEngine:
         if not asked:
             return {}
         asks = [
-            DraftRequest(i.request.request_id, i.request.slot, i.request.all_token_ids, i.draft_budget)
+            DraftRequest(
+                i.request.request_id,
+                i.request.slot,
+                i.request.all_token_ids,
+                i.draft_budget,
+                self._take_target_features(i.request.request_id),
+            )
             for i in asked
         ]
         step_tokens = sum(item.num_new_tokens for item in scheduled)
@@ -295,13 +317,33 @@ class LLMEngine:
             logprobs = self._logprobs(
                 logits[verdict.row_of_token], verdict.tokens, [request] * len(verdict.tokens)
             )
-            picks.append((verdict.tokens, logprobs))
+            picks.append(Pick(verdict.tokens, logprobs, verdict.row_of_token))
             for stats in (request.spec_stats, self.spec_stats):
                 stats.record(tree.num_drafted, len(tree), accepted)
             request.spec_stats.verify_time += verify_time
         if moves:
             self.executor.call("keep_kv", moves)
         return picks
+
+    def _keep_target_features(
+        self,
+        scheduled: list[ScheduledRequest],
+        hidden: torch.Tensor,
+        trees: dict[str, TokenTree],
+        picks: dict[str, Pick],
+    ) -> None:
+        """Keep, for each request's next DraftRequest, the target's features of the positions it
+        cached this step: every fed token, or of a verified tree the root and the accepted nodes."""
+        sizes = [item.num_new_tokens + len(trees.get(item.request.request_id, ())) for item in scheduled]
+        for item, rows in zip(scheduled, hidden.split(sizes)):
+            request_id = item.request.request_id
+            if request_id in trees:
+                rows = rows[picks[request_id].rows]
+            self._target_features.setdefault(request_id, []).append(rows)
+
+    def _take_target_features(self, request_id: str) -> torch.Tensor | None:
+        parts = self._target_features.pop(request_id, None)
+        return torch.cat(parts) if parts else None
 
     @staticmethod
     def _slice(item: ScheduledRequest, tree: TokenTree | None) -> SequenceSlice:
@@ -368,6 +410,7 @@ class LLMEngine:
         """Forget a finished request: free its KV slot and any drafter state."""
         self.scheduler.remove(request)
         self.requests.pop(request.request_id, None)
+        self._target_features.pop(request.request_id, None)
         if self.drafter is not None:
             self.drafter.release(request.request_id)
             self.controller.forget(request.request_id)
@@ -429,7 +472,7 @@ class LLMEngine:
         target = profile_forward(lambda s: self.executor.call("forward", s), label="target", **shape)
         draft = None
         if isinstance(self.drafter, ModelDrafter):
-            draft = profile_forward(self.drafter.runner.forward, label="draft", **shape)
+            draft = profile_forward(self.drafter.profile_forward, label="draft", **shape)
         return CostModel(
             model=self.model_path.name,
             device=str(self.config.torch_device()),

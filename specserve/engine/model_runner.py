@@ -45,10 +45,21 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, seqs: list[SequenceSlice]) -> torch.Tensor:
-        """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab] on the CPU."""
+    def forward(self, seqs: list[SequenceSlice], features: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab] on the CPU.
+        ``features``: one input feature per new token, for a model that reads them (EAGLE)."""
         step = build_step_inputs(seqs, self.model.heads_per_kv, self.dtype, self.device)
-        return self.model(step, self.kv_cache).cpu()
+        hidden = self.model.hidden_states(step, self.kv_cache, features)
+        return self.model.logits(hidden, step).cpu()
+
+    @torch.inference_mode()
+    def forward_with_hidden(
+        self, seqs: list[SequenceSlice], features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``, plus the float32 hidden states [T, hidden] of every new token (CPU)."""
+        step = build_step_inputs(seqs, self.model.heads_per_kv, self.dtype, self.device)
+        hidden = self.model.hidden_states(step, self.kv_cache, features)
+        return self.model.logits(hidden, step).cpu(), hidden.float().cpu()
 
     def keep_kv(self, moves: list[tuple[int, list[int], int]]) -> None:
         """Compact accepted tree paths: (slot, source positions, destination start) each."""

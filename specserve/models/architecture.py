@@ -11,6 +11,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "EagleLlamaDraft": "llama",  # a draft head over a Llama target's features (models/eagle.py)
 }
 
 

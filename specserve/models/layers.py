@@ -179,7 +179,8 @@ class RotaryEmbedding(nn.Module):
         self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int
     ) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+        positions = torch.arange(max_positions, dtype=torch.float32)  # on the default device
+        freqs = torch.outer(positions, inv_freq.to(positions.device, torch.float32))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
 

@@ -117,7 +117,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder plus LM head; ``forward`` returns logits only at ``step.logits_index``."""
+    """Decoder plus LM head: ``hidden_states`` of every new token, ``logits`` at ``step.logits_index``."""
 
     def __init__(self, arch: ModelArchitecture, tp: TensorParallelGroup, max_positions: int) -> None:
         super().__init__()
@@ -130,45 +130,54 @@ class LlamaForCausalLM(nn.Module):
     def heads_per_kv(self) -> int:
         return self.arch.num_heads // self.arch.num_kv_heads
 
-    def hidden_states(self, step: StepInputs, cache: KVCache) -> torch.Tensor:
-        """Final-norm hidden states [T, hidden] of every new token."""
+    def hidden_states(
+        self, step: StepInputs, cache: KVCache, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] of every new token (the features an EAGLE draft
+        reads); a Llama model takes no input features."""
+        if features is not None:
+            raise ValueError("a Llama model takes no input features")
         x = self.model.embed_tokens(step.input_ids)
         cos, sin = self.model.rotary.table(step.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, step)
         return self.model.norm(x)
 
-    def forward(self, step: StepInputs, cache: KVCache) -> torch.Tensor:
-        hidden = self.hidden_states(step, cache)
+    def logits(self, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
         return self.lm_head(hidden[step.logits_index]).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (this rank's shard of) every checkpoint tensor into its parameter."""
-        modules = dict(self.named_modules())
-        expected = {
-            f"{path}.{name}"
-            for path, module in modules.items()
-            if hasattr(module, "load")
-            for name in _checkpoint_names(module)
-        }
-        loaded: set[str] = set()
-        for name, tensor in _with_tied_head(weights, self.arch.tie_word_embeddings):
-            if "rotary_emb" in name:
-                continue
-            module_path, part = name.rsplit(".", 1)
-            parent, leaf = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
-            if leaf in _FUSED:
-                fused, sub = _FUSED[leaf]
-                module_path, part = f"{parent}.{fused}", f"{sub}.{part}"
-            module = modules.get(module_path)
-            if module is None or not hasattr(module, "load"):
-                raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the model")
-            with torch.no_grad():
-                module.load(part, tensor)
-            loaded.add(f"{module_path}.{part}")
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
+        load_weights(self, weights, self.arch.tie_word_embeddings)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], tied: bool) -> None:
+    """Copy (this rank's shard of) every checkpoint tensor into the parameter of ``model`` with
+    the same name (q/k/v and gate/up into their fused modules)."""
+    modules = dict(model.named_modules())
+    expected = {
+        f"{path}.{name}"
+        for path, module in modules.items()
+        if hasattr(module, "load")
+        for name in _checkpoint_names(module)
+    }
+    loaded: set[str] = set()
+    for name, tensor in _with_tied_head(weights, tied):
+        if "rotary_emb" in name:
+            continue
+        module_path, part = name.rsplit(".", 1)
+        parent, leaf = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
+        if leaf in _FUSED:
+            fused, sub = _FUSED[leaf]
+            module_path, part = f"{parent}.{fused}", f"{sub}.{part}"
+        module = modules.get(module_path)
+        if module is None or not hasattr(module, "load"):
+            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the model")
+        with torch.no_grad():
+            module.load(part, tensor)
+        loaded.add(f"{module_path}.{part}")
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
 
 
 def _with_tied_head(
@@ -179,7 +188,7 @@ def _with_tied_head(
         if tied and name == "lm_head.weight":
             continue
         yield name, tensor
-        if tied and name == "model.embed_tokens.weight":
+        if tied and name.endswith("embed_tokens.weight"):
             yield "lm_head.weight", tensor
 
 

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from specserve.config import DEFAULT_MAX_MODEL_LEN
 from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.architecture import ModelArchitecture
+from specserve.models.eagle import EAGLE_ARCHITECTURE, EagleDraftModel
 from specserve.models.layers import apply_kernel_plan
 from specserve.models.linear_kernel import KernelPlan, WeightLayout
 from specserve.models.llama import LlamaForCausalLM
@@ -74,17 +75,19 @@ def load_model(
     device: torch.device,
     max_model_len: int | None,
     plan: KernelPlan = KernelPlan.single(WeightLayout.OUTPUT_MAJOR),
-) -> tuple[LlamaForCausalLM, int]:
+) -> tuple[LlamaForCausalLM | EagleDraftModel, int]:
     """Build the model, load this rank's weight shards and store its linear weights as ``plan``
     says; returns (model, effective max_model_len)."""
     files = ModelFiles.check(path, tokenizer=False)
-    arch = ModelArchitecture.from_hf_config(AutoConfig.from_pretrained(str(files.path)))
+    hf_config = AutoConfig.from_pretrained(str(files.path))
+    arch = ModelArchitecture.from_hf_config(hf_config)
+    model_class = EagleDraftModel if EAGLE_ARCHITECTURE in (hf_config.architectures or []) else LlamaForCausalLM
     limit = arch.max_position_embeddings
     if max_model_len is not None and max_model_len > limit:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit}")
     max_len = max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
     with torch.device(device):
-        model = LlamaForCausalLM(arch, tp, max_len)
+        model = model_class(arch, tp, max_len)
     model.load_weights(files.weights())
     model = model.to(dtype=dtype).eval()
     apply_kernel_plan(model, plan)

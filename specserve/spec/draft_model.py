@@ -11,6 +11,12 @@ tokens the draft has not cached yet (the prompt on the first step, then the toke
 and the bonus token), then the frontier nodes depth by depth, behind the sequence, under a tree
 mask. After verification the fed nodes of the accepted path are compacted behind the sequence
 (like the target's cache); everything else is overwritten later.
+
+An EAGLE draft (``models/eagle.py``) also reads a feature per fed token: the target's features
+(which the engine hands over with each request) for the sequence, and its own predicted feature
+at the parent for each tree node. Its K/V of tree nodes were computed from predicted features,
+so after verification it keeps only the root and feeds the accepted tokens again next step, with
+the target's features.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from specserve.config import EngineConfig
 from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.engine.model_runner import ModelRunner
+from specserve.models.eagle import EagleDraftModel
 from specserve.models.forward_batch import SequenceSlice
 from specserve.spec.drafter import DraftRequest, KeepGoing
 from specserve.spec.tree import TokenTree
@@ -72,6 +79,7 @@ class _Expansion:
     tree: TokenTree = field(default_factory=TokenTree)
     frontier: list[int] = field(default_factory=list)
     fed: dict[int, int] = field(default_factory=dict)  # node -> draft cache index
+    predicted: dict[int, torch.Tensor] = field(default_factory=dict)  # node (-1: root) -> EAGLE output
 
     @property
     def tree_start(self) -> int:
@@ -97,6 +105,10 @@ class _Expansion:
             tree_start=self.tree_start,
         )
 
+    def frontier_features(self) -> torch.Tensor:
+        """EAGLE inputs of the frontier: the feature predicted at each node's parent."""
+        return torch.stack([self.predicted[self.tree.parents[n]] for n in self.frontier])
+
     def expand(self, parents: list[int], probs: torch.Tensor, to_target: torch.Tensor) -> None:
         """Add each parent's ``width`` best children; the best ``width`` become the frontier."""
         width = self.request.budget.width
@@ -116,10 +128,17 @@ class ModelDrafter:
         self.path = draft_path
         self.runner = ModelRunner(config, draft_path, SINGLE_PROCESS)
         self.vocab = DraftVocabulary.load(draft_path, self.runner.model.arch.vocab_size, target_vocab)
+        self.needs_target_features = isinstance(self.runner.model, EagleDraftModel)
+        self._hidden_size = self.runner.model.arch.hidden_size
         self._cached: dict[str, int] = {}  # request id -> tokens in the draft cache
+        self._features: dict[str, list[torch.Tensor]] = {}  # EAGLE: target features not fed yet
         self._last: dict[str, _Expansion] = {}
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
+        if self.needs_target_features:
+            for r in requests:
+                if r.features is not None:
+                    self._features.setdefault(r.request_id, []).append(r.features)
         growing = [_Expansion(r, len(r.token_ids) - 1) for r in requests if r.budget.depth > 0]
         if growing:
             self._expand_roots(growing)
@@ -131,21 +150,27 @@ class ModelDrafter:
                 trees = {g.request.request_id: g.tree for g in growing}
                 if not keep_going(depth - 1, [trees.get(r.request_id, TokenTree()) for r in requests]):
                     break
-            logits = self.runner.forward([g.next_slice(self.vocab.to_draft) for g in level])
-            probs = self._probs(logits).split([len(g.frontier) for g in level])
-            for g, p in zip(level, probs):
+            slices = [g.next_slice(self.vocab.to_draft) for g in level]
+            features = torch.cat([g.frontier_features() for g in level]) if self.needs_target_features else None
+            logits, hidden = self._forward(slices, features)
+            sizes = [len(g.frontier) for g in level]
+            if self.needs_target_features:
+                for g, h in zip(level, hidden.split(sizes)):
+                    g.predicted.update(zip(g.frontier, h))
+            for g, p in zip(level, self._probs(logits).split(sizes)):
                 g.expand(g.frontier, p, self.vocab.to_target)
         self._last = {g.request.request_id: g for g in growing}
         by_id = {g.request.request_id: g.tree.select(g.request.budget.node_limit) for g in growing}
         return [by_id.get(r.request_id, TokenTree()) for r in requests]
 
     def accept(self, request_id: str, tokens: list[int]) -> None:
-        """Keep the fed nodes of the accepted path: compact them behind the root."""
+        """Keep the fed nodes of the accepted path: compact them behind the root (an EAGLE draft
+        keeps only the root and feeds the accepted tokens again with the target's features)."""
         expansion = self._last.pop(request_id, None)
         if expansion is None:
             return
         tree, node, kept = expansion.tree, -1, []
-        for token in tokens:
+        for token in tokens if not self.needs_target_features else ():
             node = tree.children(node).get(token, -2)
             if node not in expansion.fed:
                 break
@@ -157,11 +182,16 @@ class ModelDrafter:
 
     def release(self, request_id: str) -> None:
         self._cached.pop(request_id, None)
+        self._features.pop(request_id, None)
         self._last.pop(request_id, None)
+
+    def profile_forward(self, slices: list[SequenceSlice]) -> torch.Tensor:
+        """One draft forward for the profiler (an EAGLE draft reads zero features)."""
+        return self._forward(slices, self._zeros(sum(len(s.token_ids) for s in slices)))[0]
 
     def _expand_roots(self, growing: list[_Expansion]) -> None:
         """Feed what the draft has not cached yet, up to and including the root; expand the root."""
-        slices = []
+        slices, features = [], []
         for g in growing:
             cached = self._cached.get(g.request.request_id, 0)
             ids = self.vocab.to_draft[torch.tensor(g.request.token_ids[cached:])].tolist()
@@ -174,10 +204,39 @@ class ModelDrafter:
                     logits_at=[len(ids) - 1],
                 )
             )
+            if self.needs_target_features:
+                features.append(self._take_features(g.request.request_id, cached, len(ids)))
             self._cached[g.request.request_id] = g.root_pos + 1
-        probs = self._probs(self.runner.forward(slices))
-        for g, p in zip(growing, probs):
+        logits, hidden = self._forward(slices, torch.cat(features) if features else None)
+        if self.needs_target_features:
+            ends = torch.tensor([len(s.token_ids) for s in slices]).cumsum(0) - 1
+            for g, h in zip(growing, hidden[ends]):
+                g.predicted[-1] = h
+        for g, p in zip(growing, self._probs(logits)):
             g.expand([-1], p.unsqueeze(0), self.vocab.to_target)
+
+    def _take_features(self, request_id: str, cached: int, count: int) -> torch.Tensor:
+        """The input features of ``count`` positions from ``cached`` on: the target's feature of
+        each previous position (none before position 0)."""
+        parts = ([self._zeros(1)] if cached == 0 else []) + self._features.pop(request_id, [])
+        features = torch.cat(parts) if parts else self._zeros(0)
+        if len(features) > count:
+            raise RuntimeError(
+                f"request {request_id!r}: {len(features)} target features for {count} new draft positions"
+            )
+        # Fewer only after a restarted draft actor lost the older ones: those positions read zeros.
+        return torch.cat([self._zeros(count - len(features)), features])
+
+    def _forward(
+        self, slices: list[SequenceSlice], features: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the slices' ``logits_at`` and, for an EAGLE draft, hidden states of every fed token."""
+        if not self.needs_target_features:
+            return self.runner.forward(slices), torch.empty(0)
+        return self.runner.forward_with_hidden(slices, features)
+
+    def _zeros(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, self._hidden_size)
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.softmax(dim=-1)

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from specserve.spec.tree import TokenTree, TreeBudget
 
 
@@ -15,6 +17,9 @@ class DraftRequest:
     slot: int  # the request's KV slot (a draft model uses the same index in its own cache)
     token_ids: list[int]  # the whole sequence; the last token is the tree's root
     budget: TreeBudget
+    # For a drafter that reads the target's features (EAGLE): the target's final hidden states
+    # [n, hidden] of the positions the target cached since this request's last DraftRequest.
+    features: torch.Tensor | None = None
 
 
 KeepGoing = Callable[[int, list[TokenTree]], bool]
@@ -22,6 +27,8 @@ KeepGoing = Callable[[int, list[TokenTree]], bool]
 
 
 class Drafter(Protocol):
+    needs_target_features: bool  # whether DraftRequests must carry the target's features
+
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         """One tree per request, within its budget (an empty tree when it has nothing)."""
         ...

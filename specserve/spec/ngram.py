@@ -14,6 +14,8 @@ MAX_MATCHES = 16  # most recent occurrences considered
 
 
 class NgramDrafter:
+    needs_target_features = False
+
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError("n-gram sizes must satisfy 1 <= min_n <= max_n")

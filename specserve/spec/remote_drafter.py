@@ -4,8 +4,9 @@ Each step makes one Ray call: the accepts and releases since the last step ride 
 next proposal, in order, and so does the controller's drafting rule (plain data), which the actor
 asks after each level itself instead of a round trip per level. If the actor
 dies, that step goes without speculation (every request still advances: verification is
-lossless) and a new actor is started, which rebuilds its cache from the requests' tokens. The
-actor ends with the engine (when its handle is dropped).
+lossless) and a new actor is started, which rebuilds its cache from the requests' tokens (an
+EAGLE head reads zeros for the target features the dead actor took with it). The actor ends with
+the engine (when its handle is dropped).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from pathlib import Path
 
 from specserve.config import EngineConfig
+from specserve.models.eagle import is_eagle_draft
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import DraftRequest, KeepGoing
 from specserve.spec.tree import TokenTree
@@ -48,6 +50,7 @@ class RemoteDrafter:
         self._args = (draft_path, config, target_vocab, max_len)
         self._actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(DraftWorker)
         self._updates: list[Update] = []
+        self.needs_target_features = is_eagle_draft(draft_path)
         self.restarts = 0
         self.actor = self._actor_class.remote(*self._args)
 
