@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--max-new-tokens", type=int, default=192)
     distill.add_argument("--document-tokens", type=int, default=320, help="length of each written document")
     distill.add_argument("--batch-size", type=int, default=32, help="concurrent requests while generating data")
-    distill.add_argument("--method", choices=["eagle", "model"], default="eagle",
-                         help="eagle: a head over the target's features (the default draft); model: a small standalone LM")
+    distill.add_argument("--method", choices=["model", "eagle"], default="model",
+                         help="model: a small standalone LM (the committed default draft); eagle: a head over the target's features")
     distill.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="target layers the draft starts from")
     distill.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (incl. the unknown row)")
     distill.add_argument("--epochs", type=int, default=None, help="training epochs (default: 4 for eagle, 8 for model)")
