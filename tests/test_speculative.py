@@ -161,7 +161,8 @@ def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):
 
     target = build_tiny_model(tmp_path / "target", vocab_size=12, seed=3)
     eagle = build_tiny_eagle(tmp_path / "eagle", target, known_tokens=10, repeat=True)
-    engine = spec_engine(target, eagle, budget=TreeBudget(depth=3, width=2))
+    # float32 everywhere: the reference features come from HF in float32 (bf16 on a GPU would not match)
+    engine = spec_engine(target, eagle, budget=TreeBudget(depth=3, width=2), dtype="float32")
     engine.add_request(engine.make_request("r", [5, 7, 3, 9, 2], GREEDY.model_copy(update={"max_tokens": 40})))
     while engine.spec_stats.steps < 10:
         engine.step()
@@ -172,7 +173,7 @@ def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     with torch.no_grad():
         features = model.model(input_ids=torch.tensor([tokens])).last_hidden_state[0]
-    fresh = ModelRunner(EngineConfig(model=str(eagle), max_num_seqs=1, max_model_len=256), eagle, SINGLE_PROCESS)
+    fresh = ModelRunner(EngineConfig(model=str(eagle), max_num_seqs=1, max_model_len=256, dtype="float32"), eagle, SINGLE_PROCESS)
     fresh.forward(
         [SequenceSlice(0, drafter.vocab.to_draft[tokens].tolist(), list(range(cached)), 0, logits_at=[cached - 1])],
         torch.cat([torch.zeros(1, features.shape[1]), features[:-1]]),
