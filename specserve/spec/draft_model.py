@@ -169,8 +169,10 @@ class ModelDrafter:
         expansion = self._last.pop(request_id, None)
         if expansion is None:
             return
+        # An EAGLE draft's tree K/V came from predicted features: it keeps none of the path.
+        accepted = [] if self.needs_target_features else tokens
         tree, node, kept = expansion.tree, -1, []
-        for token in tokens if not self.needs_target_features else ():
+        for token in accepted:
             node = tree.children(node).get(token, -2)
             if node not in expansion.fed:
                 break
