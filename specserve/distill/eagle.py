@@ -18,7 +18,6 @@ starts at zero, so training begins from a (weak) language model and learns to re
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from specserve.distill.train import Example, _collate, batches, choose_vocabulary, make_examples
+from specserve.distill.train import Example, _collate, batches, optimize, split_samples
 from specserve.models.eagle import EAGLE_ARCHITECTURE
 from specserve.spec.draft_model import VOCAB_FILE
 
@@ -193,36 +192,19 @@ def train_eagle(samples: list[dict], target_path: Path, work_dir: Path, out_dir:
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     features = target_features(samples, target_path, work_dir, config.max_len)
-    vocabulary = choose_vocabulary(samples, config.vocab_size)
-    to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
-    to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
-    samples = samples[:]
-    rng.shuffle(samples)
-    n_val = max(1, int(len(samples) * config.validation_share))
-    train = make_examples(samples[n_val:], to_draft, config.max_len)
-    val = make_examples(samples[:n_val], to_draft, config.max_len)
+    vocabulary, train, val = split_samples(
+        samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
+    )
     head = build_head(target_path, vocabulary, config.layers)
     head.embed_tokens.weight.requires_grad_(config.train_embedding)
     before = evaluate(head, val, features, config)
-    trainable = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+
+    def batch_loss(batch: list[Example]) -> tuple[torch.Tensor, dict[str, str]]:
+        loss, agree, count = _loss(head, batch, features, config)
+        return loss, {"top1": f"{agree[0] / count:.2f}", "own": f"{agree[1] / count:.2f}"}
+
     plan = [batches(train, config.batch_tokens, rng) for _ in range(config.epochs)]
-    total = sum(len(p) for p in plan)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
-    )
-    head.train()
-    with tqdm(total=total, desc="training EAGLE head") as bar:
-        for epoch_batches in plan:
-            for batch in epoch_batches:
-                loss, agree, count = _loss(head, batch, features, config)
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                schedule.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{agree[0] / count:.2f}", own=f"{agree[1] / count:.2f}")
-                bar.update()
+    optimize(head, plan, config.lr, batch_loss, "training EAGLE head")
     after = evaluate(head, val, features, config)
     summary = {
         "method": "eagle",

@@ -13,11 +13,13 @@ import json
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -149,38 +151,66 @@ def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[to
     return loss, agree, len(index)
 
 
-def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: TrainConfig) -> dict:
-    """Train and save the draft as an HF directory; returns a summary (also in the model card)."""
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
-    vocabulary = choose_vocabulary(samples, config.vocab_size)
+def split_samples(
+    samples: list[dict], target_path: Path, vocab_size: int, max_len: int, validation_share: float, rng: random.Random
+) -> tuple[list[int], list[Example], list[Example]]:
+    """The draft vocabulary (target ids), and shuffled training and validation examples."""
+    vocabulary = choose_vocabulary(samples, vocab_size)
     to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
     to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
     samples = samples[:]
     rng.shuffle(samples)
-    n_val = max(1, int(len(samples) * config.validation_share))
-    train, val = make_examples(samples[n_val:], to_draft, config.max_len), make_examples(samples[:n_val], to_draft, config.max_len)
-    draft = build_draft(target_path, vocabulary, config.layers)
-    vocab = len(vocabulary) + 1
-    before = evaluate(draft, val, vocab, config.batch_tokens)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=config.lr, weight_decay=0.0)
-    plan = [batches(train, config.batch_tokens, rng) for _ in range(config.epochs)]
+    n_val = max(1, int(len(samples) * validation_share))
+    return vocabulary, make_examples(samples[n_val:], to_draft, max_len), make_examples(samples[:n_val], to_draft, max_len)
+
+
+def optimize(
+    model: nn.Module,
+    plan: list[list[list[Example]]],
+    lr: float,
+    batch_loss: Callable[[list[Example]], tuple[torch.Tensor, dict[str, str]]],
+    desc: str,
+) -> None:
+    """AdamW over ``model``'s trainable parameters, one step per batch of the epochs' ``plan``,
+    with a 50-step warm-up, a cosine decay and gradient clipping; ``batch_loss`` returns the
+    loss and what the progress bar shows."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = sum(len(p) for p in plan)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
     )
-    draft.train()
-    with tqdm(total=total, desc="training draft") as bar:
+    model.train()
+    with tqdm(total=total, desc=desc) as bar:
         for epoch_batches in plan:
             for batch in epoch_batches:
-                loss, agree, count = _loss(draft, batch, vocab)
+                loss, shown = batch_loss(batch)
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{agree / count:.2f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
                 bar.update()
+
+
+def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: TrainConfig) -> dict:
+    """Train and save the draft as an HF directory; returns a summary (also in the model card)."""
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    vocabulary, train, val = split_samples(
+        samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
+    )
+    draft = build_draft(target_path, vocabulary, config.layers)
+    vocab = len(vocabulary) + 1
+    before = evaluate(draft, val, vocab, config.batch_tokens)
+
+    def batch_loss(batch: list[Example]) -> tuple[torch.Tensor, dict[str, str]]:
+        loss, agree, count = _loss(draft, batch, vocab)
+        return loss, {"top1": f"{agree / count:.2f}"}
+
+    plan = [batches(train, config.batch_tokens, rng) for _ in range(config.epochs)]
+    optimize(draft, plan, config.lr, batch_loss, "training draft")
     after = evaluate(draft, val, vocab, config.batch_tokens)
     summary = {
         "train_samples": len(train),

@@ -18,20 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.architecture import ModelArchitecture
 from specserve.models.forward_batch import StepInputs
 from specserve.models.kv_cache import KVCache
-from specserve.models.layers import (
-    ParallelLMHead,
-    RMSNorm,
-    RotaryEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
-from specserve.models.llama import LlamaDecoderLayer, load_weights
+from specserve.models.layers import ParallelLMHead, RowParallelLinear
+from specserve.models.llama import LlamaModel, LMHeadMixin, load_weights
 
 EAGLE_ARCHITECTURE = "EagleLlamaDraft"
 
@@ -42,22 +34,14 @@ def is_eagle_draft(path: Path) -> bool:
     return EAGLE_ARCHITECTURE in (config.get("architectures") or [])
 
 
-class EagleDraftModel(nn.Module):
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallelGroup, max_positions: int) -> None:
-        super().__init__()
-        self.arch = arch
-        self.tp = tp
-        hidden = arch.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, hidden, tp)
-        self.fc = RowParallelLinear(2 * hidden, hidden, bias=False, tp=tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp) for i in range(arch.num_layers))
-        self.norm = RMSNorm(hidden, arch.rms_norm_eps)
-        self.rotary = RotaryEmbedding(arch.inv_freq, arch.rope_attention_scaling, max_positions)
-        self.lm_head = ParallelLMHead(arch.vocab_size, hidden, tp)
+class EagleDraftModel(LMHeadMixin, LlamaModel):
+    """The decoder of ``LlamaModel`` (same tensor names) behind ``fc``, with a tied head."""
 
-    @property
-    def heads_per_kv(self) -> int:
-        return self.arch.num_heads // self.arch.num_kv_heads
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallelGroup, max_positions: int) -> None:
+        super().__init__(arch, tp, max_positions)
+        self.arch = arch
+        self.fc = RowParallelLinear(2 * arch.hidden_size, arch.hidden_size, bias=False, tp=tp)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
 
     def hidden_states(
         self, step: StepInputs, cache: KVCache, features: torch.Tensor | None = None
@@ -68,13 +52,7 @@ class EagleDraftModel(nn.Module):
             raise ValueError(f"an EAGLE draft needs one input feature of size {self.arch.hidden_size} per token")
         embeds = self.embed_tokens(step.input_ids)
         x = self.fc(torch.cat([embeds, features.to(embeds.device, embeds.dtype)], dim=-1))
-        cos, sin = self.rotary.table(step.positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, step)
-        return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        return self.lm_head(hidden[step.logits_index]).float()
+        return self.decode(x, step, cache)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights, tied=True)

@@ -115,8 +115,29 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = RotaryEmbedding(arch.inv_freq, arch.rope_attention_scaling, max_positions)
 
+    def decode(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        """The decoder layers and the final norm over the step's input vectors ``x`` [T, hidden]."""
+        cos, sin = self.rotary.table(step.positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, step)
+        return self.norm(x)
 
-class LlamaForCausalLM(nn.Module):
+
+class LMHeadMixin:
+    """What the model runner asks of a model besides ``hidden_states``: GQA grouping and logits."""
+
+    arch: ModelArchitecture
+    lm_head: ParallelLMHead
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.arch.num_heads // self.arch.num_kv_heads
+
+    def logits(self, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        return self.lm_head(hidden[step.logits_index]).float()
+
+
+class LlamaForCausalLM(LMHeadMixin, nn.Module):
     """Decoder plus LM head: ``hidden_states`` of every new token, ``logits`` at ``step.logits_index``."""
 
     def __init__(self, arch: ModelArchitecture, tp: TensorParallelGroup, max_positions: int) -> None:
@@ -126,10 +147,6 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(arch, tp, max_positions)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
 
-    @property
-    def heads_per_kv(self) -> int:
-        return self.arch.num_heads // self.arch.num_kv_heads
-
     def hidden_states(
         self, step: StepInputs, cache: KVCache, features: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -137,14 +154,7 @@ class LlamaForCausalLM(nn.Module):
         reads); a Llama model takes no input features."""
         if features is not None:
             raise ValueError("a Llama model takes no input features")
-        x = self.model.embed_tokens(step.input_ids)
-        cos, sin = self.model.rotary.table(step.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, step)
-        return self.model.norm(x)
-
-    def logits(self, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        return self.lm_head(hidden[step.logits_index]).float()
+        return self.model.decode(self.model.embed_tokens(step.input_ids), step, cache)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights, self.arch.tie_word_embeddings)
