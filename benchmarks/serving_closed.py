@@ -1,38 +1,56 @@
 """Where the serving path's per-token cost goes: one closed workload, in-process and on Serve.
 
 Runs the same chat requests (Spec-Bench questions, greedy, a fixed number of new tokens, a fixed
-number at a time) on an in-process ``AsyncLLMEngine`` and through the OpenAI HTTP API of the
-application of ``configs/default.yaml``, after a warm-up round on each. Both engines make the same
-decisions, so their time in drafting and verifying (the replica reports it in ``stats``) tells
-whether the engine itself runs slower in the replica, and the client's TPOT how much the whole
-path adds.
+number at a time) through four paths, which take turns for ``--rounds`` rounds after a warm-up
+round each:
+
+- ``in_process``: an ``AsyncLLMEngine`` in this process with every Ray process paused (SIGSTOP),
+  so that the engine has the machine to itself, as it would without Serve;
+- ``in_process_neighbour``: the same beside a process that keeps a tenth of one core busy in
+  short bursts (Ray still paused): how much a little stolen CPU slows this engine;
+- ``http``: the OpenAI HTTP API (streaming) of the application of ``configs/default.yaml``;
+- ``grpc``: its gRPC ``GenerateStream``.
+
+For each path it reports the client's TPOT, the engine's time in drafting and verifying (the
+replica reports it in ``stats``), and the CPU time that every process on the machine used per
+generated token, so the served paths' extra CPU per token can be set against what stolen CPU
+costs the engine.
 
     python benchmarks/serving_closed.py --json OUT.json [--requests N] [--concurrency C]
-        [--max-new-tokens N] [--torch-threads N] [--config configs/default.yaml]
+        [--rounds N] [--max-new-tokens N] [--torch-threads N] [--config configs/default.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import multiprocessing
+import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import grpc
 import openai
+import psutil
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replay import DEFAULT_QUESTIONS  # noqa: E402
 from serving import free_port, load_app, start_app, stop_app  # noqa: E402
 
+from specserve.deployments.grpc import specserve_pb2 as pb  # noqa: E402
+from specserve.deployments.grpc import specserve_pb2_grpc as pb_grpc  # noqa: E402
 from specserve.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 Send = Callable[[list[dict]], Awaitable[list[float]]]  # one request -> its token arrival times
+SPEC_KEYS = ("steps", "accepted", "draft_time_s", "verify_time_s")
 
 
 async def closed_loop(conversations: list[list[dict]], concurrency: int, send: Send, tokens: int) -> list[float]:
@@ -45,17 +63,68 @@ async def closed_loop(conversations: list[list[dict]], concurrency: int, send: S
     return tpots
 
 
-def measure(run: Callable[[], list[float]], engine_seconds: Callable[[], dict]) -> dict:
-    """Warm up, then run once more and report the client's TPOT and the engine's time."""
-    run()
-    before = engine_seconds()
-    start = time.perf_counter()
+def machine_cpu_seconds() -> float:
+    """CPU seconds used so far by every process of the machine that is still running."""
+    total = 0.0
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def busy_neighbour(burst_s: float = 0.0005, pause_s: float = 0.0045) -> None:
+    """Keep a tenth of one core busy in short bursts, as a proxy forwarding chunks would."""
+    while True:
+        end = time.perf_counter() + burst_s
+        while time.perf_counter() < end:
+            pass
+        time.sleep(pause_s)
+
+
+@contextlib.contextmanager
+def paused(processes: list[psutil.Process]) -> Iterator[None]:
+    for process in processes:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.resume()
+
+
+@contextlib.contextmanager
+def resumed(process: psutil.Process) -> Iterator[None]:
+    process.resume()
+    try:
+        yield
+    finally:
+        process.suspend()
+
+
+def start_neighbour() -> psutil.Process:
+    """The busy neighbour, started (before Ray, whose gRPC threads make forking unsafe) and paused."""
+    process = multiprocessing.Process(target=busy_neighbour, daemon=True)
+    process.start()
+    neighbour = psutil.Process(process.pid)
+    neighbour.suspend()
+    return neighbour
+
+
+def measure(run: Callable[[], list[float]], engine_stats: Callable[[], dict], tokens: int) -> dict:
+    """One round of ``run``: the client's TPOT, the engine's time and the machine's CPU per token."""
+    before, cpu_before, start = engine_stats(), machine_cpu_seconds(), time.perf_counter()
     tpots = run()
-    wall = time.perf_counter() - start
-    after = engine_seconds()
-    spent = {key: after[key] - before[key] for key in ("steps", "accepted", "draft_time_s", "verify_time_s")}
-    return {"mean_tpot_ms": sum(tpots) / len(tpots), "wall_s": wall, **spent,
-            "engine_s": spent["draft_time_s"] + spent["verify_time_s"]}
+    wall, cpu = time.perf_counter() - start, machine_cpu_seconds() - cpu_before
+    after = engine_stats()
+    spent = {key: after[key] - before[key] for key in SPEC_KEYS}
+    return {"mean_tpot_ms": statistics.fmean(tpots), "wall_s": wall, **spent,
+            "engine_s": spent["draft_time_s"] + spent["verify_time_s"],
+            "cpu_ms_per_token": cpu / (len(tpots) * tokens) * 1e3}
+
+
+def summarize(rounds: list[dict]) -> dict:
+    return {key: statistics.fmean(r[key] for r in rounds) for key in rounds[0]} | {"rounds": rounds}
 
 
 def main() -> int:
@@ -64,23 +133,25 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
     parser.add_argument("--requests", type=int, default=6)
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=None, help="both engines' torch threads")
     args = parser.parse_args()
     for path in (args.config, args.questions):
         if not path.is_file():
             parser.error(f"{path} not found")
-    if min(args.requests, args.concurrency) < 1 or args.max_new_tokens < 2:
-        parser.error("--requests and --concurrency must be at least 1, --max-new-tokens at least 2")
+    if min(args.requests, args.concurrency, args.rounds) < 1 or args.max_new_tokens < 2:
+        parser.error("--requests, --concurrency and --rounds must be at least 1, --max-new-tokens at least 2")
 
     serve_config, config = load_app(args.config, args.torch_threads)
     questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
     conversations = [[{"role": "user", "content": q["turns"][0][:600]}] for q in questions[: args.requests]]
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
-    results = {}
-
+    tokens = args.max_new_tokens
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    neighbour = start_neighbour()
     engine = AsyncLLMEngine(config.engine)
+    model_name = config.model_name or engine.engine.model_path.name
 
     async def send_local(messages: list[dict]) -> list[float]:
         times = []
@@ -88,52 +159,89 @@ def main() -> int:
             times.append(time.monotonic())
         return times
 
-    results["in_process"] = measure(
-        lambda: asyncio.run(closed_loop(conversations, args.concurrency, send_local, args.max_new_tokens)),
-        engine.engine.spec_stats.to_dict)
-    model_name = config.model_name or engine.engine.model_path.name
-    engine.shutdown()
+    async def send_http(client: openai.AsyncOpenAI, messages: list[dict]) -> list[float]:
+        times = []
+        stream = await client.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.monotonic())
+        return times
+
+    async def send_grpc(stub: pb_grpc.SpecServeStub, messages: list[dict]) -> list[float]:
+        times = []
+        request = pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in messages], max_tokens=tokens,
+                                     temperature=0, ignore_eos=True)
+        async for reply in stub.GenerateStream(request, metadata=(("application", "specserve"),)):
+            if reply.token_ids:
+                times.append(time.monotonic())
+        return times
+
+    async def http_round(port: int) -> list[float]:
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as client:
+            return await closed_loop(conversations, args.concurrency, lambda m: send_http(client, m), tokens)
+
+    async def grpc_round(port: int) -> list[float]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SpecServeStub(channel)
+            return await closed_loop(conversations, args.concurrency, lambda m: send_grpc(stub, m), tokens)
+
+    def local_round() -> list[float]:
+        return asyncio.run(closed_loop(conversations, args.concurrency, send_local, tokens))
 
     from ray import serve
 
-    http_port = free_port()
-    start_app(serve_config, http_port, free_port())
+    http_port, grpc_port = free_port(), free_port()
+    start_app(serve_config, http_port, grpc_port)
     try:
         replica = serve.get_app_handle(serve_config.applications[0].name)
+        ray_processes = [p for p in psutil.Process().children(recursive=True) if p.pid != neighbour.pid]
 
-        async def http_round() -> list[float]:
-            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0)
+        def replica_stats() -> dict:
+            return replica.stats.remote().result()["speculation"]
 
-            async def send(messages: list[dict]) -> list[float]:
-                times = []
-                stream = await client.chat.completions.create(
-                    model=model_name, messages=messages, max_tokens=args.max_new_tokens, temperature=0,
-                    stream=True, extra_body={"ignore_eos": True})
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        times.append(time.monotonic())
-                return times
+        def local_alone() -> list[float]:
+            with paused(ray_processes):
+                return local_round()
 
-            try:
-                return await closed_loop(conversations, args.concurrency, send, args.max_new_tokens)
-            finally:
-                await client.close()
+        def local_beside_neighbour() -> list[float]:
+            with paused(ray_processes), resumed(neighbour):
+                return local_round()
 
-        results["http"] = measure(lambda: asyncio.run(http_round()),
-                                  lambda: replica.stats.remote().result()["speculation"])
+        paths: dict[str, tuple[Callable[[], list[float]], Callable[[], dict]]] = {
+            "in_process": (local_alone, engine.engine.spec_stats.to_dict),
+            "in_process_neighbour": (local_beside_neighbour, engine.engine.spec_stats.to_dict),
+            "http": (lambda: asyncio.run(http_round(http_port)), replica_stats),
+            "grpc": (lambda: asyncio.run(grpc_round(grpc_port)), replica_stats),
+        }
+        for run, _ in paths.values():
+            run()  # warm-up
+        rounds: dict[str, list[dict]] = {path: [] for path in paths}
+        with tqdm(total=args.rounds * len(paths), desc="rounds") as bar:
+            for _ in range(args.rounds):
+                for path, (run, stats) in paths.items():
+                    rounds[path].append(measure(run, stats, tokens))
+                    bar.update()
     finally:
         stop_app()
+        engine.shutdown()
+        neighbour.kill()
 
-    local, remote = results["in_process"], results["http"]
+    results = {path: summarize(r) for path, r in rounds.items()}
+    alone = results["in_process"]
+    ratios = {path: {"tpot": r["mean_tpot_ms"] / alone["mean_tpot_ms"],
+                     "engine_time": r["engine_s"] / alone["engine_s"],
+                     "extra_cpu_ms_per_token": r["cpu_ms_per_token"] - alone["cpu_ms_per_token"]}
+              for path, r in results.items() if path != "in_process"}
     report = {**vars(args), "json": str(args.json), "config": str(args.config), "questions": str(args.questions),
-              "paths": results, "tpot_ratio": remote["mean_tpot_ms"] / local["mean_tpot_ms"],
-              "engine_time_ratio": remote["engine_s"] / local["engine_s"]}
-    print("| path | steps | accepted | draft s | verify s | mean TPOT ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+              "paths": results, "against_in_process": ratios}
+    print("| path | steps | draft s | verify s | CPU ms / token | mean TPOT ms | TPOT vs in-process |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for path, r in results.items():
-        print(f"| {path} | {r['steps']} | {r['accepted']} | {r['draft_time_s']:.2f} | {r['verify_time_s']:.2f} | "
-              f"{r['mean_tpot_ms']:.1f} |")
-    print(f"replica / in-process: TPOT {report['tpot_ratio']:.2f}x, engine time {report['engine_time_ratio']:.2f}x")
+        ratio = ratios.get(path, {"tpot": 1.0})["tpot"]
+        print(f"| {path} | {r['steps']:.0f} | {r['draft_time_s']:.2f} | {r['verify_time_s']:.2f} | "
+              f"{r['cpu_ms_per_token']:.1f} | {r['mean_tpot_ms']:.1f} | {ratio:.2f}x |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

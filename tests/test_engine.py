@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -154,6 +155,24 @@ def test_bad_sampling_params_are_rejected(params):
 def test_unknown_model_path_is_rejected():
     with pytest.raises(ValueError, match="not a directory"):
         EngineConfig(model="/no/such/model")
+
+
+def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_goes_on(tiny_engine):
+    async_engine = AsyncLLMEngine(engine=tiny_engine)
+    gone = asyncio.new_event_loop()  # a caller that closes its loop mid-stream, never closing the stream
+    stream = async_engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0))
+    gone.run_until_complete(anext(stream))
+    gone.close()
+
+    async def after():
+        return [out async for out in async_engine.generate(PROMPTS[3], GREEDY)][-1]
+
+    assert asyncio.run(asyncio.wait_for(after(), 60)).finished and async_engine.is_alive()
+    for _ in range(100):  # the engine thread aborts the orphan at its next delivery
+        if async_engine.num_requests == 0 and not tiny_engine.has_unfinished_requests():
+            break
+        time.sleep(0.02)
+    assert_all_slots_free(tiny_engine)
 
 
 def test_failed_forward_fails_its_batch_and_the_engine_goes_on(tiny_engine, monkeypatch):

@@ -31,6 +31,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, output in deliveries:
+        queue_.put_nowait(output)
+
+
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
         self.engine = engine or LLMEngine(config)
@@ -144,12 +149,25 @@ class AsyncLLMEngine:
                     self._deliver_error(request_id, RuntimeError(f"engine step failed: {exc}"))
                 self._stop_if_workers_died()
                 continue
-            for output in outputs:
-                stream = self._streams.get(output.request_id)
-                if stream is not None:
-                    stream.put(output)
+            self._deliver(outputs)
             if any(output.error for output in outputs):
                 self._stop_if_workers_died()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams with one wake-up per event loop (a wake-up
+        takes the GIL from the engine thread, so one per request would slow the next step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # the loop was closed under its streams: nobody is listening
+                for _, output in deliveries:
+                    self._streams.pop(output.request_id, None)
+                    self.engine.abort_request(output.request_id)
 
     def _stop_if_workers_died(self) -> None:
         if not self.engine.executor.healthy(wait_s=5.0):
