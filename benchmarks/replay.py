@@ -39,6 +39,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policy_report import DEFAULT_TRACE, goals, markdown, parse_mix, plot  # noqa: E402
+from specbench import DEFAULT_QUESTIONS  # noqa: E402
 
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.control.controller import SLOController
@@ -57,7 +58,6 @@ from specserve.engine.request import FinishReason, RequestOutput
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.tree import TreeBudget
 
-DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench" / "dev.jsonl"
 DEFAULT_RATES = [0.3, 1.0, 2.0, 4.0]
 DEFAULT_MIX = "interactive=0.4,chat=0.4,batch=0.2"
 MAX_MODEL_LEN = 1024

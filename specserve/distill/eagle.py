@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from specserve.distill.train import Example, _collate, batches, optimize, split_samples
+from specserve.distill.train import Example, _collate, batches, optimize, split_samples, top1_matches
 from specserve.models.eagle import EAGLE_ARCHITECTURE
 from specserve.spec.draft_model import VOCAB_FILE
 
@@ -170,7 +170,7 @@ def _loss(
         cross_entropy = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         regression = F.smooth_l1_loss(predicted[valid], wanted[valid])
         total = total + cross_entropy + config.feature_weight * regression
-        agree.append((logits.argmax(-1) == targets.argmax(-1)).sum().item())
+        agree.append(top1_matches(logits, targets))
         inputs = _shifted(predicted.detach())
     return total, agree, len(index)
 

@@ -142,13 +142,18 @@ def build_draft(target_path: Path, vocabulary: list[int], layers: tuple[int, ...
     return draft
 
 
+def top1_matches(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """Positions where the draft's best token is the target's. The draft's last row is the
+    unknown token, which it never proposes, so it never counts as a match."""
+    return (logits[:, :-1].argmax(-1) == targets.argmax(-1)).sum().item()
+
+
 def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[torch.Tensor, int, int]:
     ids, mask, index, targets = _collate(batch, vocab)
     hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
     logits = draft.lm_head(hidden[index[:, 0], index[:, 1]])
     loss = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-    agree = (logits.argmax(-1) == targets.argmax(-1)).sum().item()
-    return loss, agree, len(index)
+    return loss, top1_matches(logits, targets), len(index)
 
 
 def split_samples(

@@ -1,0 +1,147 @@
+"""How often a draft's next token is the target's, teacher-forced, on Spec-Bench and on template prompts.
+
+The target answers greedily a few Spec-Bench questions per category and as many fresh template
+prompts of the distiller (``specserve.distill.prompts``, with a seed the distiller does not use
+by default); the draft then reads every prompt and answer, and at each answer position its top-1
+next token is compared with the target's. This is the acceptance of a greedy chain's first
+drafted token without the engine in between. A draft that agrees far more on template prompts
+than on Spec-Bench has learned its training templates rather than the target. Also reports the
+share of answer tokens the draft's vocabulary holds (no draft proposes the others). Writes JSON
+and a PNG (agreement per category, both prompt sets).
+
+    python benchmarks/draft_agreement.py --json OUT.json [--draft DIR] [--per-category N]
+        [--template-prompts N] [--max-new-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from specbench import DEFAULT_QUESTIONS, load_questions  # noqa: E402
+
+from specserve.distill.prompts import chat_prompts  # noqa: E402
+from specserve.engine.sampling_params import SamplingParams  # noqa: E402
+from specserve.llm import LLM  # noqa: E402
+from specserve.models.default_model import default_draft_dir  # noqa: E402
+from specserve.models.eagle import is_eagle_draft  # noqa: E402
+from specserve.spec.draft_model import DraftVocabulary  # noqa: E402
+
+TEMPLATE_SEED = 987  # the distiller's data seeds are 0, 1, ...
+
+
+def answer(llm: LLM, prompts: list[tuple[str, str, str]], max_new_tokens: int) -> list[dict]:
+    """The target's greedy answers to ``(id, category, text)`` prompts."""
+    ids = [llm.engine.apply_chat_template([{"role": "user", "content": text}]) for _, _, text in prompts]
+    outputs = llm.generate(ids, SamplingParams(max_tokens=max_new_tokens, temperature=0.0), use_tqdm=True)
+    return [{"category": category, "prompt_ids": prompt_ids, "output_ids": out.output.token_ids}
+            for (_, category, _), prompt_ids, out in zip(prompts, ids, outputs)]
+
+
+@torch.no_grad()
+def matches(draft, vocab: DraftVocabulary, sample: dict) -> tuple[int, int, int]:
+    """Answer positions where the draft's top-1 (never its unknown-token row) is the target's
+    greedy token; answer tokens in the draft's vocabulary; answer tokens."""
+    ids = vocab.to_draft[torch.tensor(sample["prompt_ids"] + sample["output_ids"])]
+    start, count = len(sample["prompt_ids"]) - 1, len(sample["output_ids"])
+    logits = draft(input_ids=ids.unsqueeze(0)).logits[0, start : start + count]
+    answers = ids[start + 1 :]
+    if vocab.unknown is None:
+        return int((logits.argmax(-1) == answers).sum()), count, count
+    logits[:, vocab.unknown] = float("-inf")
+    return int((logits.argmax(-1) == answers).sum()), int((answers != vocab.unknown).sum()), count
+
+
+def agreement(draft, vocab: DraftVocabulary, samples: list[dict]) -> dict:
+    """Top-1 agreement and vocabulary coverage, overall and per category."""
+    counted = [(s["category"], matches(draft, vocab, s)) for s in samples]
+
+    def measure(rows: list[tuple[int, int, int]]) -> dict:
+        agree, known, total = (sum(column) for column in zip(*rows))
+        return {"top1": agree / total, "in_vocabulary": known / total, "answer_tokens": total}
+
+    by_category: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for category, row in counted:
+        by_category[category].append(row)
+    return {"overall": measure([row for _, row in counted]),
+            "per_category": {c: measure(rows) for c, rows in sorted(by_category.items())}}
+
+
+def plot(results: dict, path: Path) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    categories = sorted({c for result in results.values() for c in result["per_category"]})
+    offset = {"specbench": -0.2, "templates": 0.2}
+    for name, result in results.items():
+        shown = [i for i, c in enumerate(categories) if c in result["per_category"]]
+        ax.bar([i + offset[name] for i in shown], [result["per_category"][categories[i]]["top1"] for i in shown],
+               width=0.4, label=f"{name} (overall {result['overall']['top1']:.1%})")
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+    ax.set_ylabel("draft top-1 = target top-1")
+    ax.set_ylim(0, 1)
+    ax.set_title("Teacher-forced draft/target agreement on the target's greedy answers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--draft", type=Path, default=None, help="a draft model directory (default: the embedded one)")
+    parser.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
+    parser.add_argument("--per-category", type=int, default=2, help="Spec-Bench questions per category")
+    parser.add_argument("--template-prompts", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    draft_dir = args.draft or default_draft_dir()
+    if not args.questions.is_file():
+        parser.error(f"{args.questions} not found")
+    if not (draft_dir / "config.json").is_file():
+        parser.error(f"{draft_dir} is not a model directory")
+    if is_eagle_draft(draft_dir):
+        parser.error("EAGLE heads read the target's features: this teacher-forced check covers model drafts only")
+    if min(args.per_category, args.template_prompts, args.max_new_tokens) < 1:
+        parser.error("--per-category, --template-prompts and --max-new-tokens must be at least 1")
+
+    llm = LLM(device="cpu", max_num_seqs=32)
+    questions = load_questions(args.questions, args.per_category)
+    prompt_sets = {
+        "specbench": [(str(q["question_id"]), q["category"], q["turns"][0]) for q in questions],
+        "templates": [(p.prompt_id, p.category, p.text) for p in chat_prompts(args.template_prompts, TEMPLATE_SEED)],
+    }
+    samples = {name: answer(llm, prompts, args.max_new_tokens) for name, prompts in prompt_sets.items()}
+    target_vocab = llm.engine.vocab_size
+    llm.shutdown()
+
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+    vocab = DraftVocabulary.load(draft_dir, draft.config.vocab_size, target_vocab)
+    results = {name: agreement(draft, vocab, group) for name, group in samples.items()}
+
+    print("| prompts | answer tokens | in draft vocabulary | draft top-1 = target top-1 |")
+    print("|---|---:|---:|---:|")
+    for name, result in results.items():
+        o = result["overall"]
+        print(f"| {name} | {o['answer_tokens']} | {o['in_vocabulary']:.1%} | {o['top1']:.1%} |")
+    report = {"draft": str(draft_dir), "per_category": args.per_category, "template_prompts": args.template_prompts,
+              "template_seed": TEMPLATE_SEED, "max_new_tokens": args.max_new_tokens, "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    plot(results, args.json.with_suffix(".png"))
+    print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
