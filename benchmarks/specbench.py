@@ -1,11 +1,13 @@
 """Spec-Bench-style speculative decoding benchmark at batch 1, greedy, on the default model pair.
 
 For every question, every configuration runs back to back (plain decoding, draft-model chains
-k=1..8, draft-model trees, n-gram lookup), so machine noise hits them alike; speedups are
+k=1..8, draft-model trees, n-gram lookup, and hybrid chains and trees: the draft model's tree
+merged with the lookup's), so machine noise hits them alike; speedups are
 tokens/s over plain decoding measured in the same run. Also checks that every configuration's
 output equals plain greedy decoding, and times one draft step against one target decode step.
 
     python benchmarks/specbench.py --json OUT.json [--questions PATH] [--quick] [--max-new-tokens N]
+        [--per-category N] [--draft-model DIR] [--configs NAME ...]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "s
 @dataclass
 class Config:
     name: str
-    method: str  # "plain", "draft" or "ngram"
+    method: str  # "plain", "draft", "ngram" or "hybrid"
     budget: TreeBudget = field(default_factory=lambda: TreeBudget(depth=0))
 
 
@@ -45,6 +47,8 @@ def configs() -> list[Config]:
     out += [Config(f"chain-k{k}", "draft", TreeBudget(depth=k, width=1)) for k in range(1, 9)]
     out += [Config(f"tree-d{d}w{w}n{n}", "draft", TreeBudget(depth=d, width=w, max_nodes=n)) for d, w, n in trees]
     out += [Config("ngram-k5", "ngram", TreeBudget(depth=5, width=1))]
+    out += [Config(f"hybrid-k{k}", "hybrid", TreeBudget(depth=k, width=1)) for k in (1, 2, 3)]
+    out += [Config(f"hybrid-d{d}w{w}n{n}", "hybrid", TreeBudget(depth=d, width=w, max_nodes=n)) for d, w, n in trees[:2]]
     return out
 
 
@@ -95,18 +99,28 @@ def main() -> int:
     parser.add_argument("--per-category", type=int, default=None, help="questions per category (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (64 with --quick)")
     parser.add_argument("--draft-model", default=None, help="draft directory (default: the distilled default draft)")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="NAME",
+                        help="run only these configurations (plain always runs); default: all")
     args = parser.parse_args()
     if not args.questions.is_file():
         parser.error(f"questions file {args.questions} not found")
     max_new = args.max_new_tokens or (64 if args.quick else 128)
     questions = load_questions(args.questions, args.per_category or (2 if args.quick else None))
     plan = configs()
+    if args.configs:
+        unknown = set(args.configs) - {c.name for c in plan}
+        if unknown:
+            parser.error(f"unknown configurations {sorted(unknown)}; known: {[c.name for c in plan]}")
+        plan = [c for c in plan if c.name == "plain" or c.name in args.configs]
 
     # Every configuration is a fixed per-request budget: measure the mechanism, not a policy.
     base = dict(max_num_seqs=1, max_num_batched_tokens=2048, control=ControlConfig(policy="fixed"))
-    draft_engine = LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(method="draft", draft_model=args.draft_model)))
-    ngram_engine = LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(method="ngram")))
-    engines = {"plain": draft_engine, "draft": draft_engine, "ngram": ngram_engine}
+    def engine(method: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(method=method, draft_model=args.draft_model)))
+
+    draft_engine = engine("draft")
+    engines = {"plain": draft_engine, "draft": draft_engine}
+    engines |= {m: engine(m) for m in ("ngram", "hybrid") if any(c.method == m for c in plan)}
     costs = step_costs(draft_engine)
 
     tokens: dict[tuple[str, str], int] = defaultdict(int)
@@ -174,8 +188,8 @@ def main() -> int:
     plot_path = Path(args.json).with_suffix(".png")
     plot(results, plot_path)
     print(f"wrote {args.json} and {plot_path}")
-    draft_engine.shutdown()
-    ngram_engine.shutdown()
+    for each in {id(e): e for e in engines.values()}.values():
+        each.shutdown()
     return 0
 
 

@@ -13,8 +13,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--speculative", choices=["draft", "ngram"], default=None,
-                        help="speculative decoding with the distilled draft model or n-gram lookup")
+    parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default=None,
+                        help="speculative decoding with the distilled draft model, n-gram lookup, or both")
     parser.add_argument("--draft-model", default=None, help="draft model directory (default: the distilled default draft)")
     parser.add_argument("--depth", type=int, default=4, help="token-tree depth (speculation length)")
     parser.add_argument("--width", type=int, default=1, help="children kept per tree depth (1: a chain)")

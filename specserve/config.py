@@ -31,8 +31,10 @@ class SpeculativeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["draft", "ngram"] = Field(
-        default="draft", description="'draft': a small draft model; 'ngram': prompt lookup."
+    method: Literal["draft", "ngram", "hybrid"] = Field(
+        default="draft",
+        description="'draft': a small draft model; 'ngram': prompt lookup; 'hybrid': both, their "
+        "trees merged (lookups weighted by how often they were right for the request).",
     )
     draft_model: str | None = Field(
         default=None,

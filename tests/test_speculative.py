@@ -79,18 +79,22 @@ BUDGETS = [
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"d{b.depth}w{b.width}n{b.node_limit}")
-@pytest.mark.parametrize("drafter", ["draft", "target", "reduced", "eagle", "ngram"])
+@pytest.mark.parametrize("drafter", ["draft", "target", "reduced", "eagle", "ngram", "hybrid"])
 def test_greedy_speculation_equals_plain_greedy(
     tiny_model, tiny_draft, reduced_vocab_draft, tiny_eagle, plain_outputs, drafter, budget
 ):
-    drafts = {"draft": tiny_draft, "target": tiny_model, "reduced": reduced_vocab_draft, "eagle": tiny_eagle}
-    draft = drafts.get(drafter)
-    engine = spec_engine(tiny_model, draft, "ngram" if drafter == "ngram" else "draft", budget)
+    drafts = {"draft": tiny_draft, "target": tiny_model, "reduced": reduced_vocab_draft, "eagle": tiny_eagle,
+              "hybrid": tiny_draft}
+    method = drafter if drafter in ("ngram", "hybrid") else "draft"
+    engine = spec_engine(tiny_model, drafts.get(drafter), method, budget)
     outputs = run(engine, RAGGED_PROMPTS, GREEDY, stagger=2)
     assert [o.output.token_ids for o in outputs] == plain_outputs
     assert engine.spec_stats.steps > 0
     assert_all_slots_free(engine)
-    assert not engine.drafter._cached if drafter != "ngram" else True
+    if drafter == "hybrid":
+        assert not engine.drafter._accuracy and not engine.drafter._pending
+    model_drafter = engine.drafter.model if drafter == "hybrid" else engine.drafter
+    assert not model_drafter._cached if drafter != "ngram" else True
 
 
 def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):
@@ -193,6 +197,83 @@ def test_ngram_drafter_finds_the_continuation_of_the_longest_match():
     assert tree.tokens[:2] == [7, 4] and tree.probs[:2] == [0.5, 0.5]
     assert [tree.tokens[i] for i in tree.path(len(tree) - 1)] in ([7, 8, 0], [4, 5, 9])
     assert drafter.continuations([5, 6, 7], 2) == []
+
+
+def test_hybrid_speculation_on_repetitive_text_uses_lookups_and_stays_lossless(tiny_model, tiny_draft, tiny_engine):
+    prompts = [list(range(3, 11)) * 4, [7, 8, 9] * 8 + [4]]
+    plain = [o.output.token_ids for o in run(tiny_engine, prompts, GREEDY)]
+    engine = spec_engine(tiny_model, tiny_draft, "hybrid", TreeBudget(depth=4, width=2, max_nodes=6))
+    lookups = []
+    propose = engine.drafter.lookup.propose
+    engine.drafter.lookup.propose = lambda requests: lookups.extend(t for t in propose(requests) if len(t)) or propose(requests)
+    assert [o.output.token_ids for o in run(engine, prompts, GREEDY)] == plain
+    assert len(lookups) >= len(prompts)  # each prompt's first step at least: its tail repeats
+    assert_all_slots_free(engine)
+
+
+def test_merged_trees_hold_both_trees_paths_once():
+    from specserve.spec.tree import TokenTree
+
+    a, b = TokenTree(), TokenTree()
+    a_first = a.add(5, -1, 0.6)
+    a.add(6, a_first, 0.5)
+    a.add(9, -1, 0.3)
+    b_first = b.add(5, -1, 0.8)  # the same first token, more likely
+    b.add(7, b_first, 1.0)
+    merged = a.merge(b)
+    paths = {tuple(merged.tokens[n] for n in merged.path(i)): merged.path_probs[i] for i in range(len(merged))}
+    assert paths == pytest.approx({(5,): 0.8, (5, 6): 0.4, (9,): 0.3, (5, 7): 0.8})
+    assert all(p < i for i, p in enumerate(merged.parents))  # parents first
+    assert merged.num_drafted == 4
+
+
+class _FixedDrafter:
+    """A stand-in draft model that always proposes one token at a fixed probability."""
+
+    needs_target_features = False
+
+    def __init__(self, token: int, prob: float) -> None:
+        self.token, self.prob = token, prob
+
+    def propose(self, requests, keep_going=None):
+        from specserve.spec.tree import TokenTree
+
+        trees = []
+        for _ in requests:
+            tree = TokenTree()
+            tree.add(self.token, -1, self.prob)
+            trees.append(tree)
+        return trees
+
+    def accept(self, request_id, tokens):
+        pass
+
+    def release(self, request_id):
+        pass
+
+
+def test_hybrid_drafting_gives_the_budget_to_lookups_while_they_are_right():
+    from specserve.spec.drafter import DraftRequest
+    from specserve.spec.hybrid import PRIOR_ACCURACY, SMOOTHING, HybridDrafter
+    from specserve.spec.ngram import NgramDrafter
+
+    drafter = HybridDrafter(_FixedDrafter(token=99, prob=0.4), NgramDrafter(min_n=1, max_n=2))
+    one_node = TreeBudget(depth=1, width=1)
+
+    def first(sequence: list[int]) -> list[int]:
+        return drafter.propose([DraftRequest("r", 0, sequence, one_node)])[0].tokens
+
+    assert PRIOR_ACCURACY > 0.4
+    assert first([1, 2, 3, 1, 2]) == [3]  # "1 2" went on with 3 before: the lookup wins the node
+    assert first([1, 2, 3, 1, 2, 4]) == [99]  # nothing to look up after "2 4": the draft's guess
+    missed = (1 - SMOOTHING) * PRIOR_ACCURACY  # the target chose 4 where the lookup said 3
+    assert drafter._accuracy["r"] == pytest.approx(missed)
+    # "1 2" went on with 4 and with 3: the lookup is half sure of 4, scaled by its accuracy: too little
+    assert missed * 0.5 < 0.4 and first([1, 2, 3, 1, 2, 4, 1, 2]) == [99]
+    first([1, 2, 3, 1, 2, 4, 1, 2, 4])  # ... and the target did choose 4
+    assert drafter._accuracy["r"] == pytest.approx((1 - SMOOTHING) * missed + SMOOTHING)
+    drafter.release("r")
+    assert not drafter._accuracy and not drafter._pending
 
 
 def _exact_joint(model, prompt: list[int], first: int, top_k: int) -> dict[tuple[int, int], float]:

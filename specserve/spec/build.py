@@ -9,6 +9,7 @@ from specserve.models.default_model import default_draft_dir
 from specserve.models.loader import ModelFiles
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import Drafter
+from specserve.spec.hybrid import HybridDrafter
 from specserve.spec.ngram import NgramDrafter
 from specserve.spec.remote_drafter import RemoteDrafter
 
@@ -19,5 +20,7 @@ def build_drafter(config: EngineConfig, target_vocab: int, max_len: int) -> Draf
         return NgramDrafter(spec.ngram_min, spec.ngram_max)
     path = Path(ModelFiles.check(spec.draft_model or default_draft_dir(), tokenizer=False).path)
     if spec.draft_placement == "actor":
-        return RemoteDrafter(path, config, target_vocab, max_len, spec.draft_num_cpus, spec.draft_num_gpus)
-    return ModelDrafter(path, config, target_vocab, max_len)
+        model: Drafter = RemoteDrafter(path, config, target_vocab, max_len, spec.draft_num_cpus, spec.draft_num_gpus)
+    else:
+        model = ModelDrafter(path, config, target_vocab, max_len)
+    return HybridDrafter(model, NgramDrafter(spec.ngram_min, spec.ngram_max)) if spec.method == "hybrid" else model

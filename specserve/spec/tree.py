@@ -99,6 +99,29 @@ class TokenTree:
             num_candidates=len(self),
         )
 
+    def merge(self, other: TokenTree) -> TokenTree:
+        """The union of both trees' paths (both parents-first); a node both propose keeps the
+        higher of its two probabilities."""
+        merged: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+        parents, tokens, probs = [], [], []
+        for tree in (self, other):
+            index = {-1: -1}
+            for node, (token, parent, prob) in enumerate(zip(tree.tokens, tree.parents, tree.probs)):
+                key = (index[parent], token)
+                if key in merged:
+                    probs[merged[key]] = max(probs[merged[key]], prob)
+                else:
+                    merged[key] = len(tokens)
+                    parents.append(key[0])
+                    tokens.append(token)
+                    probs.append(prob)
+                index[node] = merged[key]
+        out = TokenTree()
+        for token, parent, prob in zip(tokens, parents, probs):
+            out.add(token, parent, prob)
+        out.num_candidates = self.num_drafted + other.num_drafted - (len(self) + len(other) - len(out))
+        return out
+
     def path(self, node: int) -> list[int]:
         """Node indices from the root's child down to ``node``."""
         path = []

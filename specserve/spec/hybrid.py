@@ -1,0 +1,69 @@
+"""Hybrid drafting: a draft model's tree and prompt-lookup continuations in one tree.
+
+A small draft model predicts fluent text but cannot copy long spans from its context; prompt
+lookup copies them for free but guesses wrong in free text. Each step both draft every request,
+their trees are merged, and the merged tree is cut back to the request's node budget by path
+probability. A lookup node's probability is the share of earlier matches that continued with it,
+scaled by how often this request's lookups were right so far (the first token a lookup proposed
+against the token the target chose there, whether or not it was verified), so that lookups win
+the budget in text that repeats its context and lose it in text that does not.
+"""
+
+from __future__ import annotations
+
+from specserve.spec.drafter import DraftRequest, Drafter, KeepGoing
+from specserve.spec.ngram import NgramDrafter
+from specserve.spec.tree import TokenTree
+
+PRIOR_ACCURACY = 0.5  # a new request's lookup accuracy before its first outcome
+SMOOTHING = 0.3  # weight of the newest outcome in a request's running accuracy
+
+
+class HybridDrafter:
+    def __init__(self, model: Drafter, lookup: NgramDrafter) -> None:
+        self.model = model
+        self.lookup = lookup
+        self.needs_target_features = model.needs_target_features
+        self._accuracy: dict[str, float] = {}  # request id -> running accuracy of its lookups
+        self._pending: dict[str, tuple[int, int]] = {}  # request id -> (position, token) of its last lookup
+
+    def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
+        for request in requests:
+            self._score_last_lookup(request)
+        drafted = self.model.propose(requests, keep_going)
+        looked_up = self.lookup.propose(requests)
+        trees = []
+        for request, draft, lookup in zip(requests, drafted, looked_up):
+            if len(lookup):
+                self._pending[request.request_id] = (len(request.token_ids), lookup.tokens[0])
+                lookup = self._discounted(lookup, self._accuracy.get(request.request_id, PRIOR_ACCURACY))
+                draft = draft.merge(lookup).select(request.budget.node_limit)
+            trees.append(draft)
+        return trees
+
+    def accept(self, request_id: str, tokens: list[int]) -> None:
+        self.model.accept(request_id, tokens)
+
+    def release(self, request_id: str) -> None:
+        self._accuracy.pop(request_id, None)
+        self._pending.pop(request_id, None)
+        self.model.release(request_id)
+
+    def _score_last_lookup(self, request: DraftRequest) -> None:
+        """Fold the outcome of the request's last lookup (now that the sequence holds the token
+        the target chose at its position) into the request's running accuracy."""
+        position, token = self._pending.get(request.request_id, (len(request.token_ids), -1))
+        if position >= len(request.token_ids):
+            return
+        del self._pending[request.request_id]
+        hit = float(request.token_ids[position] == token)
+        before = self._accuracy.get(request.request_id, PRIOR_ACCURACY)
+        self._accuracy[request.request_id] = (1 - SMOOTHING) * before + SMOOTHING * hit
+
+    @staticmethod
+    def _discounted(tree: TokenTree, accuracy: float) -> TokenTree:
+        """The lookup tree with its first level's probabilities scaled by ``accuracy``."""
+        out = TokenTree()
+        for token, parent, prob in zip(tree.tokens, tree.parents, tree.probs):
+            out.add(token, parent, prob * accuracy if parent < 0 else prob)
+        return out
