@@ -18,6 +18,7 @@ TPOT over none's.
     python benchmarks/replay.py --json OUT.json [--trace PATH] [--questions PATH] [--quick]
         [--rates 0.3 1 2 4] [--requests N] [--max-new-tokens N] [--policies none auto ...]
         [--slo-mix interactive=0.4,chat=0.4,batch=0.2] [--slo-scale F] [--seed N]
+        [--speculative draft|ngram|hybrid]
 
 Writes OUT.json, prints a markdown table and plots attainment and goodput vs load to OUT.png.
 """
@@ -185,6 +186,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slo-scale", type=float, default=1.0,
                         help="multiply every class's targets (the classes are sized for a 30 ms/token CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the SLO classes and question order")
+    parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default="draft",
+                        help="the drafter every speculating policy uses (default: the draft model)")
     args = parser.parse_args()
     for path in (args.trace, args.questions):
         if not path.is_file():
@@ -213,7 +216,7 @@ def main() -> int:
         max_num_seqs=16,
         max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=512,
-        speculative=SpeculativeConfig(method="draft", budget=TreeBudget(depth=4, width=2)),
+        speculative=SpeculativeConfig(method=args.speculative, budget=TreeBudget(depth=4, width=2)),
         control=ControlConfig(policy="auto", slo=SLOConfig().scaled(args.slo_scale)),
     )
     slo_config = config.control.slo
