@@ -240,6 +240,17 @@ def test_auto_keeps_speculating_for_a_request_behind_its_slo_even_when_verificat
     assert auto.select(hopeless, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)) == [0, 0]
 
 
+def test_auto_speculates_on_a_drafters_hint_where_the_history_says_not_to():
+    cpu_like = cost_model(30.0, 4.4, draft_ms=2.5)  # one more token costs 15 % of a step
+    auto = policy("auto", cpu_like, AcceptancePredictor(prior_rate=0.1))
+    plain = step_view(1)
+    assert auto.draft_budgets(plain)[0].depth == 0
+    hinted = StepView([replace(plain.requests[0], alpha_hint=0.9)])  # e.g. a lookup match
+    assert auto.draft_budgets(hinted)[0].depth > 0
+    doubtful = StepView([replace(plain.requests[0], alpha_hint=0.05)])  # never below the history
+    assert auto.draft_budgets(doubtful)[0].depth == 0
+
+
 def test_specserve_stops_drafting_and_trims_tails_by_confidence():
     specserve = policy("specserve", cost_model(30.0, 3.0))
     step = step_view(2)

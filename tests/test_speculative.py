@@ -276,6 +276,19 @@ def test_hybrid_drafting_gives_the_budget_to_lookups_while_they_are_right():
     assert not drafter._accuracy and not drafter._pending
 
 
+def test_hybrid_hint_is_a_matching_lookups_share_times_its_accuracy_learned_without_speculating():
+    from specserve.spec.hybrid import PRIOR_ACCURACY, SMOOTHING, HybridDrafter
+    from specserve.spec.ngram import NgramDrafter
+
+    drafter = HybridDrafter(_FixedDrafter(token=99, prob=0.4), NgramDrafter(min_n=1, max_n=2))
+    assert drafter.acceptance_hint("r", [1, 2, 3]) is None  # nothing to look up
+    assert drafter.acceptance_hint("r", [1, 2, 3, 1, 2]) == pytest.approx(PRIOR_ACCURACY)  # "1 2" -> 3, once
+    drafter.acceptance_hint("r", [1, 2, 3, 1, 2, 3])  # the target did choose 3: no tree was drafted
+    assert drafter._accuracy["r"] == pytest.approx((1 - SMOOTHING) * PRIOR_ACCURACY + SMOOTHING)
+    drafter.release("r")
+    assert not drafter._accuracy and not drafter._pending
+
+
 def _exact_joint(model, prompt: list[int], first: int, top_k: int) -> dict[tuple[int, int], float]:
     """P(t2, t3 | prompt, t1=first) of the top-k-restricted target distribution."""
     def dist(ids):

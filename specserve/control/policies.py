@@ -35,6 +35,7 @@ class RequestView:
     tpot_slo_s: float | None = None
     decode_time_s: float = 0.0  # since its first token
     num_decoded: int = 0  # output tokens after the first
+    alpha_hint: float | None = None  # the drafter's own acceptance estimate for this step, if any
 
     @classmethod
     def of(
@@ -46,6 +47,7 @@ class RequestView:
         first_token_time: float | None,
         num_output: int,
         now: float,
+        alpha_hint: float | None = None,
     ) -> RequestView:
         """The view of a request with ``num_output`` tokens, the first at ``first_token_time``."""
         return cls(
@@ -55,6 +57,7 @@ class RequestView:
             tpot_slo_s=None if slo.tpot_ms is None else slo.tpot_ms / 1e3,
             decode_time_s=0.0 if first_token_time is None else now - first_token_time,
             num_decoded=max(num_output - 1, 0),
+            alpha_hint=alpha_hint,
         )
 
     def floor(self, iteration_s: float) -> float:
@@ -206,8 +209,10 @@ class Policy(ABC):
         return self.step_model(step).cost.target_ms(step.base_tokens + nodes)
 
     def alpha(self, request: RequestView) -> float:
-        """The per-token acceptance rate a chain plan assumes for ``request``."""
-        return self.predictor.request_rate(request.request_id)
+        """The per-token acceptance rate a chain plan assumes for ``request``: what its drafts
+        achieved so far, or the drafter's hint for this step when that is higher."""
+        rate = self.predictor.request_rate(request.request_id)
+        return rate if request.alpha_hint is None else max(rate, request.alpha_hint)
 
     def best_chain_depth(self, step: StepView, width: int = 1) -> int:
         """The common depth (0 .. the deepest cap) with the best predicted efficiency."""

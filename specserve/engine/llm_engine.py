@@ -241,6 +241,7 @@ class LLMEngine:
         return budget.fit(remaining, self.max_model_len - request.num_tokens)
 
     def _view(self, request: Request, now: float) -> RequestView:
+        hint = None if self.drafter is None else self.drafter.acceptance_hint(request.request_id, request.all_token_ids)
         return RequestView.of(
             request.request_id,
             request.num_tokens,
@@ -249,6 +250,7 @@ class LLMEngine:
             request.metrics.first_token_time,
             len(request.output_token_ids),
             now,
+            hint,
         )
 
     def _plan(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget]]:

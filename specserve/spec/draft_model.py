@@ -163,6 +163,9 @@ class ModelDrafter:
         by_id = {g.request.request_id: g.tree.select(g.request.budget.node_limit) for g in growing}
         return [by_id.get(r.request_id, TokenTree()) for r in requests]
 
+    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
+        return None
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         """Keep the fed nodes of the accepted path: compact them behind the root (an EAGLE draft
         keeps only the root and feeds the accepted tokens again with the target's features)."""

@@ -33,6 +33,11 @@ class Drafter(Protocol):
         """One tree per request, within its budget (an empty tree when it has nothing)."""
         ...
 
+    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
+        """Before the controller plans a step: this drafter's own estimate of how likely the
+        target accepts its next token for the request (None: no better guess than the history)."""
+        ...
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         """The target accepted ``tokens`` (a path of the last tree, bonus token excluded)."""
         ...

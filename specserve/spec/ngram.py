@@ -26,6 +26,9 @@ class NgramDrafter:
         """Trees from earlier text; lookup costs next to nothing, so ``keep_going`` is not asked."""
         return [self._tree(r) for r in requests]
 
+    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
+        return None
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         pass
 

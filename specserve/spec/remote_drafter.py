@@ -67,6 +67,9 @@ class RemoteDrafter:
             self.actor = self._actor_class.remote(*self._args)
             return [TokenTree() for _ in requests]
 
+    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
+        return None
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         self._updates.append(("accept", request_id, list(tokens)))
 
