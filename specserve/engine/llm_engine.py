@@ -241,7 +241,8 @@ class LLMEngine:
         return budget.fit(remaining, self.max_model_len - request.num_tokens)
 
     def _view(self, request: Request, now: float) -> RequestView:
-        hint = None if self.drafter is None else self.drafter.acceptance_hint(request.request_id, request.all_token_ids)
+        hints = self.drafter is not None and self.drafter.gives_acceptance_hints
+        hint = self.drafter.acceptance_hint(request.request_id, request.all_token_ids) if hints else None
         return RequestView.of(
             request.request_id,
             request.num_tokens,

@@ -121,6 +121,8 @@ class _Expansion:
 
 
 class ModelDrafter:
+    gives_acceptance_hints = False
+
     def __init__(self, draft_path: Path, engine_config: EngineConfig, target_vocab: int, max_len: int) -> None:
         config = engine_config.model_copy(
             update={"model": str(draft_path), "tensor_parallel_size": 1, "max_model_len": max_len}
@@ -162,9 +164,6 @@ class ModelDrafter:
         self._last = {g.request.request_id: g for g in growing}
         by_id = {g.request.request_id: g.tree.select(g.request.budget.node_limit) for g in growing}
         return [by_id.get(r.request_id, TokenTree()) for r in requests]
-
-    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
-        return None
 
     def accept(self, request_id: str, tokens: list[int]) -> None:
         """Keep the fed nodes of the accepted path: compact them behind the root (an EAGLE draft

@@ -28,6 +28,7 @@ KeepGoing = Callable[[int, list[TokenTree]], bool]
 
 class Drafter(Protocol):
     needs_target_features: bool  # whether DraftRequests must carry the target's features
+    gives_acceptance_hints: bool  # whether the engine asks acceptance_hint before planning
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         """One tree per request, within its budget (an empty tree when it has nothing)."""
@@ -35,7 +36,8 @@ class Drafter(Protocol):
 
     def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
         """Before the controller plans a step: this drafter's own estimate of how likely the
-        target accepts its next token for the request (None: no better guess than the history)."""
+        target accepts its next token for the request (None: no better guess than the history).
+        Asked only of drafters with ``gives_acceptance_hints``."""
         ...
 
     def accept(self, request_id: str, tokens: list[int]) -> None:

@@ -26,6 +26,8 @@ OVERALL_SMOOTHING = 0.02  # the same in the accuracy over all requests, which ne
 
 
 class HybridDrafter:
+    gives_acceptance_hints = True
+
     def __init__(self, model: Drafter, lookup: NgramDrafter) -> None:
         self.model = model
         self.lookup = lookup

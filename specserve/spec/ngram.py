@@ -15,6 +15,7 @@ MAX_MATCHES = 16  # most recent occurrences considered
 
 class NgramDrafter:
     needs_target_features = False
+    gives_acceptance_hints = False
 
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:
@@ -25,9 +26,6 @@ class NgramDrafter:
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         """Trees from earlier text; lookup costs next to nothing, so ``keep_going`` is not asked."""
         return [self._tree(r) for r in requests]
-
-    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
-        return None
 
     def accept(self, request_id: str, tokens: list[int]) -> None:
         pass

@@ -43,6 +43,8 @@ class DraftWorker:
 class RemoteDrafter:
     """The engine-side Drafter that drives a DraftWorker actor."""
 
+    gives_acceptance_hints = False
+
     def __init__(self, draft_path: Path, config: EngineConfig, target_vocab: int, max_len: int,
                  num_cpus: float = 1, num_gpus: float = 0) -> None:
         import ray
@@ -66,9 +68,6 @@ class RemoteDrafter:
             self.restarts += 1
             self.actor = self._actor_class.remote(*self._args)
             return [TokenTree() for _ in requests]
-
-    def acceptance_hint(self, request_id: str, token_ids: list[int]) -> float | None:
-        return None
 
     def accept(self, request_id: str, tokens: list[int]) -> None:
         self._updates.append(("accept", request_id, list(tokens)))
