@@ -13,6 +13,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
     parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default=None,
                         help="speculative decoding with the distilled draft model, n-gram lookup, or both")
     parser.add_argument("--draft-model", default=None, help="draft model directory (default: the distilled default draft)")
@@ -33,6 +34,7 @@ def _engine_config(args: argparse.Namespace, **overrides):
         device=args.device,
         tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
         speculative=_speculative_config(args),
         control=ControlConfig(policy=args.policy, profile=args.profile),
         **overrides,

@@ -118,6 +118,14 @@ class EngineConfig(BaseModel):
         "fastest on this CPU for one row and for several (once, cached; both copies are kept "
         "when they differ); CUDA uses output_major.",
     )
+    enforce_eager: bool = Field(
+        default=False,
+        description="Run every step eagerly. Otherwise a CUDA device (tensor_parallel_size 1) "
+        "replays a CUDA graph, captured on first use, for each small step shape.",
+    )
+    cuda_graph_max_tokens: int = Field(
+        default=512, ge=1, description="Largest padded step (rows x tokens per row) run as a CUDA graph."
+    )
     max_num_seqs: int = Field(
         default=32, ge=1, description="KV cache capacity in sequences (one slot each)."
     )

@@ -52,7 +52,7 @@ def _ours(path, plan=PLANS["output_major"]):
 def _step(model, cache, seqs):
     step = build_step_inputs(seqs, model.heads_per_kv, torch.float32, torch.device("cpu"))
     with torch.inference_mode():
-        return model.logits(model.hidden_states(step, cache), step)
+        return model.logits(model.hidden_states(step, cache), step.logits_index)
 
 
 @pytest.mark.parametrize("plan", list(PLANS))

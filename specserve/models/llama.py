@@ -133,12 +133,13 @@ class LMHeadMixin:
     def heads_per_kv(self) -> int:
         return self.arch.num_heads // self.arch.num_kv_heads
 
-    def logits(self, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        return self.lm_head(hidden[step.logits_index]).float()
+    def logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the rows ``index`` of ``hidden``."""
+        return self.lm_head(hidden[index]).float()
 
 
 class LlamaForCausalLM(LMHeadMixin, nn.Module):
-    """Decoder plus LM head: ``hidden_states`` of every new token, ``logits`` at ``step.logits_index``."""
+    """Decoder plus LM head: ``hidden_states`` of every new token, ``logits`` of chosen rows."""
 
     def __init__(self, arch: ModelArchitecture, tp: TensorParallelGroup, max_positions: int) -> None:
         super().__init__()
