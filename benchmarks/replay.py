@@ -18,9 +18,10 @@ TPOT over none's.
     python benchmarks/replay.py --json OUT.json [--trace PATH] [--questions PATH] [--quick]
         [--rates 0.3 1 2 4] [--requests N] [--max-new-tokens N] [--policies none auto ...]
         [--slo-mix interactive=0.4,chat=0.4,batch=0.2] [--slo-scale F] [--seed N]
-        [--speculative draft|ngram|hybrid]
+        [--speculative draft|ngram|hybrid] [--rounds N]
 
-Writes OUT.json, prints a markdown table and plots attainment and goodput vs load to OUT.png.
+With ``--rounds N`` every (load, policy) run is repeated N times, interleaved with the others,
+and its row pools the N runs' requests. Writes OUT.json, prints a markdown table and plots attainment and goodput vs load to OUT.png.
 """
 
 from __future__ import annotations
@@ -144,20 +145,37 @@ def run_all(
     engine: LLMEngine,
     controllers: dict[str, SLOController],
     workloads: dict[float, list[Job]],
+    rounds: int = 1,
 ) -> dict[str, list[dict]]:
-    """Every load (outer, so machine drift hits all policies alike) under every policy."""
-    results: dict[str, list[dict]] = {name: [] for name in controllers}
-    with tqdm(total=sum(len(j) for j in workloads.values()) * len(controllers), desc="requests") as bar:
-        for rate, jobs in workloads.items():
-            for name, controller in controllers.items():
-                bar.set_postfix_str(f"{rate:g} req/s, {name}")
-                engine.controller = controller
-                decided = controller.decision_seconds
-                outcomes, duration = replay(engine, jobs, f"{name}-{rate:g}", bar)
-                row = {"load": rate, **summarize(outcomes, duration), "duration_s": duration}
-                row["controller_s"] = controller.decision_seconds - decided
-                results[name].append(row)
-    return results
+    """Every load under every policy, ``rounds`` times; each (load, policy) row pools its rounds.
+
+    Loads and rounds are outer and the policy order rotates by round, so machine drift, which
+    moves a run on this machine by more than the policies differ, hits every policy alike.
+    """
+    names = list(controllers)
+    outcomes: dict[tuple[float, str], list[Outcome]] = {(r, n): [] for r in workloads for n in names}
+    seconds = dict.fromkeys(outcomes, 0.0)
+    decided = dict.fromkeys(outcomes, 0.0)
+    total = sum(len(j) for j in workloads.values()) * len(names) * rounds
+    with tqdm(total=total, desc="requests") as bar:
+        for round_ in range(rounds):
+            for rate, jobs in workloads.items():
+                for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+                    bar.set_postfix_str(f"round {round_ + 1}, {rate:g} req/s, {name}")
+                    controller = engine.controller = controllers[name]
+                    before = controller.decision_seconds
+                    served, duration = replay(engine, jobs, f"{name}-{rate:g}-{round_}", bar)
+                    outcomes[rate, name] += served
+                    seconds[rate, name] += duration
+                    decided[rate, name] += controller.decision_seconds - before
+    return {
+        name: [
+            {"load": rate, **summarize(outcomes[rate, name], seconds[rate, name]),
+             "duration_s": seconds[rate, name], "controller_s": decided[rate, name], "rounds": rounds}
+            for rate in workloads
+        ]
+        for name in names
+    }
 
 
 def warm_up(
@@ -186,6 +204,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slo-scale", type=float, default=1.0,
                         help="multiply every class's targets (the classes are sized for a 30 ms/token CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the SLO classes and question order")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="replay every (load, policy) this many times, interleaved, and pool them")
     parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default="draft",
                         help="the drafter every speculating policy uses (default: the draft model)")
     args = parser.parse_args()
@@ -198,8 +218,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--slo-scale must be positive")
     args.requests = args.requests or (40 if args.quick else 100)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 64)
-    if args.requests < 2 or args.max_new_tokens < 1:
-        parser.error("--requests must be at least 2 and --max-new-tokens at least 1")
+    if args.requests < 2 or args.max_new_tokens < 1 or args.rounds < 1:
+        parser.error("--requests must be at least 2, --max-new-tokens and --rounds at least 1")
     try:
         args.slo_mix = parse_mix(args.slo_mix, set(SLOConfig().classes))
     except ValueError as exc:
@@ -235,7 +255,7 @@ def main() -> int:
 
     jobs = workloads[args.rates[0]]  # every load has the same requests, at other times
     warm_up(engine, controllers, prompts, slos)
-    results = run_all(engine, controllers, workloads)
+    results = run_all(engine, controllers, workloads, args.rounds)
     engine.shutdown()
 
     report = {
@@ -243,6 +263,7 @@ def main() -> int:
         "policies": results,
         "goals": goals(args.rates, results) if "auto" in results else {},
         "requests": len(trace),
+        "rounds": args.rounds,
         "max_new_tokens": args.max_new_tokens,
         "mean_prompt_tokens": sum(len(j.prompt) for j in jobs) / len(jobs),
         "mean_output_tokens": sum(j.max_tokens for j in jobs) / len(jobs),

@@ -251,6 +251,18 @@ def test_auto_speculates_on_a_drafters_hint_where_the_history_says_not_to():
     assert auto.draft_budgets(doubtful)[0].depth == 0
 
 
+def test_auto_prices_speculation_without_the_prompt_chunk_beside_it():
+    """Beside a long prompt chunk, drafted nodes look cheap relative to the whole forward; auto
+    speculates no more than it would in a decode-only step, so waiting prompts keep their time."""
+    cpu_like = cost_model(30.0, 4.4, draft_ms=2.5)
+    auto = policy("auto", cpu_like, AcceptancePredictor(prior_rate=0.3))
+    decode = step_view(4)
+    with_prefill = StepView(decode.requests, other_tokens=256)
+    assert auto.draft_budgets(with_prefill) == auto.draft_budgets(decode)
+    values = node_values([chain([0.3, 0.1])] * 4)
+    assert auto.select(with_prefill, values) == auto.select(decode, values) == [0, 0, 0, 0]
+
+
 def test_specserve_stops_drafting_and_trims_tails_by_confidence():
     specserve = policy("specserve", cost_model(30.0, 3.0))
     step = step_view(2)

@@ -98,3 +98,20 @@ def test_killed_draft_actor_loses_no_request_and_is_restarted(tmp_path, local_ra
     finally:
         plain.shutdown()
         llm.shutdown()
+
+
+def test_a_draft_actor_is_profiled_on_the_actor(tmp_path, local_ray):
+    """The cost model of an engine whose draft runs on an actor has a draft table, and the
+    profile cache key names the draft model as for a co-located one."""
+    path = build_tiny_model(tmp_path / "target")
+    draft = build_tiny_model(tmp_path / "draft", num_hidden_layers=1, seed=1)
+    llm = _llm(str(path), "actor", draft=str(draft))
+    colocated = _llm(str(path), "colocated", draft=str(draft))
+    try:
+        cost = llm.engine.profile(quick=True)
+        assert cost.draft is not None and cost.draft.tokens == cost.target.tokens
+        assert all(ms > 0 for row in cost.draft.ms for ms in row)
+        assert llm.engine.profile_path() == colocated.engine.profile_path()
+    finally:
+        llm.shutdown()
+        colocated.shutdown()

@@ -15,6 +15,7 @@ from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.draft_model import VOCAB_FILE
+from specserve.spec.stats import SpecStats
 from specserve.spec.tree import TreeBudget
 from test_engine import GREEDY, assert_all_slots_free, run
 from tiny_models import PROMPTS, build_tiny_eagle, build_tiny_model
@@ -340,3 +341,14 @@ def test_logprobs_of_verified_tokens_equal_plain_decoding(tiny_model, tiny_engin
         for pa, pb in zip(a.output.logprobs, b.output.logprobs):
             assert list(pa) == list(pb)
             assert list(pa.values()) == pytest.approx(list(pb.values()), abs=1e-4)
+
+
+def test_mat_counts_only_steps_that_verified_something():
+    """A step whose drafts the controller trimmed away emits one plain token: it is no
+    verification step and must not pull MAT toward 1."""
+    stats = SpecStats()
+    stats.record(drafted=4, verified=2, accepted=1)
+    stats.record(drafted=3, verified=0, accepted=0)
+    assert (stats.steps, stats.verify_steps, stats.drafted) == (2, 1, 7)
+    assert stats.mean_accepted_tokens == 2.0
+    assert stats.acceptance_by_depth == [1.0]

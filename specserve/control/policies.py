@@ -85,6 +85,10 @@ class StepView:
         """Tokens in the forward before any drafted node: prefill plus one root per request."""
         return self.other_tokens + len(self.requests)
 
+    def decode_only(self) -> StepView:
+        """The same requests without the prefill tokens that share their forward."""
+        return StepView(self.requests, 0, self.draft_ms)
+
 
 @functools.cache
 def tree_budget(depth: int, width: int) -> TreeBudget:
@@ -346,15 +350,20 @@ class AutoSpeculation(Policy):
     enough to catch up; nothing is drafted when speculation loses and nobody is behind.
     Verification: floors of the savable requests behind their SLO first (most urgent first),
     then the globally best nodes as long as each one raises the predicted tokens per ms of the
-    whole iteration.
+    iteration.
+
+    Speculation is priced as in a decode-only iteration: prompt chunks in the same forward are
+    work that must be done anyway, and counting their time would make drafted nodes look cheap
+    beside it, so that speculation would take time from waiting prompts under load.
     """
 
     name = "auto"
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         plain_s = self.target_ms(step, 0) / 1e3
-        best = self.best_chain_depth(step, width=max(r.max_budget.width for r in step.requests))
-        alphas = self.step_model(step).alphas
+        decode = step.decode_only()
+        best = self.best_chain_depth(decode, width=max(r.max_budget.width for r in step.requests))
+        alphas = self.step_model(decode).alphas
         result = []
         for r, alpha in zip(step.requests, alphas):
             depth, floor = min(best, r.max_budget.depth), r.floor(plain_s)
@@ -375,10 +384,10 @@ class AutoSpeculation(Policy):
         counts = floor_counts(candidates, room)
         nodes = sum(counts)
         extras = ranked_extras(candidates, counts)[: room - nodes]
-        # Expected tokens and predicted ms after adding the best k extras, for every k at once.
+        # Expected tokens and predicted decode-only ms after adding the best k extras, for every k at once.
         tokens = len(values) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
         gains = tokens + np.cumsum([0.0] + [value for _, value in extras])
-        added = step.base_tokens + nodes + np.arange(len(extras) + 1)
+        added = len(step.requests) + nodes + np.arange(len(extras) + 1)
         ms = step.draft_ms + self.step_model(step).cost.target_ms.many(added)
         best = int(np.argmax(gains / ms))  # the first maximum: fewest nodes on ties
         for i, _ in extras[:best]:

@@ -38,6 +38,7 @@ from specserve.spec.build import build_drafter
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import Drafter, DraftRequest
 from specserve.spec.hybrid import HybridDrafter
+from specserve.spec.remote_drafter import RemoteDrafter
 from specserve.spec.stats import SpecStats
 from specserve.spec.tree import TokenTree, TreeBudget
 from specserve.spec.verifier import verify
@@ -462,14 +463,14 @@ class LLMEngine:
 
     def profile_path(self) -> Path:
         """Where this engine's models, device and TP size keep their cached cost profile."""
-        draft = self._local_draft_model()
+        draft = self._draft_model()
         models = [self.model_path] + ([draft.path] if draft is not None else [])
         return profile_path(models, str(self.config.torch_device()), self.config.tensor_parallel_size)
 
-    def _local_draft_model(self) -> ModelDrafter | None:
-        """The drafter that runs a draft model in this process, alone or inside a hybrid."""
+    def _draft_model(self) -> ModelDrafter | RemoteDrafter | None:
+        """The drafter that runs a draft model, here or on its actor, alone or inside a hybrid."""
         drafter = self.drafter.model if isinstance(self.drafter, HybridDrafter) else self.drafter
-        return drafter if isinstance(drafter, ModelDrafter) else None
+        return drafter if isinstance(drafter, (ModelDrafter, RemoteDrafter)) else None
 
     def profile(self, quick: bool = False) -> CostModel:
         """Measure the target's (and the draft model's) forward latency on this hardware."""
@@ -480,9 +481,8 @@ class LLMEngine:
             quick=quick,
         )
         target = profile_forward(lambda s: self.executor.call("forward", s), label="target", **shape)
-        drafter, draft = self._local_draft_model(), None
-        if drafter is not None:
-            draft = profile_forward(drafter.profile_forward, label="draft", **shape)
+        drafter = self._draft_model()
+        draft = drafter.profile(**shape) if drafter is not None else None
         return CostModel(
             model=self.model_path.name,
             device=str(self.config.torch_device()),

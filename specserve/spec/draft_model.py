@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from specserve.config import EngineConfig
+from specserve.control.cost_model import LatencyTable
+from specserve.control.profiler import profile_forward
 from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.engine.model_runner import ModelRunner
 from specserve.models.eagle import EagleDraftModel
@@ -188,6 +190,10 @@ class ModelDrafter:
         self._cached.pop(request_id, None)
         self._features.pop(request_id, None)
         self._last.pop(request_id, None)
+
+    def profile(self, **shape) -> LatencyTable:
+        """The draft forward's latency table (``profile_forward``'s keyword arguments)."""
+        return profile_forward(self.profile_forward, label="draft", **shape)
 
     def profile_forward(self, slices: list[SequenceSlice]) -> torch.Tensor:
         """One draft forward for the profiler (an EAGLE draft reads zero features)."""

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from specserve.config import EngineConfig
+from specserve.control.cost_model import LatencyTable
 from specserve.models.eagle import is_eagle_draft
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import DraftRequest, KeepGoing
@@ -39,6 +40,9 @@ class DraftWorker:
                 self.drafter.release(request_id)
         return self.drafter.propose(requests, keep_going) if requests else []
 
+    def profile(self, shape: dict) -> LatencyTable:
+        return self.drafter.profile(**shape)
+
 
 class RemoteDrafter:
     """The engine-side Drafter that drives a DraftWorker actor."""
@@ -49,6 +53,7 @@ class RemoteDrafter:
                  num_cpus: float = 1, num_gpus: float = 0) -> None:
         import ray
 
+        self.path = draft_path
         self._args = (draft_path, config, target_vocab, max_len)
         self._actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(DraftWorker)
         self._updates: list[Update] = []
@@ -68,6 +73,12 @@ class RemoteDrafter:
             self.restarts += 1
             self.actor = self._actor_class.remote(*self._args)
             return [TokenTree() for _ in requests]
+
+    def profile(self, **shape) -> LatencyTable:
+        """The draft forward's latency table, measured on the actor (no Ray call inside)."""
+        import ray
+
+        return ray.get(self.actor.profile.remote(shape))
 
     def accept(self, request_id: str, tokens: list[int]) -> None:
         self._updates.append(("accept", request_id, list(tokens)))

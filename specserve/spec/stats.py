@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SpecStats:
-    steps: int = 0  # verification steps
+    steps: int = 0  # steps that drafted for the request(s)
+    verify_steps: int = 0  # of those, steps whose target forward verified at least one node
     drafted: int = 0  # candidate nodes the drafter built
     verified: int = 0  # nodes the target scored
     accepted: int = 0  # drafted tokens the target accepted
@@ -17,6 +18,7 @@ class SpecStats:
 
     def record(self, drafted: int, verified: int, accepted: int) -> None:
         self.steps += 1
+        self.verify_steps += verified > 0
         self.drafted += drafted
         self.verified += verified
         self.accepted += accepted
@@ -28,15 +30,16 @@ class SpecStats:
     @property
     def mean_accepted_tokens(self) -> float:
         """MAT: tokens emitted per verification step (accepted drafts + the bonus token)."""
-        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def acceptance_by_depth(self) -> list[float]:
         """Share of verification steps whose accepted path reached depth k+1."""
-        return [n / self.steps for n in self.accepted_by_depth] if self.steps else []
+        return [n / self.verify_steps for n in self.accepted_by_depth] if self.verify_steps else []
 
     def merge(self, other: SpecStats) -> None:
         self.steps += other.steps
+        self.verify_steps += other.verify_steps
         self.drafted += other.drafted
         self.verified += other.verified
         self.accepted += other.accepted
@@ -51,6 +54,7 @@ class SpecStats:
     def to_dict(self) -> dict:
         return {
             "steps": self.steps,
+            "verify_steps": self.verify_steps,
             "drafted": self.drafted,
             "verified": self.verified,
             "accepted": self.accepted,
