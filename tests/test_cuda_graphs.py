@@ -34,7 +34,7 @@ def _setup(path, device: str):
 
     eager_cache, graph_cache = cache(SLOTS), cache(SLOTS + 1)
     graphs = GraphedForward(
-        model, graph_cache, num_slots=SLOTS, scratch_slot=SLOTS, max_model_len=MAX_LEN,
+        model, graph_cache, num_slots=SLOTS, max_model_len=MAX_LEN,
         max_tokens=64, device=device, capture=device.type == "cuda",
     )
     return model, eager_cache, graph_cache, graphs

@@ -85,10 +85,6 @@ class StepView:
         """Tokens in the forward before any drafted node: prefill plus one root per request."""
         return self.other_tokens + len(self.requests)
 
-    def decode_only(self) -> StepView:
-        """The same requests without the prefill tokens that share their forward."""
-        return StepView(self.requests, 0, self.draft_ms)
-
 
 @functools.cache
 def tree_budget(depth: int, width: int) -> TreeBudget:
@@ -125,13 +121,15 @@ class StepModel:
         self.depth_caps = np.array([r.max_budget.depth for r in step.requests], dtype=int)
         self.width_caps = np.array([r.max_budget.width for r in step.requests], dtype=int)
 
-    def chain_efficiency(self, depth: int, width: int = 1) -> float:
+    def chain_efficiency(self, depth: int, width: int = 1, decode_only: bool = False) -> float:
         """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
-        (within its cap) and verifies a chain of them, accepting at its own rate."""
+        (within its cap) and verifies a chain of them, accepting at its own rate;
+        ``decode_only``: priced without the step's prefill tokens."""
         depths = np.minimum(depth, self.depth_caps)
         tokens = chain_tokens(self.alphas, depths).sum()
         forwards = draft_forwards(depths, np.minimum(width, self.width_caps))
-        return float(tokens) / self.cost.iteration_ms(self.base_tokens + int(depths.sum()), forwards)
+        base = len(self.alphas) if decode_only else self.base_tokens
+        return float(tokens) / self.cost.iteration_ms(base + int(depths.sum()), forwards)
 
 
 class DraftingRule(ABC):
@@ -218,11 +216,11 @@ class Policy(ABC):
         rate = self.predictor.request_rate(request.request_id)
         return rate if request.alpha_hint is None else max(rate, request.alpha_hint)
 
-    def best_chain_depth(self, step: StepView, width: int = 1) -> int:
+    def best_chain_depth(self, step: StepView, width: int = 1, decode_only: bool = False) -> int:
         """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
         model = self.step_model(step)
         deepest = max((r.max_budget.depth for r in step.requests), default=0)
-        return max(range(deepest + 1), key=lambda d: model.chain_efficiency(d, width))
+        return max(range(deepest + 1), key=lambda d: model.chain_efficiency(d, width, decode_only))
 
     def best_chain(self, step: StepView, width: int = 1) -> list[TreeBudget]:
         """Every request drafts the best common depth (within its caps)."""
@@ -361,9 +359,9 @@ class AutoSpeculation(Policy):
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         plain_s = self.target_ms(step, 0) / 1e3
-        decode = step.decode_only()
-        best = self.best_chain_depth(decode, width=max(r.max_budget.width for r in step.requests))
-        alphas = self.step_model(decode).alphas
+        width = max(r.max_budget.width for r in step.requests)
+        best = self.best_chain_depth(step, width, decode_only=True)
+        alphas = self.step_model(step).alphas
         result = []
         for r, alpha in zip(step.requests, alphas):
             depth, floor = min(best, r.max_budget.depth), r.floor(plain_s)

@@ -54,7 +54,6 @@ class ModelRunner:
                 self.model,
                 self.kv_cache,
                 num_slots=config.max_num_seqs,
-                scratch_slot=config.max_num_seqs,
                 max_model_len=self.max_model_len,
                 max_tokens=config.cuda_graph_max_tokens,
                 device=self.device,

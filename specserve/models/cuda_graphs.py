@@ -9,8 +9,8 @@ the smallest bucket that holds it:
 - query length: new tokens per row (decode 1, draft frontiers and token trees a few);
 - key length: cached plus new positions per row.
 
-Padded tokens write their K/V to a scratch slot no sequence owns, and padded query rows see key 0
-only. The attention mask is computed inside the graph from three numbers per row and a small
+Padded tokens write their K/V to a scratch slot no sequence owns (slot ``num_slots``: the cache
+holds one slot more than the engine hands out), and padded query rows see key 0 only. The attention mask is computed inside the graph from three numbers per row and a small
 window of mask bits (the new tokens' causal or tree mask), so the CPU builds only small tensors.
 Warm-up and capture rerun the real step, which is idempotent: the same K/V land in the same places.
 """
@@ -70,15 +70,16 @@ class GraphedForward:
         kv_cache: KVCache,
         *,
         num_slots: int,
-        scratch_slot: int,
         max_model_len: int,
         max_tokens: int,
         device: torch.device,
         capture: bool = True,
     ) -> None:
+        if kv_cache.num_slots != num_slots + 1:
+            raise ValueError("the KV cache needs one scratch slot beyond the num_slots sequences use")
         self.model = model
         self.kv_cache = kv_cache
-        self.scratch_slot = scratch_slot
+        self.scratch_slot = num_slots
         self.max_tokens = max_tokens
         self.device = device
         self.capture = capture
@@ -141,27 +142,25 @@ class GraphedForward:
     def _load_inputs(self, seqs: list[SequenceSlice], rows: int, query_len: int) -> torch.Tensor:
         """Copy the step into the buffers' leading ``rows * query_len`` tokens and ``rows`` rows."""
         tokens = rows * query_len
-        input_ids = torch.zeros(tokens, dtype=torch.long)
-        positions = torch.zeros(tokens, dtype=torch.long)
-        cache_slots = torch.full((tokens,), self.scratch_slot, dtype=torch.long)
-        cache_positions = torch.zeros(tokens, dtype=torch.long)
-        mask_start = torch.zeros(rows, dtype=torch.long)
-        window_len = torch.zeros(rows, dtype=torch.long)
-        num_new = torch.zeros(rows, dtype=torch.long)
+        input_ids, positions = [0] * tokens, [0] * tokens
+        cache_slots, cache_positions = [self.scratch_slot] * tokens, [0] * tokens
+        mask_start, window_len, num_new = [0] * rows, [0] * rows, [0] * rows
         window = torch.zeros(rows, query_len, MASK_WINDOW, dtype=torch.bool)
         logits_index = []
         for seq in seqs:
             n, base = len(seq.token_ids), seq.slot * query_len
             new = slice(base, base + n)
-            input_ids[new] = torch.tensor(seq.token_ids)
-            positions[new] = torch.tensor(seq.positions)
-            cache_slots[new] = seq.slot
-            cache_positions[new] = torch.arange(seq.cache_start, seq.cache_start + n)
-            width = seq.cache_start + n - seq.mask_start
-            mask_start[seq.slot], window_len[seq.slot], num_new[seq.slot] = seq.mask_start, width, n
-            window[seq.slot, :n, :width] = (
-                torch.ones(n, n, dtype=torch.bool).tril() if seq.tree_mask is None else seq.tree_mask
-            )
+            input_ids[new] = seq.token_ids
+            positions[new] = seq.positions
+            cache_slots[new] = [seq.slot] * n
+            cache_positions[new] = range(seq.cache_start, seq.cache_start + n)
+            if seq.tree_mask is None:  # causal: the window is the new tokens
+                start, bits = seq.cache_start, torch.ones(n, n, dtype=torch.bool).tril()
+            else:
+                start, bits = seq.mask_start, seq.tree_mask
+            width = bits.shape[1]
+            mask_start[seq.slot], window_len[seq.slot], num_new[seq.slot] = start, width, n
+            window[seq.slot, :n, :width] = bits
             logits_index.extend(base + i for i in seq.logits_at)
         b = self.buffers
         for buffer, values in (
@@ -169,7 +168,7 @@ class GraphedForward:
             (b.cache_positions, cache_positions), (b.mask_start, mask_start),
             (b.window_len, window_len), (b.num_new, num_new),
         ):
-            buffer[: len(values)].copy_(values)
+            buffer[: len(values)].copy_(torch.tensor(values, dtype=torch.long))
         b.window[:rows, :query_len].copy_(window)
         return torch.tensor(logits_index, dtype=torch.long, device=self.device)
 
