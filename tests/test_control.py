@@ -352,6 +352,20 @@ def test_every_policy_is_lossless_on_the_engine(tiny_model, cheap_profile, name)
     assert_all_slots_free(engine)
 
 
+def test_drafting_is_timed_against_the_draft_forwards_it_ran(tiny_model, cheap_profile):
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=8, max_model_len=256,
+        speculative=SpeculativeConfig(draft_model=str(tiny_model), budget=TreeBudget(depth=2)),
+        control=ControlConfig(policy="auto", profile=str(cheap_profile)),
+    ))
+    cost = engine.controller.cost
+    assert cost.draft_scale == cost.scale == 1.0
+    run(engine, PROMPTS[:2], [GREEDY] * 2)
+    assert engine.spec_stats.drafted > 0
+    # The cheap profile's flat 0.5 ms draft forward is not this machine's: the ratios moved apart.
+    assert cost.draft_scale != cost.scale
+
+
 def test_engine_profiles_itself_into_a_keyed_cache(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
     engine = LLMEngine(EngineConfig(
@@ -381,6 +395,34 @@ def test_the_cost_model_follows_the_machine_online():
     before = cost.scale
     cost.observe_forward(tokens=10, context=0, seconds=100.0)  # one stall, clamped
     assert cost.scale - before <= 0.1 * (4.0 - before) + 1e-9
+
+
+def test_drafting_time_is_corrected_apart_from_the_target():
+    """What a bare draft forward's profile misses (catching up, building trees, a lookup, an
+    actor's round trip) shows in the observed drafting time and is priced from then on."""
+    from specserve.control.cost_model import CorrectedCost
+
+    cost = CorrectedCost(cost_model(10.0, 1.0, draft_ms=2.0))
+    for _ in range(60):
+        cost.observe_forward(tokens=10, context=0, seconds=2 * 20.0 / 1e3)
+    assert cost.draft_scale == pytest.approx(2.0, rel=0.01)  # no drafting seen: the target's drift
+    for _ in range(60):  # three draft forwards take three times what the profile says
+        cost.observe_draft([4, 4, 2], context=0, seconds=3 * 6.0 / 1e3)
+    assert cost.draft_scale == pytest.approx(3.0, rel=0.01)
+    assert cost.scale == pytest.approx(2.0, rel=0.01)
+    step = cost.at_context(0)
+    assert step.draft_ms(1) == pytest.approx(6.0, rel=0.01)
+    assert step.target_ms(10) == pytest.approx(40.0, rel=0.01)
+
+
+def test_auto_stops_speculating_once_drafting_is_seen_to_cost_more_than_profiled():
+    controller = SLOController("auto", cost_model(30.0, 3.0, draft_ms=4.0), 512)
+    controller.predictor = controller.policy.predictor = confident_predictor(0.6)
+    step = step_view(4, depth=2)
+    assert all(b.depth > 0 for b in controller.plan(step))
+    for _ in range(60):  # each of the two draft levels takes 16 ms instead of 4
+        controller.observe_draft([4, 4], context=100, seconds=0.032)
+    assert all(b.depth == 0 for b in controller.plan(step_view(4, depth=2)))
 
 
 def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):

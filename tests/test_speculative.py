@@ -155,6 +155,22 @@ def test_kv_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_mode
             torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_a_draft_model_reports_the_tokens_of_each_forward_catch_up_included(tiny_model):
+    """What drafting really fed, so the controller can price it: first the whole prompt, then
+    per level the frontier; next step what the draft did not feed itself: the deepest accepted
+    node and the bonus token (a self-draft's chain is accepted whole)."""
+    engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3))
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    engine.add_request(engine.make_request("r", prompt, GREEDY.model_copy(update={"max_tokens": 40})))
+    engine.step()  # the prompt: no drafting yet
+    seen = len(engine.requests["r"].all_token_ids)
+    engine.step()
+    assert engine.drafter.forwards == [seen, 1, 1]  # prompt and first token, then a chain of 3
+    assert engine.spec_stats.accepted == 3
+    engine.step()
+    assert engine.drafter.forwards[0] == 2
+
+
 def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):
     """After speculative steps (trees dropped, accepted tokens fed again), the EAGLE draft's K/V
     equal one fresh feed of the sequence with the target's own features of each previous
@@ -232,6 +248,7 @@ class _FixedDrafter:
     """A stand-in draft model that always proposes one token at a fixed probability."""
 
     needs_target_features = False
+    forwards = ()
 
     def __init__(self, token: int, prob: float) -> None:
         self.token, self.prob = token, prob

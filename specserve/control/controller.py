@@ -3,14 +3,15 @@
 The engine (or the simulator) asks it three things every iteration, in this order: the draft
 budgets of the decoding requests (``plan``), the rule the drafter asks after each level whether to
 grow the trees one more (``drafting_rule``), and which drafted nodes to verify (``select``); after
-verification it reports what was accepted (``observe``). The controller times its own decisions,
-so their overhead relative to the iteration can be measured.
+verification it reports what was accepted (``observe``) and how long drafting and the target
+forward took (``observe_draft``, ``observe_forward``). The controller times its own decisions, so
+their overhead relative to the iteration can be measured.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from specserve.control.acceptance import AcceptancePredictor
@@ -70,6 +71,12 @@ class SLOController:
         """A target forward's measured time, which corrects the cost model online."""
         if self.cost is not None:
             self._timed(lambda: self.cost.observe_forward(tokens, context, seconds))
+
+    def observe_draft(self, forwards: Sequence[int], context: float, seconds: float) -> None:
+        """Drafting with a draft forward of each of ``forwards`` tokens at mean ``context`` took
+        ``seconds``, which corrects the predicted drafting time online."""
+        if self.cost is not None and forwards:
+            self._timed(lambda: self.cost.observe_draft(forwards, context, seconds))
 
     def forget(self, request_id: str) -> None:
         self.predictor.forget(request_id)

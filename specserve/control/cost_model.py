@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +90,12 @@ class StepCost:
         """A draft forward per entry of ``draft_tokens``, then the target forward."""
         return sum(self.draft_ms(n) for n in draft_tokens) + self.target_ms(step_tokens)
 
-    def scaled(self, factor: float) -> StepCost:
-        """Every latency times ``factor``."""
-        def scale(curve: LatencyCurve) -> LatencyCurve:
+    def scaled(self, target: float, draft: float) -> StepCost:
+        """Target latencies times ``target``, draft latencies times ``draft``."""
+        def scale(curve: LatencyCurve, factor: float) -> LatencyCurve:
             return LatencyCurve(curve.tokens, [ms * factor for ms in curve.ms])
 
-        return StepCost(scale(self.target_ms), None if self._draft is None else scale(self._draft))
+        return StepCost(scale(self.target_ms, target), None if self._draft is None else scale(self._draft, draft))
 
 
 class CostModel(BaseModel):
@@ -149,31 +150,63 @@ def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int)
     return cache_root() / "profiles" / f"{name.replace(':', '')}.json"
 
 
+class _RatioEMA:
+    """A running mean of observed over predicted time; one observation's ratio is clamped, so
+    that a stall cannot swing it."""
+
+    def __init__(self, weight: float = 0.1, clamp: tuple[float, float] = (0.25, 4.0)) -> None:
+        self.value: float | None = None
+        self._weight, self._clamp = weight, clamp
+
+    def observe(self, predicted_ms: float, seconds: float, start: float) -> None:
+        """Fold in one observation; the first starts from ``start``."""
+        if predicted_ms <= 0:
+            return
+        ratio = min(max(seconds * 1e3 / predicted_ms, self._clamp[0]), self._clamp[1])
+        value = start if self.value is None else self.value
+        self.value = value + self._weight * (ratio - value)
+
+
 class CorrectedCost:
     """A profile scaled online by how fast the machine runs now.
 
     Profiles drift (clock, thermal state, neighbours on a shared machine; 2-3x between sessions
-    here), so the controller keeps an EMA of observed over predicted target-forward time and
-    scales every prediction, draft included, by it.
+    here), so the controller keeps a running ratio of observed over predicted target-forward time
+    and scales every target prediction by it. Drafting gets its own ratio, of the whole drafting
+    time over the predicted draft forwards: besides drift it holds what the profile of a bare
+    forward cannot, the draft catching up on the tokens accepted since its last step (or on a new
+    prompt), building the trees, a prompt lookup beside it, the round trip to a draft actor.
+    Until drafting is observed it follows the target's ratio.
     """
 
-    def __init__(self, profile: CostModel, weight: float = 0.1, clamp: tuple[float, float] = (0.25, 4.0)) -> None:
+    def __init__(self, profile: CostModel) -> None:
         self.profile = profile
-        self.scale = 1.0
-        self._weight = weight
-        self._clamp = clamp  # one observation's ratio is clamped: a stall must not swing the scale
+        self._target = _RatioEMA()
+        self._draft = _RatioEMA()
+
+    @property
+    def scale(self) -> float:
+        """Observed over profiled target-forward time."""
+        return 1.0 if self._target.value is None else self._target.value
+
+    @property
+    def draft_scale(self) -> float:
+        """Observed drafting time over profiled draft-forward time."""
+        return self.scale if self._draft.value is None else self._draft.value
 
     def observe_forward(self, tokens: int, context: float, seconds: float) -> None:
         """One target forward of ``tokens`` new tokens at mean ``context`` took ``seconds``."""
-        predicted_ms = self.profile.target_ms(tokens, context)
-        if predicted_ms <= 0:
-            return
-        ratio = min(max(seconds * 1e3 / predicted_ms, self._clamp[0]), self._clamp[1])
-        self.scale += self._weight * (ratio - self.scale)
+        self._target.observe(self.profile.target_ms(tokens, context), seconds, start=1.0)
+
+    def observe_draft(self, forwards: Sequence[int], context: float, seconds: float) -> None:
+        """Drafting with one draft forward of each of ``forwards`` tokens took ``seconds``."""
+        predicted_ms = sum(self.profile.draft_ms(tokens, context) for tokens in forwards)
+        self._draft.observe(predicted_ms, seconds, start=self.scale)
 
     def at_context(self, context: float) -> StepCost:
         step = self.profile.at_context(context)
-        return step if self.scale == 1.0 else step.scaled(self.scale)
+        scale, draft_scale = self.scale, self.draft_scale
+        return step if scale == draft_scale == 1.0 else step.scaled(scale, draft_scale)
 
     def prefill_s(self, tokens: int) -> float:
         return self.profile.prefill_s(tokens) * self.scale

@@ -283,6 +283,7 @@ class LLMEngine:
         start = time.perf_counter()
         drafted = self.drafter.propose(asks, self.controller.drafting_rule(step))
         draft_time = time.perf_counter() - start
+        self.controller.observe_draft(self.drafter.forwards, step.mean_context, draft_time)
         step.draft_ms = draft_time * 1e3
         chosen = self.controller.select(step, drafted)
         self.spec_stats.draft_time += draft_time

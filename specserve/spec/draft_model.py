@@ -137,8 +137,10 @@ class ModelDrafter:
         self._cached: dict[str, int] = {}  # request id -> tokens in the draft cache
         self._features: dict[str, list[torch.Tensor]] = {}  # EAGLE: target features not fed yet
         self._last: dict[str, _Expansion] = {}
+        self.forwards: list[int] = []
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
+        self.forwards = []
         if self.needs_target_features:
             for r in requests:
                 if r.features is not None:
@@ -241,6 +243,7 @@ class ModelDrafter:
         self, slices: list[SequenceSlice], features: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the slices' ``logits_at`` and, for an EAGLE draft, hidden states of every fed token."""
+        self.forwards.append(sum(len(s.token_ids) for s in slices))
         if not self.needs_target_features:
             return self.runner.forward(slices), torch.empty(0)
         return self.runner.forward_with_hidden(slices, features)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +29,9 @@ KeepGoing = Callable[[int, list[TokenTree]], bool]
 class Drafter(Protocol):
     needs_target_features: bool  # whether DraftRequests must carry the target's features
     gives_acceptance_hints: bool  # whether the engine asks acceptance_hint before planning
+    # Tokens fed to each draft-model forward of the last propose (catch-up included; empty
+    # without a model), so that the drafting time can be set against the cost model's.
+    forwards: Sequence[int]
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         """One tree per request, within its budget (an empty tree when it has nothing)."""

@@ -15,6 +15,7 @@ request whose text can be copied gets to speculate even where its history says n
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from specserve.spec.drafter import DraftRequest, Drafter, KeepGoing
 from specserve.spec.ngram import NgramDrafter
@@ -62,6 +63,10 @@ class HybridDrafter:
                 draft = draft.merge(lookup).select(request.budget.node_limit)
             trees.append(draft)
         return trees
+
+    @property
+    def forwards(self) -> Sequence[int]:
+        return self.model.forwards
 
     def accept(self, request_id: str, tokens: list[int]) -> None:
         self.model.accept(request_id, tokens)

@@ -16,6 +16,7 @@ MAX_MATCHES = 16  # most recent occurrences considered
 class NgramDrafter:
     needs_target_features = False
     gives_acceptance_hints = False
+    forwards: tuple[int, ...] = ()  # no model
 
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:

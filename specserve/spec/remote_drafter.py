@@ -32,13 +32,18 @@ class DraftWorker:
     def __init__(self, draft_path: Path, config: EngineConfig, target_vocab: int, max_len: int) -> None:
         self.drafter = ModelDrafter(draft_path, config, target_vocab, max_len)
 
-    def step(self, updates: list[Update], requests: list[DraftRequest], keep_going: KeepGoing | None) -> list[TokenTree]:
+    def step(
+        self, updates: list[Update], requests: list[DraftRequest], keep_going: KeepGoing | None
+    ) -> tuple[list[TokenTree], list[int]]:
+        """Apply the updates, then propose: the trees and the tokens of each draft forward."""
         for kind, request_id, tokens in updates:
             if kind == "accept":
                 self.drafter.accept(request_id, tokens)
             else:
                 self.drafter.release(request_id)
-        return self.drafter.propose(requests, keep_going) if requests else []
+        if not requests:
+            return [], []
+        return self.drafter.propose(requests, keep_going), self.drafter.forwards
 
     def profile(self, shape: dict) -> LatencyTable:
         return self.drafter.profile(**shape)
@@ -59,6 +64,7 @@ class RemoteDrafter:
         self._updates: list[Update] = []
         self.needs_target_features = is_eagle_draft(draft_path)
         self.restarts = 0
+        self.forwards: list[int] = []
         self.actor = self._actor_class.remote(*self._args)
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
@@ -67,10 +73,12 @@ class RemoteDrafter:
 
         updates, self._updates = self._updates, []
         try:
-            return ray.get(self.actor.step.remote(updates, requests, keep_going))
+            trees, self.forwards = ray.get(self.actor.step.remote(updates, requests, keep_going))
+            return trees
         except RayActorError as exc:
             logger.warning("draft actor died (%s); this step goes without speculation, restarting it", exc)
             self.restarts += 1
+            self.forwards = []
             self.actor = self._actor_class.remote(*self._args)
             return [TokenTree() for _ in requests]
 
