@@ -366,6 +366,23 @@ def test_drafting_is_timed_against_the_draft_forwards_it_ran(tiny_model, cheap_p
     assert cost.draft_scale != cost.scale
 
 
+def test_trees_trimmed_away_still_teach_the_acceptance_rate(tiny_model, cheap_profile, monkeypatch):
+    """A request whose whole tree the controller trims is scored on its first guess anyway,
+    against the token the target chose: a self-draft's guess is always right."""
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=8, max_model_len=256,
+        speculative=SpeculativeConfig(draft_model=str(tiny_model), budget=TreeBudget(depth=2)),
+        control=ControlConfig(policy="auto", profile=str(cheap_profile)),
+    ))
+    controller = engine.controller
+    monkeypatch.setattr(controller.policy, "select", lambda step, values: [0] * len(values))
+    prior = controller.predictor.rate
+    run(engine, PROMPTS[:2], [GREEDY] * 2)
+    assert engine.spec_stats.accepted == 0  # nothing was verified
+    assert controller.predictor.rate > prior + 0.3
+    assert_all_slots_free(engine)
+
+
 def test_engine_profiles_itself_into_a_keyed_cache(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
     engine = LLMEngine(EngineConfig(

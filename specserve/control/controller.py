@@ -3,8 +3,9 @@
 The engine (or the simulator) asks it three things every iteration, in this order: the draft
 budgets of the decoding requests (``plan``), the rule the drafter asks after each level whether to
 grow the trees one more (``drafting_rule``), and which drafted nodes to verify (``select``); after
-verification it reports what was accepted (``observe``) and how long drafting and the target
-forward took (``observe_draft``, ``observe_forward``). The controller times its own decisions, so
+verification it reports what was accepted (``observe``, also for the ``first_guess`` of a tree
+of which nothing was verified) and how long drafting and the target forward took
+(``observe_draft``, ``observe_forward``). The controller times its own decisions, so
 their overhead relative to the iteration can be measured.
 """
 
@@ -63,6 +64,13 @@ class SLOController:
             return [tree if n >= len(tree) else tree.select(n, v) for tree, v, n in zip(trees, values, counts)]
 
         return self._timed(decide)
+
+    def first_guess(self, tree: TokenTree) -> TokenTree:
+        """The most valuable node (always at depth 1) of a drafted tree of which nothing was
+        verified. The token the target chooses without it tells whether it would have been
+        accepted; observing that keeps the acceptance rates from counting only the trees that
+        were worth verifying, which would make every plan too hopeful."""
+        return self._timed(lambda: tree.select(1, self.predictor.values(tree)))
 
     def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
         self._timed(lambda: self.predictor.observe(request_id, tree, accepted_nodes))

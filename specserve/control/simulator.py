@@ -208,7 +208,8 @@ class Simulator:
         )
         draft_cost = self.cost.at_context(step.mean_context)  # one curve for all the step's draft forwards
         step.draft_ms = sum(draft_cost.draft_ms(n) for n in forwards)
-        chosen = dict(zip((i.request.request_id for i in asked), self.controller.select(step, trees)))
+        drafted = dict(zip((i.request.request_id for i in asked), trees))
+        chosen = dict(zip(drafted, self.controller.select(step, trees)))
         contexts = [item.request.num_tokens for item in scheduled]
         verified = sum(len(t) for t in chosen.values())
         elapsed_ms = step.draft_ms + self.cost.target_ms(step_tokens + verified, sum(contexts) / len(contexts))
@@ -229,6 +230,9 @@ class Simulator:
                 self.controller.observe(request.request_id, tree, accepted)
                 request.num_computed_tokens += len(accepted)
                 tokens += len(accepted)
+            elif len(drafted.get(request.request_id, ())):  # trimmed away: was its first guess right?
+                guess = self.controller.first_guess(drafted[request.request_id])
+                self.controller.observe(request.request_id, guess, self.acceptance.verify(self.rng, guess))
             if request.num_output:  # the first token comes from prefill, the rest from decode steps
                 request.steps += 1
             tokens = min(tokens, request.max_tokens - request.num_output)

@@ -177,7 +177,7 @@ class LLMEngine:
                 item.request.metrics.first_scheduled_time = now
         features_wanted = self.drafter is not None and self.drafter.needs_target_features
         try:
-            trees = self._draft(scheduled, views) if budgets else {}
+            trees, guesses = self._draft(scheduled, views) if budgets else ({}, {})
             start = time.perf_counter()
             slices = [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
             if features_wanted:
@@ -196,6 +196,9 @@ class LLMEngine:
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time)
+        for request, pick in zip(due, picks):
+            if (guess := guesses.get(request.request_id)) is not None:
+                self.controller.observe(request.request_id, guess, [0] if pick.tokens[0] == guess.tokens[0] else [])
         if features_wanted:
             self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
         now = time.monotonic()
@@ -263,11 +266,14 @@ class LLMEngine:
         budgets = self.controller.plan(StepView(list(views.values())))
         return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}
 
-    def _draft(self, scheduled: list[ScheduledRequest], views: dict[str, RequestView]) -> dict[str, TokenTree]:
-        """Token trees for the requests that reserved room for drafts, as the controller trims them."""
+    def _draft(
+        self, scheduled: list[ScheduledRequest], views: dict[str, RequestView]
+    ) -> tuple[dict[str, TokenTree], dict[str, TokenTree]]:
+        """Token trees for the requests that reserved room for drafts, as the controller trims
+        them; and the first guess of each request whose tree was trimmed away."""
         asked = [item for item in scheduled if item.num_draft_tokens > 0]
         if not asked:
-            return {}
+            return {}, {}
         asks = [
             DraftRequest(
                 i.request.request_id,
@@ -287,7 +293,7 @@ class LLMEngine:
         step.draft_ms = draft_time * 1e3
         chosen = self.controller.select(step, drafted)
         self.spec_stats.draft_time += draft_time
-        trees = {}
+        trees, guesses = {}, {}
         for ask, tree, candidates in zip(asks, chosen, drafted):
             request = self.requests[ask.request_id]
             request.spec_stats.draft_time += draft_time
@@ -295,9 +301,11 @@ class LLMEngine:
                 trees[ask.request_id] = tree
                 continue
             self.drafter.accept(ask.request_id, [])  # nothing verified: a plain step of this request
+            if len(candidates):
+                guesses[ask.request_id] = self.controller.first_guess(candidates)
             for stats in (request.spec_stats, self.spec_stats):
                 stats.record(candidates.num_drafted, 0, 0)
-        return trees
+        return trees, guesses
 
     def _verify(
         self,
