@@ -196,9 +196,8 @@ class LLMEngine:
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time)
-        for request, pick in zip(due, picks):
-            if (guess := guesses.get(request.request_id)) is not None:
-                self.controller.observe(request.request_id, guess, [0] if pick.tokens[0] == guess.tokens[0] else [])
+        if guesses:
+            self._score_guesses(due, picks, guesses)
         if features_wanted:
             self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
         now = time.monotonic()
@@ -306,6 +305,12 @@ class LLMEngine:
             for stats in (request.spec_stats, self.spec_stats):
                 stats.record(candidates.num_drafted, 0, 0)
         return trees, guesses
+
+    def _score_guesses(self, due: list[Request], picks: list[Pick], guesses: dict[str, TokenTree]) -> None:
+        """Tell the controller whether each trimmed tree's first guess was the token the target chose."""
+        for request, pick in zip(due, picks):
+            if (guess := guesses.get(request.request_id)) is not None:
+                self.controller.observe(request.request_id, guess, [0] if pick.tokens[0] == guess.tokens[0] else [])
 
     def _verify(
         self,

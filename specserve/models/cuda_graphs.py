@@ -10,8 +10,9 @@ the smallest bucket that holds it:
 - key length: cached plus new positions per row.
 
 Padded tokens write their K/V to a scratch slot no sequence owns (slot ``num_slots``: the cache
-holds one slot more than the engine hands out), and padded query rows see key 0 only. The attention mask is computed inside the graph from three numbers per row and a small
-window of mask bits (the new tokens' causal or tree mask), so the CPU builds only small tensors.
+holds one slot more than the engine hands out), and padded query rows see key 0 only. The
+attention mask is computed inside the graph from three numbers per row and a small window of
+mask bits (the new tokens' causal or tree mask), so the CPU builds only small tensors.
 Warm-up and capture rerun the real step, which is idempotent: the same K/V land in the same places.
 """
 
