@@ -96,8 +96,8 @@ def main() -> int:
     baseline = rates[args.policies[0]]
     report = {"batch": args.batch, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
               "speculative": args.speculative, "policies": {}}
-    print(f"| policy | tok/s per round | mean tok/s | vs {args.policies[0]} | MAT | draft scale | target scale |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| policy | tok/s per round | mean tok/s | vs {args.policies[0]} | MAT | target scale | verify scale | draft scale |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, controller in controllers.items():
         ratio = statistics.mean(r / b for r, b in zip(rates[name], baseline))
         corrected = controller.cost
@@ -106,11 +106,13 @@ def main() -> int:
             "mean_tok_s": statistics.mean(rates[name]),
             "ratio": ratio,
             "mat": stats[name].mean_accepted_tokens or 1.0,
-            "draft_scale": None if corrected is None else corrected.draft_scale,
             "target_scale": None if corrected is None else corrected.scale,
+            "verify_scale": None if corrected is None else corrected.verify_scale,
+            "draft_scale": None if corrected is None else corrected.draft_scale,
         }
         report["policies"][name] = row
-        scales = "| - | -" if corrected is None else f"| {row['draft_scale']:.2f} | {row['target_scale']:.2f}"
+        scales = "| - | - | -" if corrected is None else " ".join(
+            f"| {row[key]:.2f}" for key in ("target_scale", "verify_scale", "draft_scale"))
         print(f"| {name} | {' / '.join(f'{r:.1f}' for r in rates[name])} | {row['mean_tok_s']:.1f} "
               f"| {ratio:.2f}x | {row['mat']:.2f} {scales} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)

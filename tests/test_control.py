@@ -73,7 +73,7 @@ def test_cost_model_round_trips_through_json(tmp_path):
     path = tmp_path / "profile.json"
     CHEAP_VERIFY.save(path)
     assert CostModel.load(path) == CHEAP_VERIFY
-    assert CHEAP_VERIFY.iteration_ms(8, [2, 2], 0) == pytest.approx(30.4 + 1.0)
+    assert CHEAP_VERIFY.at_context(0).iteration_ms(8, 0, [2, 2]) == pytest.approx(30.4 + 1.0)
 
 
 # --------------------------------------------------------- acceptance prediction
@@ -352,18 +352,19 @@ def test_every_policy_is_lossless_on_the_engine(tiny_model, cheap_profile, name)
     assert_all_slots_free(engine)
 
 
-def test_drafting_is_timed_against_the_draft_forwards_it_ran(tiny_model, cheap_profile):
+def test_drafting_and_verifying_are_timed_apart_from_plain_steps(tiny_model, cheap_profile):
     engine = LLMEngine(EngineConfig(
         model=str(tiny_model), max_num_seqs=8, max_model_len=256,
         speculative=SpeculativeConfig(draft_model=str(tiny_model), budget=TreeBudget(depth=2)),
         control=ControlConfig(policy="auto", profile=str(cheap_profile)),
     ))
     cost = engine.controller.cost
-    assert cost.draft_scale == cost.scale == 1.0
+    assert cost.draft_scale == cost.verify_scale == cost.scale == 1.0
     run(engine, PROMPTS[:2], [GREEDY] * 2)
     assert engine.spec_stats.drafted > 0
     # The cheap profile's flat 0.5 ms draft forward is not this machine's: the ratios moved apart.
     assert cost.draft_scale != cost.scale
+    assert cost.verify_scale != cost.scale
 
 
 def test_trees_trimmed_away_still_teach_the_acceptance_rate(tiny_model, cheap_profile, monkeypatch):
@@ -430,6 +431,36 @@ def test_drafting_time_is_corrected_apart_from_the_target():
     step = cost.at_context(0)
     assert step.draft_ms(1) == pytest.approx(6.0, rel=0.01)
     assert step.target_ms(10) == pytest.approx(40.0, rel=0.01)
+
+
+def test_verifying_steps_are_corrected_apart_from_plain_ones():
+    """A step that verifies trees costs more than a plain one of as many tokens (tree masks,
+    verification on the host); that shows in its observed time and prices verification only."""
+    from specserve.control.cost_model import CorrectedCost
+
+    cost = CorrectedCost(cost_model(10.0, 1.0, draft_ms=2.0))
+    for _ in range(60):
+        cost.observe_forward(tokens=10, context=0, seconds=2 * 20.0 / 1e3)
+    assert cost.verify_scale == pytest.approx(2.0, rel=0.01)  # no verifying seen: the plain drift
+    for _ in range(60):
+        cost.observe_forward(tokens=14, context=0, seconds=3 * 24.0 / 1e3, verified=True)
+    assert cost.verify_scale == pytest.approx(3.0, rel=0.01)
+    assert cost.scale == pytest.approx(2.0, rel=0.01)
+    step = cost.at_context(0)
+    assert step.forward_ms(10, 0) == pytest.approx(40.0, rel=0.01)
+    assert step.forward_ms(10, 4) == pytest.approx(72.0, rel=0.01)
+    assert step.forward_ms_many(10, np.array([0, 4])) == pytest.approx([40.0, 72.0], rel=0.01)
+
+
+def test_auto_stops_verifying_once_verifying_steps_are_seen_to_cost_more_than_profiled():
+    controller = SLOController("auto", cost_model(30.0, 3.0, draft_ms=4.0), 512)
+    controller.predictor = controller.policy.predictor = confident_predictor(0.6)
+    step = step_view(4, depth=2)
+    trees = [chain([0.6, 0.6]) for _ in range(4)]
+    assert sum(len(t) for t in controller.select(step, trees)) > 0
+    for _ in range(60):  # steps that verify 8 nodes take twice what the profile says
+        controller.observe_forward(12, context=100, seconds=2 * (30.0 + 3.0 * 12) / 1e3, verified=True)
+    assert sum(len(t) for t in controller.select(step_view(4, depth=2), trees)) == 0
 
 
 def test_auto_stops_speculating_once_drafting_is_seen_to_cost_more_than_profiled():

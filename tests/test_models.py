@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specserve.distributed.parallel_state import SINGLE_PROCESS
-from specserve.models.forward_batch import SequenceSlice, build_step_inputs
+from specserve.models import forward_batch
+from specserve.models.forward_batch import SequenceSlice, attention_groups, build_step_inputs
 from specserve.models.kv_cache import KVCache
 from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, measure_plan
 from specserve.models.loader import ModelFiles, load_model
@@ -122,6 +123,44 @@ def test_tree_mask_scores_each_branch_like_its_own_sequence(tiny_model):
         ref_b = hf(torch.tensor([prefix + branch_b])).logits[0, 4:]
     torch.testing.assert_close(out[:2], ref_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[2:], ref_b, atol=1e-4, rtol=1e-4)
+
+
+def _slices(lengths: list[int], context: int) -> list[SequenceSlice]:
+    return [
+        SequenceSlice(slot, [7] * n, list(range(context, context + n)), context) for slot, n in enumerate(lengths)
+    ]
+
+
+def test_a_lone_tree_gets_its_own_attention_call_and_like_steps_share_one():
+    groups = attention_groups(_slices([1] * 5 + [9] + [1] * 10, context=256))
+    assert sorted(groups) == [[0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [5]]  # padding slot 5 once is cheaper
+    groups = attention_groups(_slices([1] * 5 + [9] + [1] * 10, context=1024))
+    assert sorted(groups) == [[0, 1, 2, 3, 4], [5], [6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]  # than a call, until keys are long
+    assert attention_groups(_slices([3] * 16, context=512)) == [list(range(16))]
+    assert attention_groups(_slices([5, 1] * 8, context=512)) == [list(range(16))]  # padding beats 16 calls
+    prefill = attention_groups(_slices([1, 1, 300, 1], context=0))
+    assert sorted(prefill) == [[0, 1, 3], [2]]
+    assert attention_groups([]) == []
+
+
+def test_splitting_a_step_into_attention_calls_keeps_every_logit(tiny_model, monkeypatch):
+    """Decodes and a tree in separate calls score exactly as in one padded call."""
+    prefixes = [[5, 17, 42], [9, 8, 7, 6, 5], [11, 12], [3, 4, 5, 6]]
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    step = [
+        SequenceSlice(0, [30], [3], 3, logits_at=[0]),
+        SequenceSlice(1, [40, 41, 42], [5, 6, 6], 5, tree_mask=tree, logits_at=[0, 1, 2]),
+        SequenceSlice(2, [50], [2], 2, logits_at=[0]),
+        SequenceSlice(3, [60], [4], 4, logits_at=[0]),
+    ]
+    outs = {}
+    for call_cost in (0, 10**9):  # every length apart, then everything in one call
+        monkeypatch.setattr(forward_batch, "CALL_COST", call_cost)
+        model, cache = _ours(tiny_model)
+        _step(model, cache, [SequenceSlice(slot, ids, list(range(len(ids))), 0) for slot, ids in enumerate(prefixes)])
+        outs[len(attention_groups(step))] = _step(model, cache, step)
+    assert sorted(outs) == [1, 3]  # slots 0 and 2..3 of length 1 with a gap, the tree alone
+    torch.testing.assert_close(outs[3], outs[1], atol=1e-5, rtol=1e-5)
 
 
 def test_kv_keep_makes_an_accepted_branch_contiguous(tiny_model):

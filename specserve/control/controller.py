@@ -75,10 +75,11 @@ class SLOController:
     def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
         self._timed(lambda: self.predictor.observe(request_id, tree, accepted_nodes))
 
-    def observe_forward(self, tokens: int, context: float, seconds: float) -> None:
-        """A target forward's measured time, which corrects the cost model online."""
+    def observe_forward(self, tokens: int, context: float, seconds: float, verified: bool = False) -> None:
+        """A step's measured target forward with sampling or (``verified``) verifying its
+        output, which corrects the cost model online."""
         if self.cost is not None:
-            self._timed(lambda: self.cost.observe_forward(tokens, context, seconds))
+            self._timed(lambda: self.cost.observe_forward(tokens, context, seconds, verified))
 
     def observe_draft(self, forwards: Sequence[int], context: float, seconds: float) -> None:
         """Drafting with a draft forward of each of ``forwards`` tokens at mean ``context`` took

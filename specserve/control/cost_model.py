@@ -77,25 +77,41 @@ class LatencyTable(BaseModel):
 
 
 class StepCost:
-    """The cost model at one iteration's mean context: every query of a step is about tokens."""
+    """The cost model at one iteration's mean context: every query of a step is about tokens.
 
-    def __init__(self, target: LatencyCurve, draft: LatencyCurve | None) -> None:
+    A target forward that verifies drafted nodes is priced on a curve of its own, ``verify_ms``
+    (the same profile, corrected apart: see :class:`CorrectedCost`); a forward without any on
+    ``target_ms``.
+    """
+
+    def __init__(self, target: LatencyCurve, draft: LatencyCurve | None, verify: LatencyCurve | None = None) -> None:
         self.target_ms = target
+        self.verify_ms = target if verify is None else verify
         self._draft = draft
 
     def draft_ms(self, tokens: float) -> float:
         return 0.0 if self._draft is None else self._draft(tokens)
 
-    def iteration_ms(self, step_tokens: float, draft_tokens: list[float]) -> float:
-        """A draft forward per entry of ``draft_tokens``, then the target forward."""
-        return sum(self.draft_ms(n) for n in draft_tokens) + self.target_ms(step_tokens)
+    def forward_ms(self, base_tokens: float, nodes: float) -> float:
+        """The target forward of ``base_tokens`` (prefill chunks, one root per decoding request)
+        and ``nodes`` drafted nodes to verify."""
+        return self.verify_ms(base_tokens + nodes) if nodes else self.target_ms(base_tokens)
 
-    def scaled(self, target: float, draft: float) -> StepCost:
-        """Target latencies times ``target``, draft latencies times ``draft``."""
+    def forward_ms_many(self, base_tokens: int, nodes: np.ndarray) -> np.ndarray:
+        """``forward_ms(base_tokens, n)`` for every ``n`` of ``nodes`` at once."""
+        return np.where(nodes > 0, self.verify_ms.many(base_tokens + nodes), self.target_ms(base_tokens))
+
+    def iteration_ms(self, base_tokens: float, nodes: float, draft_tokens: list[float]) -> float:
+        """A draft forward per entry of ``draft_tokens``, then the target forward verifying ``nodes``."""
+        return sum(self.draft_ms(n) for n in draft_tokens) + self.forward_ms(base_tokens, nodes)
+
+    def scaled(self, target: float, draft: float, verify: float) -> StepCost:
+        """Plain target, draft and verifying latencies times ``target``, ``draft``, ``verify``."""
         def scale(curve: LatencyCurve, factor: float) -> LatencyCurve:
             return LatencyCurve(curve.tokens, [ms * factor for ms in curve.ms])
 
-        return StepCost(scale(self.target_ms, target), None if self._draft is None else scale(self._draft, draft))
+        draft_curve = None if self._draft is None else scale(self._draft, draft)
+        return StepCost(scale(self.target_ms, target), draft_curve, scale(self.target_ms, verify))
 
 
 class CostModel(BaseModel):
@@ -123,10 +139,6 @@ class CostModel(BaseModel):
     def prefill_s(self, tokens: int) -> float:
         """Predicted seconds to prefill a prompt of ``tokens`` (what a TTFT deadline must leave)."""
         return self.target(tokens, 0) / 1e3
-
-    def iteration_ms(self, step_tokens: float, draft_tokens: list[float], context: float) -> float:
-        """One iteration: a draft forward per entry of ``draft_tokens``, then the target forward."""
-        return self.at_context(context).iteration_ms(step_tokens, draft_tokens)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,32 +183,49 @@ class CorrectedCost:
     """A profile scaled online by how fast the machine runs now.
 
     Profiles drift (clock, thermal state, neighbours on a shared machine; 2-3x between sessions
-    here), so the controller keeps a running ratio of observed over predicted target-forward time
-    and scales every target prediction by it. Drafting gets its own ratio, of the whole drafting
-    time over the predicted draft forwards: besides drift it holds what the profile of a bare
-    forward cannot, the draft catching up on the tokens accepted since its last step (or on a new
-    prompt), building the trees, a prompt lookup beside it, the round trip to a draft actor.
-    Until drafting is observed it follows the target's ratio.
+    here), so the controller keeps running ratios of observed over profiled time and scales
+    every prediction by them:
+
+    - plain steps: the target forward and sampling its output on the host;
+    - verifying steps, apart: besides the drift they hold what a profile of plain forwards cannot,
+      tree masks and verifying every request's tree on the host, which make such a step cost more
+      than a plain one of as many tokens;
+    - drafting: the whole drafting time over the profiled draft forwards it ran, which holds the
+      draft catching up on accepted tokens, building the trees, a prompt lookup beside it and
+      the round trip to a draft actor.
+
+    Until verifying or drafting is observed, its ratio follows the plain one.
     """
 
     def __init__(self, profile: CostModel) -> None:
         self.profile = profile
         self._target = _RatioEMA()
+        self._verify = _RatioEMA()
         self._draft = _RatioEMA()
 
     @property
     def scale(self) -> float:
-        """Observed over profiled target-forward time."""
+        """Observed over profiled time of plain steps."""
         return 1.0 if self._target.value is None else self._target.value
+
+    @property
+    def verify_scale(self) -> float:
+        """Observed over profiled time of steps that verify drafted nodes."""
+        return self.scale if self._verify.value is None else self._verify.value
 
     @property
     def draft_scale(self) -> float:
         """Observed drafting time over profiled draft-forward time."""
         return self.scale if self._draft.value is None else self._draft.value
 
-    def observe_forward(self, tokens: int, context: float, seconds: float) -> None:
-        """One target forward of ``tokens`` new tokens at mean ``context`` took ``seconds``."""
-        self._target.observe(self.profile.target_ms(tokens, context), seconds, start=1.0)
+    def observe_forward(self, tokens: int, context: float, seconds: float, verified: bool = False) -> None:
+        """A step's target forward of ``tokens`` new tokens at mean ``context``, with sampling or
+        (``verified``) verifying its output, took ``seconds``."""
+        predicted_ms = self.profile.target_ms(tokens, context)
+        if verified:
+            self._verify.observe(predicted_ms, seconds, start=self.scale)
+        else:
+            self._target.observe(predicted_ms, seconds, start=1.0)
 
     def observe_draft(self, forwards: Sequence[int], context: float, seconds: float) -> None:
         """Drafting with one draft forward of each of ``forwards`` tokens took ``seconds``."""
@@ -205,8 +234,8 @@ class CorrectedCost:
 
     def at_context(self, context: float) -> StepCost:
         step = self.profile.at_context(context)
-        scale, draft_scale = self.scale, self.draft_scale
-        return step if scale == draft_scale == 1.0 else step.scaled(scale, draft_scale)
+        scales = (self.scale, self.draft_scale, self.verify_scale)
+        return step if scales == (1.0, 1.0, 1.0) else step.scaled(*scales)
 
     def prefill_s(self, tokens: int) -> float:
         return self.profile.prefill_s(tokens) * self.scale

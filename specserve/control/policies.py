@@ -129,7 +129,7 @@ class StepModel:
         tokens = chain_tokens(self.alphas, depths).sum()
         forwards = draft_forwards(depths, np.minimum(width, self.width_caps))
         base = len(self.alphas) if decode_only else self.base_tokens
-        return float(tokens) / self.cost.iteration_ms(base + int(depths.sum()), forwards)
+        return float(tokens) / self.cost.iteration_ms(base, int(depths.sum()), forwards)
 
 
 class DraftingRule(ABC):
@@ -168,8 +168,8 @@ class GrowWhileEfficient(DraftingRule):
         tokens = len(trees) + sum(sum(v) for v in values)
         nodes = sum(len(v) for v in values)
         more_tokens = tokens + sum(v[-1] * self.confidence for v in growing)
-        now_ms = self.cost.iteration_ms(self.base_tokens + nodes, [len(trees)] * depth)
-        more_ms = self.cost.iteration_ms(self.base_tokens + nodes + len(growing), [len(trees)] * (depth + 1))
+        now_ms = self.cost.iteration_ms(self.base_tokens, nodes, [len(trees)] * depth)
+        more_ms = self.cost.iteration_ms(self.base_tokens, nodes + len(growing), [len(trees)] * (depth + 1))
         return bool(growing) and more_tokens / more_ms > tokens / now_ms
 
 
@@ -207,8 +207,9 @@ class Policy(ABC):
             self._step_model = (step, StepModel(step, cost, [self.alpha(r) for r in step.requests]))
         return self._step_model[1]
 
-    def target_ms(self, step: StepView, nodes: float) -> float:
-        return self.step_model(step).cost.target_ms(step.base_tokens + nodes)
+    def forward_ms(self, step: StepView, nodes: float) -> float:
+        """The step's target forward verifying ``nodes`` drafted nodes."""
+        return self.step_model(step).cost.forward_ms(step.base_tokens, nodes)
 
     def alpha(self, request: RequestView) -> float:
         """The per-token acceptance rate a chain plan assumes for ``request``: what its drafts
@@ -288,9 +289,9 @@ class SpecServe(Policy):
         tokens = len(values) + sum(sum(v) for v in values)
         nodes = sum(counts)
         tails = sorted((v[n], i) for i, v in enumerate(values) for n in range(len(v)))
-        now_ms = step.draft_ms + self.target_ms(step, nodes)
+        now_ms = step.draft_ms + self.forward_ms(step, nodes)
         for value, i in tails:
-            fewer_ms = step.draft_ms + self.target_ms(step, nodes - 1)
+            fewer_ms = step.draft_ms + self.forward_ms(step, nodes - 1)
             if (tokens - value) / fewer_ms < tokens / now_ms:
                 break
             tokens, nodes, now_ms = tokens - value, nodes - 1, fewer_ms
@@ -315,7 +316,7 @@ class AdaServe(Policy):
         limit_ms, alpha, n = min(slos) * 1e3, self.predictor.rate, len(step.requests)
         fits = [
             nodes for nodes in range(0, room + 1, n)
-            if step.draft_ms + self.target_ms(step, nodes) <= limit_ms * (1 + alpha * nodes / n)
+            if step.draft_ms + self.forward_ms(step, nodes) <= limit_ms * (1 + alpha * nodes / n)
         ]
         return fits[-1] if fits else 0
 
@@ -332,7 +333,7 @@ class AdaServe(Policy):
 
     def select(self, step: StepView, values: list[list[float]]) -> list[int]:
         budget = self.token_budget(step)
-        iteration_s = (step.draft_ms + self.target_ms(step, budget)) / 1e3
+        iteration_s = (step.draft_ms + self.forward_ms(step, budget)) / 1e3
         candidates = [
             Candidates(sorted(v, reverse=True), floor=r.floor(iteration_s))
             for v, r in zip(values, step.requests)
@@ -358,7 +359,7 @@ class AutoSpeculation(Policy):
     name = "auto"
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
-        plain_s = self.target_ms(step, 0) / 1e3
+        plain_s = self.forward_ms(step, 0) / 1e3
         width = max(r.max_budget.width for r in step.requests)
         best = self.best_chain_depth(step, width, decode_only=True)
         alphas = self.step_model(step).alphas
@@ -373,7 +374,7 @@ class AutoSpeculation(Policy):
 
     def select(self, step: StepView, values: list[list[float]]) -> list[int]:
         room = max(self.max_step_tokens - step.base_tokens, 0)
-        plain_s = (step.draft_ms + self.target_ms(step, 0)) / 1e3
+        plain_s = (step.draft_ms + self.forward_ms(step, 0)) / 1e3
         candidates = []
         for v, r in zip(values, step.requests):
             floor = r.floor(plain_s)
@@ -385,8 +386,8 @@ class AutoSpeculation(Policy):
         # Expected tokens and predicted decode-only ms after adding the best k extras, for every k at once.
         tokens = len(values) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
         gains = tokens + np.cumsum([0.0] + [value for _, value in extras])
-        added = len(step.requests) + nodes + np.arange(len(extras) + 1)
-        ms = step.draft_ms + self.step_model(step).cost.target_ms.many(added)
+        added = nodes + np.arange(len(extras) + 1)
+        ms = step.draft_ms + self.step_model(step).cost.forward_ms_many(len(step.requests), added)
         best = int(np.argmax(gains / ms))  # the first maximum: fewest nodes on ties
         for i, _ in extras[:best]:
             counts[i] += 1

@@ -188,14 +188,14 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its batch, never the engine
             logger.exception("forward step failed")
             return [self._fail(item.request, f"forward failed: {exc}") for item in scheduled]
-        if self.controller is not None:
-            fed = sum(item.num_new_tokens for item in scheduled) + sum(len(t) for t in trees.values())
-            context = sum(item.request.num_tokens for item in scheduled) / len(scheduled)
-            self.controller.observe_forward(fed, context, verify_time)
         due = [item.request for item in scheduled if item.completes_context]
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time)
+        if self.controller is not None:
+            fed = sum(item.num_new_tokens for item in scheduled) + sum(len(t) for t in trees.values())
+            context = sum(item.request.num_tokens for item in scheduled) / len(scheduled)
+            self.controller.observe_forward(fed, context, time.perf_counter() - start, verified=bool(trees))
         if guesses:
             self._score_guesses(due, picks, guesses)
         if features_wanted:

@@ -8,13 +8,16 @@ whole cached prefix ``[0, cache_start)`` plus the new tokens its mask allows: ca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-# Sequences with at most this many new tokens share one padded attention call; longer ones
-# (prompt prefills) get a call of their own so that padding never multiplies their cost.
-MAX_PADDED_QUERY = 64
+# What a padded attention call costs, in query-key products (see ``attention_groups``), as
+# measured on CPU: each row of its slot range reads its keys in about the time ROW_QUERIES
+# queries take to attend them, and the call itself, with its scatter and gather, about CALL_COST.
+ROW_QUERIES = 5
+CALL_COST = 2700
 
 
 @dataclass
@@ -96,6 +99,56 @@ def _group_mask(seqs: list[SequenceSlice], slot_lo: int, rows: int, query_len: i
     )
 
 
+def _padded_cost(rows: int, query_len: int, key_len: int) -> int:
+    return rows * key_len * (ROW_QUERIES + query_len) + CALL_COST
+
+
+def attention_groups(seqs: list[SequenceSlice]) -> list[list[int]]:
+    """The step's sequences (indices) split into padded attention calls.
+
+    A call spans a contiguous slot range and pads every row of it to its longest query and key,
+    so one 8-node tree among 15 decodes in one call would make all 16 rows attend 9 queries.
+    Sequences are grouped by query length (the cheapest split of the length-sorted order at
+    its length changes, by ``_padded_cost``), and a group is cut where the slots it would pad
+    between two members cost more than a call of their own.
+    """
+    if not seqs:
+        return []
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids))
+    lengths = [len(seqs[i].token_ids) for i in order]
+    cuts = [0] + [k for k in range(1, len(order)) if lengths[k] != lengths[k - 1]] + [len(order)]
+    best = [(0, 0)]  # per cut: the cheapest cost of the sequences before it, and its group's first cut
+    for b in range(1, len(cuts)):
+        lo, hi, key_len = math.inf, -1, 0
+        options = []
+        for a in range(b - 1, -1, -1):  # the group order[cuts[a]:cuts[b]], grown to the left
+            for i in order[cuts[a] : cuts[a + 1]]:
+                lo, hi = min(lo, seqs[i].slot), max(hi, seqs[i].slot)
+                key_len = max(key_len, seqs[i].cache_start + len(seqs[i].token_ids))
+            options.append((best[a][0] + _padded_cost(int(hi - lo + 1), lengths[cuts[b] - 1], key_len), a))
+        best.append(min(options))
+    spans, b = [], len(cuts) - 1
+    while b:
+        spans.append(order[cuts[best[b][1]] : cuts[b]])
+        b = best[b][1]
+    return [run for members in reversed(spans) for run in _slot_runs(seqs, members)]
+
+
+def _slot_runs(seqs: list[SequenceSlice], members: list[int]) -> list[list[int]]:
+    """``members`` in slot order, cut wherever the slots between two would cost more padded than a call."""
+    members = sorted(members, key=lambda i: seqs[i].slot)
+    query_len = max(len(seqs[i].token_ids) for i in members)
+    key_len = max(seqs[i].cache_start + len(seqs[i].token_ids) for i in members)
+    runs = [[members[0]]]
+    for prev, i in zip(members, members[1:]):
+        gap = seqs[i].slot - seqs[prev].slot - 1
+        if gap * key_len * (ROW_QUERIES + query_len) > CALL_COST:
+            runs.append([i])
+        else:
+            runs[-1].append(i)
+    return runs
+
+
 def build_step_inputs(
     seqs: list[SequenceSlice], heads_per_kv: int, dtype: torch.dtype, device: torch.device
 ) -> StepInputs:
@@ -111,10 +164,8 @@ def build_step_inputs(
         slots.extend([seq.slot] * n)
         cache_pos.extend(range(seq.cache_start, seq.cache_start + n))
 
-    padded = [i for i, s in enumerate(seqs) if len(s.token_ids) <= MAX_PADDED_QUERY]
-    alone = [[i] for i, s in enumerate(seqs) if len(s.token_ids) > MAX_PADDED_QUERY]
     groups = []
-    for members in ([padded] if padded else []) + alone:
+    for members in attention_groups(seqs):
         group_seqs = [seqs[i] for i in members]
         slot_lo = min(s.slot for s in group_seqs)
         rows = max(s.slot for s in group_seqs) - slot_lo + 1
