@@ -463,6 +463,21 @@ def test_auto_stops_verifying_once_verifying_steps_are_seen_to_cost_more_than_pr
     assert sum(len(t) for t in controller.select(step_view(4, depth=2), trees)) == 0
 
 
+def test_auto_prices_the_tokens_the_draft_must_catch_up_on():
+    """After plain steps the draft has fallen behind: drafting starts with feeding it the
+    tokens it missed, which can cost more than speculation gains."""
+    tokens = [1, 8, 64, 512]
+    profile = cost_model(30.0, 3.0).model_copy(update={"draft": LatencyTable(
+        tokens=tokens, contexts=[0], ms=[[2.0 + 0.5 * t for t in tokens]])})
+    controller = SLOController("auto", profile, 512)
+    controller.predictor = controller.policy.predictor = confident_predictor(0.6)
+    assert all(b.depth > 0 for b in controller.plan(step_view(4, depth=2)))
+    behind = step_view(4, depth=2)
+    for request in behind.requests:
+        request.draft_catch_up = 40
+    assert all(b.depth == 0 for b in controller.plan(behind))
+
+
 def test_auto_stops_speculating_once_drafting_is_seen_to_cost_more_than_profiled():
     controller = SLOController("auto", cost_model(30.0, 3.0, draft_ms=4.0), 512)
     controller.predictor = controller.policy.predictor = confident_predictor(0.6)

@@ -71,6 +71,22 @@ def test_draft_actor_asks_the_drafting_rule_after_each_level(tmp_path, local_ray
         assert [max(t.depths) for t in drafter.propose(requests)] == [3, 3]
 
 
+def test_the_catch_up_of_a_draft_actor_is_known_without_asking_it(tmp_path, local_ray):
+    """The engine-side drafter mirrors the actor's cache: what it will feed before drafting."""
+    path = build_tiny_model(tmp_path)
+    config = EngineConfig(model=str(path), max_num_seqs=2, max_model_len=128)
+    remote = RemoteDrafter(path, config, target_vocab=384, max_len=128, num_cpus=0)
+    local = ModelDrafter(path, config, target_vocab=384, max_len=128)
+    tokens = [1, 5, 9, 12]
+    for drafter in (local, remote):
+        assert drafter.pending("a", len(tokens)) == 4  # nothing cached: the whole sequence
+        tree = drafter.propose([DraftRequest("a", 0, tokens, TreeBudget(depth=2))])[0]
+        drafter.accept("a", [tree.tokens[0]])  # a depth-1 node, fed to grow level 2
+    assert local.pending("a", len(tokens) + 2) == remote.pending("a", len(tokens) + 2) == 1  # the bonus token
+    remote.release("a")
+    assert remote.pending("a", 10) == 10
+
+
 def test_killed_draft_actor_loses_no_request_and_is_restarted(tmp_path, local_ray):
     path = str(build_tiny_model(tmp_path))
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)

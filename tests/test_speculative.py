@@ -164,9 +164,11 @@ def test_a_draft_model_reports_the_tokens_of_each_forward_catch_up_included(tiny
     engine.add_request(engine.make_request("r", prompt, GREEDY.model_copy(update={"max_tokens": 40})))
     engine.step()  # the prompt: no drafting yet
     seen = len(engine.requests["r"].all_token_ids)
+    assert engine.drafter.pending("r", seen) == seen  # what the controller prices beforehand
     engine.step()
     assert engine.drafter.forwards == [seen, 1, 1]  # prompt and first token, then a chain of 3
     assert engine.spec_stats.accepted == 3
+    assert engine.drafter.pending("r", len(engine.requests["r"].all_token_ids)) == 2
     engine.step()
     assert engine.drafter.forwards[0] == 2
 

@@ -36,6 +36,10 @@ class RequestView:
     decode_time_s: float = 0.0  # since its first token
     num_decoded: int = 0  # output tokens after the first
     alpha_hint: float | None = None  # the drafter's own acceptance estimate for this step, if any
+    # Tokens the draft feeds before its first level: the root and the request's tokens it has
+    # not cached since it last drafted for it (a prompt it never saw is paid once whenever the
+    # request first speculates, so it is no cost of speculating now rather than later).
+    draft_catch_up: int = 1
 
     @classmethod
     def of(
@@ -48,6 +52,7 @@ class RequestView:
         num_output: int,
         now: float,
         alpha_hint: float | None = None,
+        draft_catch_up: int = 1,
     ) -> RequestView:
         """The view of a request with ``num_output`` tokens, the first at ``first_token_time``."""
         return cls(
@@ -58,6 +63,7 @@ class RequestView:
             decode_time_s=0.0 if first_token_time is None else now - first_token_time,
             num_decoded=max(num_output - 1, 0),
             alpha_hint=alpha_hint,
+            draft_catch_up=draft_catch_up,
         )
 
     def floor(self, iteration_s: float) -> float:
@@ -101,13 +107,13 @@ def chain_tokens(alpha: float | np.ndarray, depth: int | np.ndarray) -> float | 
     return tokens if tokens.ndim else float(tokens)
 
 
-def draft_forwards(depths: np.ndarray, widths: np.ndarray) -> list[int]:
+def draft_forwards(depths: np.ndarray, widths: np.ndarray, catch_up: np.ndarray) -> list[int]:
     """Tokens fed to the draft per forward when each request grows a tree of its depth and
-    width: one root each, then each level's frontier."""
+    width: its catch-up (root included) each, then each level's frontier."""
     deepest = int(depths.max(initial=0))
     if not deepest:
         return []
-    return [int((depths >= 1).sum())] + [int(widths[depths >= level].sum()) for level in range(2, deepest + 1)]
+    return [int(catch_up[depths >= 1].sum())] + [int(widths[depths >= level].sum()) for level in range(2, deepest + 1)]
 
 
 class StepModel:
@@ -120,6 +126,7 @@ class StepModel:
         self.alphas = np.minimum(np.array(alphas, dtype=float), 1.0 - 1e-9)  # alpha = 1: depth + 1
         self.depth_caps = np.array([r.max_budget.depth for r in step.requests], dtype=int)
         self.width_caps = np.array([r.max_budget.width for r in step.requests], dtype=int)
+        self.catch_up = np.array([r.draft_catch_up for r in step.requests], dtype=int)
 
     def chain_efficiency(self, depth: int, width: int = 1, decode_only: bool = False) -> float:
         """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
@@ -127,7 +134,7 @@ class StepModel:
         ``decode_only``: priced without the step's prefill tokens."""
         depths = np.minimum(depth, self.depth_caps)
         tokens = chain_tokens(self.alphas, depths).sum()
-        forwards = draft_forwards(depths, np.minimum(width, self.width_caps))
+        forwards = draft_forwards(depths, np.minimum(width, self.width_caps), self.catch_up)
         base = len(self.alphas) if decode_only else self.base_tokens
         return float(tokens) / self.cost.iteration_ms(base, int(depths.sum()), forwards)
 

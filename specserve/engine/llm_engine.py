@@ -246,6 +246,9 @@ class LLMEngine:
     def _view(self, request: Request, now: float) -> RequestView:
         hints = self.drafter is not None and self.drafter.gives_acceptance_hints
         hint = self.drafter.acceptance_hint(request.request_id, request.all_token_ids) if hints else None
+        # What the draft has not cached, but never the prompt (see RequestView.draft_catch_up).
+        pending = self.drafter.pending(request.request_id, request.num_tokens) if self.drafter else 1
+        catch_up = max(1, min(pending, len(request.output_token_ids)))
         return RequestView.of(
             request.request_id,
             request.num_tokens,
@@ -255,6 +258,7 @@ class LLMEngine:
             len(request.output_token_ids),
             now,
             hint,
+            catch_up,
         )
 
     def _plan(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget]]:

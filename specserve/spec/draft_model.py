@@ -169,6 +169,9 @@ class ModelDrafter:
         by_id = {g.request.request_id: g.tree.select(g.request.budget.node_limit) for g in growing}
         return [by_id.get(r.request_id, TokenTree()) for r in requests]
 
+    def pending(self, request_id: str, num_tokens: int) -> int:
+        return num_tokens - self._cached.get(request_id, 0)
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         """Keep the fed nodes of the accepted path: compact them behind the root (an EAGLE draft
         keeps only the root and feeds the accepted tokens again with the target's features)."""

@@ -43,6 +43,12 @@ class Drafter(Protocol):
         Asked only of drafters with ``gives_acceptance_hints``."""
         ...
 
+    def pending(self, request_id: str, num_tokens: int) -> int:
+        """Tokens a draft model would feed before drafting the request's next tree when the
+        request holds ``num_tokens``: the root and what the draft has not cached (0 without a
+        model). Asked before the controller plans a step, to price the catch-up."""
+        ...
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         """The target accepted ``tokens`` (a path of the last tree, bonus token excluded)."""
         ...

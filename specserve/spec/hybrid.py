@@ -68,6 +68,9 @@ class HybridDrafter:
     def forwards(self) -> Sequence[int]:
         return self.model.forwards
 
+    def pending(self, request_id: str, num_tokens: int) -> int:
+        return self.model.pending(request_id, num_tokens)
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         self.model.accept(request_id, tokens)
 

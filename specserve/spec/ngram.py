@@ -28,6 +28,9 @@ class NgramDrafter:
         """Trees from earlier text; lookup costs next to nothing, so ``keep_going`` is not asked."""
         return [self._tree(r) for r in requests]
 
+    def pending(self, request_id: str, num_tokens: int) -> int:
+        return 0
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         pass
 

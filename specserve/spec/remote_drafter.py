@@ -65,6 +65,10 @@ class RemoteDrafter:
         self.needs_target_features = is_eagle_draft(draft_path)
         self.restarts = 0
         self.forwards: list[int] = []
+        # The actor's draft cache length per request, mirrored here: after drafting, up to the
+        # root; after an accept, the accepted tokens too (an EAGLE draft keeps none of them).
+        # It can run one ahead, when the draft never fed the deepest accepted node.
+        self._cached: dict[str, int] = {}
         self.actor = self._actor_class.remote(*self._args)
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
@@ -72,6 +76,7 @@ class RemoteDrafter:
         from ray.exceptions import RayActorError
 
         updates, self._updates = self._updates, []
+        self._cached.update({r.request_id: len(r.token_ids) for r in requests if r.budget.depth > 0})
         try:
             trees, self.forwards = ray.get(self.actor.step.remote(updates, requests, keep_going))
             return trees
@@ -79,6 +84,7 @@ class RemoteDrafter:
             logger.warning("draft actor died (%s); this step goes without speculation, restarting it", exc)
             self.restarts += 1
             self.forwards = []
+            self._cached.clear()
             self.actor = self._actor_class.remote(*self._args)
             return [TokenTree() for _ in requests]
 
@@ -88,8 +94,14 @@ class RemoteDrafter:
 
         return ray.get(self.actor.profile.remote(shape))
 
+    def pending(self, request_id: str, num_tokens: int) -> int:
+        return num_tokens - self._cached.get(request_id, 0)
+
     def accept(self, request_id: str, tokens: list[int]) -> None:
         self._updates.append(("accept", request_id, list(tokens)))
+        if request_id in self._cached and not self.needs_target_features:
+            self._cached[request_id] += len(tokens)
 
     def release(self, request_id: str) -> None:
         self._updates.append(("release", request_id, []))
+        self._cached.pop(request_id, None)
