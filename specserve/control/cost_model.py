@@ -149,13 +149,14 @@ class CostModel(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int) -> Path:
+def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int, hardware: str) -> Path:
     """Where the profile of these models (target first, then draft) on this device is cached.
 
-    The key holds the target's directory name and a digest of every model's config, so two
-    models that share a directory name never share a profile.
+    The key holds the target's directory name and a digest of every model's config and of the
+    ``hardware``'s name (CPU or GPU model), so two models that share a directory name, or two
+    machines that share a cache, never share a profile.
     """
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(hardware.encode())
     for model_dir in model_dirs:
         digest.update((Path(model_dir) / "config.json").read_bytes())
     name = f"{Path(model_dirs[0]).name}-{digest.hexdigest()[:10]}-{device}-tp{tensor_parallel_size}"

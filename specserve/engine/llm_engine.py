@@ -33,6 +33,7 @@ from specserve.engine.sampling_params import SamplingParams
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
+from specserve.models.linear_kernel import cpu_name
 from specserve.models.loader import ModelFiles, eos_token_ids, load_tokenizer
 from specserve.spec.build import build_drafter
 from specserve.spec.draft_model import ModelDrafter
@@ -483,7 +484,9 @@ class LLMEngine:
         """Where this engine's models, device and TP size keep their cached cost profile."""
         draft = self._draft_model()
         models = [self.model_path] + ([draft.path] if draft is not None else [])
-        return profile_path(models, str(self.config.torch_device()), self.config.tensor_parallel_size)
+        device = self.config.torch_device()
+        hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+        return profile_path(models, str(device), self.config.tensor_parallel_size, hardware)
 
     def _draft_model(self) -> ModelDrafter | RemoteDrafter | None:
         """The drafter that runs a draft model, here or on its actor, alone or inside a hybrid."""

@@ -105,7 +105,8 @@ def measure_plan(megabytes: int = 128, repeats: int = 3) -> tuple[KernelPlan, di
     return KernelPlan(fastest((1,)), fastest((4, 16))), seconds
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (what its kernel plan and cost profile are measured for)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -121,7 +122,7 @@ def fastest_plan(device_type: str) -> KernelPlan:
     """The kernel plan for ``device_type``; a CPU is measured once, then read from the cache."""
     if device_type != "cpu":
         return KernelPlan.single(WeightLayout.OUTPUT_MAJOR)  # cuBLAS runs either at full speed
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     path = cache_root() / "kernel_plans.json"
     with FileLock(f"{path}.lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
