@@ -130,23 +130,35 @@ def _distill(args: argparse.Namespace) -> int:
     from specserve.distill.eagle import EagleTrainConfig, train_eagle
     from specserve.distill.train import TrainConfig, train_draft
     from specserve.engine.llm_engine import LLMEngine
+    from specserve.models.default_model import default_model_dir
 
+    if args.out is None and args.stage != "data":
+        print("error: --out is required unless --stage data", file=sys.stderr)
+        return 2
     work = Path(args.work).expanduser()
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, max_num_seqs=args.batch_size))
-    target_path = engine.model_path
-    try:
-        data = DataConfig(
-            num_prompts=args.num_prompts,
-            num_documents=args.num_documents,
-            max_new_tokens=args.max_new_tokens,
-            document_tokens=args.document_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-        generate_dataset(engine, work, data)
-    finally:
-        engine.shutdown()
+    engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch_size)
+    if args.stage != "train":
+        engine = LLMEngine(engine_config)
+        try:
+            data = DataConfig(
+                num_prompts=args.num_prompts,
+                num_documents=args.num_documents,
+                num_self_prompts=args.num_self_prompts,
+                max_new_tokens=args.max_new_tokens,
+                document_tokens=args.document_tokens,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
+            generate_dataset(engine, work, data)
+        finally:
+            engine.shutdown()
+        if args.stage == "data":
+            return 0
+    target_path = Path(args.model) if args.model else default_model_dir()
     samples = list(read_samples(work))
+    if not samples:
+        print(f"error: no training data in {work}; run the data stage first", file=sys.stderr)
+        return 2
     out = Path(args.out).expanduser()
     if args.method == "eagle":
         epochs = {"epochs": args.epochs} if args.epochs else {}
@@ -161,6 +173,7 @@ def _distill(args: argparse.Namespace) -> int:
             epochs=args.epochs or TrainConfig.epochs,
             lr=args.lr,
             seed=args.seed,
+            device=str(engine_config.torch_device()),
         )
         summary = train_draft(samples, target_path, out, train)
     for key, value in summary.items():
@@ -265,12 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill = commands.add_parser(
         "distill", help="make training data with the target and distill a small draft model"
     )
-    distill.add_argument("--out", required=True, help="directory for the trained draft (HF format)")
+    distill.add_argument("--out", default=None, help="directory for the trained draft (HF format)")
     distill.add_argument("--work", default="~/.cache/specserve/distill", help="training data directory (resumable)")
     distill.add_argument("--model", default=None, help="target model directory (default: the embedded default)")
-    distill.add_argument("--device", default="auto")
+    distill.add_argument("--device", default="auto", help="where the target answers and the draft trains")
+    distill.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                         help="precision the target answers in (the draft learns its distributions)")
+    distill.add_argument("--stage", choices=["all", "data", "train"], default="all",
+                         help="make the data, train on what --work holds, or both")
     distill.add_argument("--num-prompts", type=int, default=1200)
     distill.add_argument("--num-documents", type=int, default=150, help="long-context documents to write and reuse")
+    distill.add_argument("--num-self-prompts", type=int, default=0,
+                         help="user turns the target writes itself (Magpie) and then answers")
     distill.add_argument("--max-new-tokens", type=int, default=192)
     distill.add_argument("--document-tokens", type=int, default=320, help="length of each written document")
     distill.add_argument("--batch-size", type=int, default=32, help="concurrent requests while generating data")

@@ -8,9 +8,9 @@ import pytest
 
 from specserve.cli import main
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
-from specserve.distill.data import SAMPLES_FILE
+from specserve.distill.data import SAMPLES_FILE, read_samples, user_turn_prefix
 from specserve.distill.eagle import FEATURES_FILE
-from specserve.distill.prompts import chat_prompts
+from specserve.distill.prompts import SELF_PROMPT, chat_prompts, self_written_prompts
 from specserve.engine.llm_engine import LLMEngine
 from specserve.spec.tree import TreeBudget
 from test_engine import GREEDY, run
@@ -22,11 +22,17 @@ def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_pa
     work, out = tmp_path / "work", tmp_path / "draft"
     args = ["distill", "--method", method, "--model", str(tiny_model), "--work", str(work), "--out", str(out),
             "--num-prompts", "12", "--num-documents", "2", "--max-new-tokens", "12", "--document-tokens", "24",
-            "--batch-size", "8", "--layers", "0", "--draft-vocab", "200", "--epochs", "2"]
+            "--batch-size", "8", "--layers", "0", "--draft-vocab", "200", "--epochs", "2", "--num-self-prompts", "6"]
     assert main(args) == 0
     samples = [json.loads(line) for line in (work / SAMPLES_FILE).read_text().splitlines()]
-    assert len(samples) == 12 + 2 + 2  # chat prompts, documents, document prompts
-    assert all(len(s["top_ids"]) == len(s["output_ids"]) for s in samples)
+    turns = {s["prompt_id"]: s["output_text"] for s in samples
+             if s["category"] == SELF_PROMPT and s["finish_reason"] == "stop"}
+    answered = [s for s in samples if s["category"] == "self-written"]
+    assert len(answered) == len(self_written_prompts(turns))
+    # chat prompts, documents, document prompts, user turns the target wrote, their answers
+    assert len(samples) == 12 + 2 + 2 + 6 + len(answered)
+    for s in samples:  # answers carry the target's distributions; the turns it wrote do not
+        assert len(s["top_ids"]) == (0 if s["category"] == SELF_PROMPT else len(s["output_ids"]))
     assert "validation_top1_agreement" in capsys.readouterr().out
 
     assert main(args) == 0  # resumes: nothing is generated twice
@@ -54,3 +60,32 @@ def test_training_prompts_are_distinct_and_never_spec_bench():
     assert len(set(texts)) == len(texts) == 500
     assert len({p.category for p in prompts}) >= 9
     assert not any("Pfandhäuser" in t or "Hawaii" in t for t in texts)
+
+
+def test_the_target_writes_user_turns_from_the_start_of_one(tiny_model):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=2, max_model_len=128))
+    prefix = user_turn_prefix(engine)
+    conversation = engine.apply_chat_template([{"role": "user", "content": "Tell me about tides."}])
+    assert prefix and conversation[: len(prefix)] == prefix
+    assert engine.tokenizer.decode(conversation[len(prefix):]).startswith("Tell me about tides.")
+
+
+def test_self_written_prompts_are_distinct_and_not_too_short():
+    turns = {"t0": " How do tides work? ", "t1": "How do tides work?", "t2": "Hi", "t3": "Write a poem about rain."}
+    prompts = self_written_prompts(turns)
+    assert [p.text for p in prompts] == ["How do tides work?", "Write a poem about rain."]
+    assert [p.prompt_id for p in prompts] == ["self-written-t0", "self-written-t3"]
+
+
+def test_a_run_killed_mid_write_loses_only_its_unfinished_sample(tiny_model, tmp_path):
+    work = tmp_path / "work"
+    args = ["distill", "--stage", "data", "--model", str(tiny_model), "--work", str(work),
+            "--num-prompts", "4", "--num-documents", "0", "--max-new-tokens", "6", "--batch-size", "4"]
+    assert main(args) == 0
+    path = work / SAMPLES_FILE
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last sample half written
+    assert len(list(read_samples(work))) == len(lines) - 1
+    assert main(args) == 0  # answers the lost prompt again, on a line of its own
+    again = path.read_text().splitlines()
+    assert len(again) == len(lines) and all(json.loads(line) for line in again)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specserve.engine.detokenizer import IncrementalDetokenizer
-from specserve.engine.sampler import sample, target_probs, top_logprobs
+from specserve.engine.sampler import draw, sample, target_probs, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
 
 
@@ -34,6 +34,16 @@ def test_sampling_follows_the_distribution():
     for _ in range(3000):
         counts[sample(logits, [SamplingParams()], [gen])[0]] += 1
     torch.testing.assert_close(counts / 3000, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+
+
+def test_each_row_draws_from_its_own_distribution_with_its_own_generator():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.9, 0.0, 0.0, 0.0, 0.1]])
+    draws = [draw(probs, [torch.Generator().manual_seed(s), torch.Generator().manual_seed(s)]) for s in range(4000)]
+    first, second = (torch.bincount(torch.tensor(col), minlength=5) / 4000 for col in zip(*draws))
+    assert first[[0, 2, 4]].sum() == 0 and second[1:4].sum() == 0  # never a token of mass 0
+    assert abs(first[1] - 0.5) < 0.03 and abs(second[0] - 0.9) < 0.02
+    seeded = [torch.Generator().manual_seed(7) for _ in range(2)]
+    assert draw(probs[:1], seeded[:1]) == draw(probs[:1], seeded[1:])  # a seed fixes the draw
 
 
 def test_incremental_detokenization_equals_full_decode(tiny_engine):

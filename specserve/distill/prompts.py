@@ -4,7 +4,9 @@ The mix follows the kinds of requests a chat model serves: open writing, role-pl
 arithmetic word problems, code, extraction, science and humanities questions, short factual
 questions, translation, and long-context summarization and retrieval-augmented answering. The
 long-context prompts wrap documents that the target itself wrote in an earlier round
-(``document_prompts``), so no outside corpus is needed.
+(``document_prompts``), so no outside corpus is needed. The target also writes user turns of its
+own (Magpie: it continues its chat template from the start of a user turn), which brings the
+variety of the conversations it was tuned on rather than of this file's templates.
 """
 
 from __future__ import annotations
@@ -179,6 +181,10 @@ DOCUMENT_TASKS = [
 ]
 
 
+SELF_PROMPT = "self-prompt"  # a request for the target to write a user turn itself
+MIN_SELF_PROMPT_CHARS = 10
+
+
 @dataclass(frozen=True)
 class Prompt:
     prompt_id: str
@@ -243,4 +249,21 @@ def document_prompts(documents: dict[str, str], seed: int) -> list[Prompt]:
         template = rng.choice(DOCUMENT_TASKS)
         category = "summarization" if template.startswith("Summarize") else "rag"
         prompts.append(Prompt(f"{category}-{doc_id}", category, template.format(doc=doc.strip())))
+    return prompts
+
+
+def self_prompt_requests(count: int, seed: int) -> list[Prompt]:
+    """Requests whose sampled answers are user turns the target writes itself."""
+    return [Prompt(f"{SELF_PROMPT}-s{seed}-{i}", SELF_PROMPT, "") for i in range(count)]
+
+
+def self_written_prompts(turns: dict[str, str]) -> list[Prompt]:
+    """The distinct user turns the target wrote (by prompt id), as prompts to answer."""
+    seen: set[str] = set()
+    prompts = []
+    for turn_id, text in turns.items():
+        text = text.strip()
+        if len(text) >= MIN_SELF_PROMPT_CHARS and text not in seen:
+            seen.add(text)
+            prompts.append(Prompt(f"self-written-{turn_id}", "self-written", text))
     return prompts

@@ -36,15 +36,16 @@ class TrainConfig:
     lr: float = 1e-3
     validation_share: float = 0.05
     seed: int = 0
+    device: str = "cpu"  # training runs in bfloat16 autocast on CUDA
 
 
 @dataclass
 class Example:
     prompt_id: str
-    input_ids: list[int]  # draft ids of prompt + answer
+    input_ids: torch.Tensor  # [T] draft ids of prompt + answer
     answer_start: int  # index of the first position whose next token is an answer token
-    top_ids: list[list[int]]  # draft ids of the target's top-k, per answer token
-    top_probs: list[list[float]]
+    top_ids: torch.Tensor  # [A, k] draft ids of the target's top-k, per answer token
+    top_probs: torch.Tensor  # [A, k] their renormalized probabilities (0 where a row had fewer)
 
 
 def choose_vocabulary(samples: list[dict], size: int) -> list[int]:
@@ -58,6 +59,12 @@ def choose_vocabulary(samples: list[dict], size: int) -> list[int]:
     return [t for t, _ in counts.most_common(size - 1)]
 
 
+def _rows(rows: list[list[int]] | list[list[float]], fill: float) -> torch.Tensor:
+    """Ragged rows as one tensor, short rows padded with ``fill``."""
+    width = max(map(len, rows))
+    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows])
+
+
 def make_examples(samples: list[dict], to_draft: torch.Tensor, max_len: int) -> list[Example]:
     examples = []
     for s in samples:
@@ -65,14 +72,14 @@ def make_examples(samples: list[dict], to_draft: torch.Tensor, max_len: int) -> 
         answers = len(ids) - len(s["prompt_ids"])
         if answers <= 0:
             continue
-        probs = [torch.tensor(lp).exp() for lp in s["top_logprobs"][:answers]]
+        probs = _rows(s["top_logprobs"][:answers], -math.inf).exp()
         examples.append(
             Example(
                 prompt_id=s["prompt_id"],
-                input_ids=to_draft[torch.tensor(ids)].tolist(),
+                input_ids=to_draft[torch.tensor(ids)],
                 answer_start=len(s["prompt_ids"]) - 1,
-                top_ids=[to_draft[torch.tensor(t)].tolist() for t in s["top_ids"][:answers]],
-                top_probs=[(p / p.sum()).tolist() for p in probs],
+                top_ids=to_draft[_rows(s["top_ids"][:answers], 0)],
+                top_probs=probs / probs.sum(-1, keepdim=True),
             )
         )
     return examples
@@ -93,26 +100,27 @@ def batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> l
     return out
 
 
-def _collate(batch: list[Example], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded inputs, attention mask, and per-position soft targets [B, T, vocab] (sparse rows)."""
+def _collate(
+    batch: list[Example], vocab: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded inputs, attention mask, answer positions [P, 2] (row, index) and their soft
+    targets [P, vocab], on ``device``."""
     length = max(len(e.input_ids) for e in batch)
     ids = torch.zeros(len(batch), length, dtype=torch.long)
     mask = torch.zeros(len(batch), length, dtype=torch.long)
-    rows, cols, values, positions = [], [], [], []
     for b, e in enumerate(batch):
-        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        ids[b, : len(e.input_ids)] = e.input_ids
         mask[b, : len(e.input_ids)] = 1
-        for j, (top, probs) in enumerate(zip(e.top_ids, e.top_probs)):
-            pos = e.answer_start + j
-            positions.append((b, pos))
-            for t, p in zip(top, probs):
-                rows.append(len(positions) - 1)
-                cols.append(t)
-                values.append(p)
-    index = torch.tensor(positions)
-    targets = torch.zeros(len(positions), vocab)
-    targets.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(values), accumulate=True)
-    return ids, mask, index, targets
+    index = torch.cat([
+        torch.stack([torch.full((len(e.top_ids),), b), e.answer_start + torch.arange(len(e.top_ids))], dim=1)
+        for b, e in enumerate(batch)
+    ])
+    k = max(e.top_ids.shape[1] for e in batch)
+    top_ids = torch.cat([F.pad(e.top_ids, (0, k - e.top_ids.shape[1])) for e in batch]).to(device)
+    top_probs = torch.cat([F.pad(e.top_probs, (0, k - e.top_probs.shape[1])) for e in batch]).to(device)
+    # Target ids outside the draft vocabulary share its last row, so their mass adds up there.
+    targets = torch.zeros(len(index), vocab, device=device).scatter_add_(1, top_ids, top_probs)
+    return ids.to(device), mask.to(device), index.to(device), targets
 
 
 def build_draft(target_path: Path, vocabulary: list[int], layers: tuple[int, ...]) -> LlamaForCausalLM:
@@ -149,9 +157,11 @@ def top1_matches(logits: torch.Tensor, targets: torch.Tensor) -> int:
 
 
 def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[torch.Tensor, int, int]:
-    ids, mask, index, targets = _collate(batch, vocab)
-    hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    logits = draft.lm_head(hidden[index[:, 0], index[:, 1]])
+    device = draft.device
+    ids, mask, index, targets = _collate(batch, vocab, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = draft.lm_head(hidden[index[:, 0], index[:, 1]]).float()
     loss = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
     return loss, top1_matches(logits, targets), len(index)
 
@@ -159,11 +169,12 @@ def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[to
 def split_samples(
     samples: list[dict], target_path: Path, vocab_size: int, max_len: int, validation_share: float, rng: random.Random
 ) -> tuple[list[int], list[Example], list[Example]]:
-    """The draft vocabulary (target ids), and shuffled training and validation examples."""
+    """The draft vocabulary (target ids), and shuffled training and validation examples of the
+    samples that carry the target's distributions (user turns it wrote itself carry none)."""
+    samples = [s for s in samples if s["top_ids"]]
     vocabulary = choose_vocabulary(samples, vocab_size)
     to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
     to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
-    samples = samples[:]
     rng.shuffle(samples)
     n_val = max(1, int(len(samples) * validation_share))
     return vocabulary, make_examples(samples[n_val:], to_draft, max_len), make_examples(samples[:n_val], to_draft, max_len)
@@ -206,7 +217,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
     vocabulary, train, val = split_samples(
         samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
     )
-    draft = build_draft(target_path, vocabulary, config.layers)
+    draft = build_draft(target_path, vocabulary, config.layers).to(config.device)
     vocab = len(vocabulary) + 1
     before = evaluate(draft, val, vocab, config.batch_tokens)
 
@@ -220,6 +231,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
     summary = {
         "train_samples": len(train),
         "train_answer_tokens": sum(len(e.top_ids) for e in train),
+        "samples_by_category": dict(Counter(s["category"] for s in samples if s["top_ids"])),
         "validation_samples": len(val),
         "draft_vocab": vocab,
         "target_layers": list(config.layers),
@@ -254,6 +266,7 @@ def save_draft(draft: LlamaForCausalLM, vocabulary: list[int], out_dir: Path, su
     (out_dir / VOCAB_FILE).write_text(json.dumps({"target_ids": vocabulary}))
     (out_dir / "README.md").write_text(
         "# SpecServe default draft\n\nDistilled by `specserve distill` from the target's own "
-        "greedy answers to template prompts (no Spec-Bench data).\n\n```json\n"
+        "greedy answers to template prompts and to user turns it wrote itself (no Spec-Bench data)."
+        "\n\n```json\n"
         + json.dumps(summary, indent=2) + "\n```\n"
     )

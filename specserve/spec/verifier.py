@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.engine.sampler import target_probs
+from specserve.engine.sampler import draw, target_probs
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.tree import TokenTree
 
@@ -46,7 +46,7 @@ def verify(
         probs = target_probs(logits, [params] * logits.shape[0])
 
         def pick(row: int) -> int:
-            return int(torch.multinomial(probs[row], 1, generator=generator).item())
+            return draw(probs[row : row + 1], [generator])[0]
 
     accepted: list[int] = []
     rows: list[int] = []
