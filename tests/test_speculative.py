@@ -246,6 +246,34 @@ def test_merged_trees_hold_both_trees_paths_once():
     assert merged.num_drafted == 4
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_a_tree_keeps_its_most_valuable_nodes_with_their_ancestors(seed):
+    import random
+
+    from specserve.spec.tree import TokenTree
+
+    rng = random.Random(seed)
+
+    def random_tree() -> TokenTree:
+        tree = TokenTree()
+        for _ in range(rng.randint(1, 12)):  # coarse probabilities, so that values tie often
+            tree.add(rng.randrange(50), rng.randrange(-1, len(tree)), rng.choice([0.25, 0.5, 1.0]))
+        return tree
+
+    def wanted(tree: TokenTree, n: int) -> list[int]:  # the definition: best values, shallow first on ties
+        order = sorted(range(len(tree)), key=lambda i: (-tree.path_probs[i], tree.depths[i], i))
+        return [tree.tokens[i] for i in sorted(order[:n], key=lambda i: (tree.depths[i], i))]
+
+    merged = random_tree().merge(random_tree())  # merging breaks the depth order of the nodes
+    for tree in (merged, merged.select(len(merged) - 1)):  # a selection is in depth order again
+        for n in range(1, len(tree)):
+            kept = tree.select(n)
+            assert kept.tokens == wanted(tree, n)
+            assert all(p < i for i, p in enumerate(kept.parents))
+            paths = {tuple(kept.tokens[j] for j in kept.path(i)) for i in range(len(kept))}
+            assert all(path[:-1] in paths for path in paths if len(path) > 1)  # ancestors came along
+
+
 class _FixedDrafter:
     """A stand-in draft model that always proposes one token at a fixed probability."""
 

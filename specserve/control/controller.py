@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from specserve.control.acceptance import AcceptancePredictor
+from specserve.control.acceptance import AcceptancePredictor, calibrated_values
 from specserve.control.cost_model import CorrectedCost, CostModel
 from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
 from specserve.spec.tree import TokenTree, TreeBudget
@@ -59,7 +59,8 @@ class SLOController:
             return []
 
         def decide() -> list[TokenTree]:
-            values = [self.predictor.values(tree) for tree in trees]
+            scales = self.predictor.scales(max(max(tree.depths, default=0) for tree in trees))
+            values = [calibrated_values(tree, scales) for tree in trees]
             counts = self.policy.select(step, values)
             return [tree if n >= len(tree) else tree.select(n, v) for tree, v, n in zip(trees, values, counts)]
 

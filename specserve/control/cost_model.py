@@ -92,6 +92,10 @@ class StepCost:
     def draft_ms(self, tokens: float) -> float:
         return 0.0 if self._draft is None else self._draft(tokens)
 
+    def draft_ms_many(self, tokens: np.ndarray) -> np.ndarray:
+        """``draft_ms(t)`` for every ``t`` of ``tokens`` at once (0 for none)."""
+        return np.zeros(tokens.shape) if self._draft is None else self._draft.many(tokens)
+
     def forward_ms(self, base_tokens: float, nodes: float) -> float:
         """The target forward of ``base_tokens`` (prefill chunks, one root per decoding request)
         and ``nodes`` drafted nodes to verify."""

@@ -107,15 +107,6 @@ def chain_tokens(alpha: float | np.ndarray, depth: int | np.ndarray) -> float | 
     return tokens if tokens.ndim else float(tokens)
 
 
-def draft_forwards(depths: np.ndarray, widths: np.ndarray, catch_up: np.ndarray) -> list[int]:
-    """Tokens fed to the draft per forward when each request grows a tree of its depth and
-    width: its catch-up (root included) each, then each level's frontier."""
-    deepest = int(depths.max(initial=0))
-    if not deepest:
-        return []
-    return [int(catch_up[depths >= 1].sum())] + [int(widths[depths >= level].sum()) for level in range(2, deepest + 1)]
-
-
 class StepModel:
     """What every prediction of one step shares: the cost curve at its mean context, and the
     requests' acceptance rates and speculation caps as arrays."""
@@ -128,15 +119,20 @@ class StepModel:
         self.width_caps = np.array([r.max_budget.width for r in step.requests], dtype=int)
         self.catch_up = np.array([r.draft_catch_up for r in step.requests], dtype=int)
 
-    def chain_efficiency(self, depth: int, width: int = 1, decode_only: bool = False) -> float:
-        """Predicted tokens per ms if every request drafts ``depth`` levels of ``width``
-        (within its cap) and verifies a chain of them, accepting at its own rate;
-        ``decode_only``: priced without the step's prefill tokens."""
-        depths = np.minimum(depth, self.depth_caps)
-        tokens = chain_tokens(self.alphas, depths).sum()
-        forwards = draft_forwards(depths, np.minimum(width, self.width_caps), self.catch_up)
+    def chain_efficiencies(self, max_depth: int, width: int = 1, decode_only: bool = False) -> np.ndarray:
+        """Predicted tokens per ms for every common depth 0 .. ``max_depth``: every request drafts
+        that many levels of ``width`` (within its caps) and verifies a chain of them, accepting at
+        its own rate; ``decode_only``: priced without the step's prefill tokens.
+
+        The draft feeds each request's catch-up (root included) in its first forward and its
+        level's frontier in each later one, for the requests that draft that deep."""
+        depths = np.minimum(np.arange(max_depth + 1)[:, None], self.depth_caps)  # [depth, request]
+        tokens = chain_tokens(self.alphas, depths).sum(axis=1)
+        levels = np.arange(1, max_depth + 1)
+        fed = np.where(levels[:, None] == 1, self.catch_up, np.minimum(width, self.width_caps))  # [level, request]
+        forwards = ((depths[:, None, :] >= levels[:, None]) * fed).sum(axis=2)  # [depth, level]
         base = len(self.alphas) if decode_only else self.base_tokens
-        return float(tokens) / self.cost.iteration_ms(base, int(depths.sum()), forwards)
+        return tokens / (self.cost.draft_ms_many(forwards).sum(axis=1) + self.cost.forward_ms_many(base, depths.sum(axis=1)))
 
 
 class DraftingRule(ABC):
@@ -226,9 +222,8 @@ class Policy(ABC):
 
     def best_chain_depth(self, step: StepView, width: int = 1, decode_only: bool = False) -> int:
         """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
-        model = self.step_model(step)
         deepest = max((r.max_budget.depth for r in step.requests), default=0)
-        return max(range(deepest + 1), key=lambda d: model.chain_efficiency(d, width, decode_only))
+        return int(np.argmax(self.step_model(step).chain_efficiencies(deepest, width, decode_only)))  # first best
 
     def best_chain(self, step: StepView, width: int = 1) -> list[TreeBudget]:
         """Every request drafts the best common depth (within its caps)."""
@@ -275,8 +270,8 @@ class SpecServe(Policy):
     name = "specserve"
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
-        model = self.step_model(step)
-        if model.chain_efficiency(1) <= model.chain_efficiency(0):
+        none, one = self.step_model(step).chain_efficiencies(1)
+        if one <= none:
             return [OFF] * len(step.requests)
         return [TreeBudget(depth=r.max_budget.depth) for r in step.requests]
 
