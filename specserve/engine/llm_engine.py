@@ -184,7 +184,7 @@ class LLMEngine:
             if features_wanted:
                 logits, hidden = self.executor.call("forward_with_hidden", slices)
             else:
-                logits = self.executor.call("forward", slices)
+                logits = self.executor.call("forward", slices, None, False)  # logits stay on the device
             verify_time = time.perf_counter() - start
         except Exception as exc:  # a failed step fails its batch, never the engine
             logger.exception("forward step failed")

@@ -63,16 +63,20 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, seqs: list[SequenceSlice], features: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab] on the CPU.
+    def forward(
+        self, seqs: list[SequenceSlice], features: torch.Tensor | None = None, on_host: bool = True
+    ) -> torch.Tensor:
+        """Run one step; returns float32 logits [sum(len(s.logits_at)), vocab], computed, on
+        the CPU or (``on_host=False``) where the model runs: the engine samples and verifies
+        there, so that only token ids and top log-probabilities cross to the host.
         ``features``: one input feature per new token, for a model that reads them (EAGLE)."""
         if features is None and self.graphs is not None:
             graphed = self.graphs.run(seqs)
             if graphed is not None:
-                return _to_host(self.model.logits(*graphed))
+                return _finished(self.model.logits(*graphed), on_host)
         step = self._step_inputs(seqs)
         hidden = self.model.hidden_states(step, self.kv_cache, features)
-        return _to_host(self.model.logits(hidden, step.logits_index))
+        return _finished(self.model.logits(hidden, step.logits_index), on_host)
 
     @torch.inference_mode()
     def forward_with_hidden(
@@ -90,6 +94,14 @@ class ModelRunner:
         """Compact accepted tree paths: (slot, source positions, destination start) each."""
         for slot, sources, start in moves:
             self.kv_cache.keep(slot, sources, start)
+
+
+def _finished(tensor: torch.Tensor, on_host: bool) -> torch.Tensor:
+    """``tensor`` once computed (so that a step's measured time is its own), on the host if asked."""
+    if on_host or tensor.device.type != "cuda":
+        return _to_host(tensor)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return tensor
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:

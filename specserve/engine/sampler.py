@@ -67,14 +67,13 @@ def top_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> 
     """Per row of ``logits``: log-probabilities of the chosen token and of the ``counts[i]`` most
     likely tokens, most likely first."""
     logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
     k = max(counts)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-    chosen = logprobs.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+    # One transfer of the top-k of every row (the logits may be on a GPU).
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1)) if k else ([], [])
     rows = []
     for i, (token, count) in enumerate(zip(tokens, counts)):
-        row = {}
-        if count:
-            row = dict(zip(top_ids[i, :count].tolist(), top_values[i, :count].tolist()))
+        row = dict(zip(top_ids[i][:count], top_values[i][:count])) if count else {}
         row.setdefault(token, chosen[i])
         rows.append(row)
     return rows
