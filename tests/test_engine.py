@@ -157,8 +157,17 @@ def test_unknown_model_path_is_rejected():
         EngineConfig(model="/no/such/model")
 
 
-def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_goes_on(tiny_engine):
-    async_engine = AsyncLLMEngine(engine=tiny_engine)
+@pytest.fixture
+def async_engine(tiny_engine):
+    """An async loop over the shared tiny engine, stopped after the test so that its thread
+    never steps the engine under a later test."""
+    engine = AsyncLLMEngine(engine=tiny_engine)
+    yield engine
+    engine.stop()
+    assert not engine.is_alive()
+
+
+def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_goes_on(tiny_engine, async_engine):
     gone = asyncio.new_event_loop()  # a caller that closes its loop mid-stream, never closing the stream
     stream = async_engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0))
     gone.run_until_complete(anext(stream))
@@ -186,8 +195,7 @@ def test_failed_forward_fails_its_batch_and_the_engine_goes_on(tiny_engine, monk
     assert run(tiny_engine, [PROMPTS[0]], GREEDY)[0].output.finish_reason is FinishReason.LENGTH
 
 
-def test_async_streaming_and_abort(tiny_engine):
-    async_engine = AsyncLLMEngine(engine=tiny_engine)
+def test_async_streaming_and_abort(tiny_engine, async_engine):
 
     async def main():
         deltas, final = [], None

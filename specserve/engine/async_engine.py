@@ -91,9 +91,13 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Stop the engine loop; the LLMEngine stays usable by whoever else holds it."""
         self._send(("stop", None))
         self._thread.join(timeout=60)
+
+    def shutdown(self) -> None:
+        self.stop()
         self.engine.shutdown()
 
     def _send(self, command: tuple[str, Request | str | None]) -> None:
