@@ -163,7 +163,8 @@ def _distill(args: argparse.Namespace) -> int:
     if args.method == "eagle":
         epochs = {"epochs": args.epochs} if args.epochs else {}
         config = EagleTrainConfig(
-            vocab_size=args.draft_vocab, layers=tuple(args.layers), lr=args.lr, seed=args.seed, **epochs
+            vocab_size=args.draft_vocab, layers=tuple(args.layers), lr=args.lr, seed=args.seed,
+            device=str(engine_config.torch_device()), **epochs,
         )
         summary = train_eagle(samples, target_path, work, out, config)
     else:

@@ -30,7 +30,15 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from specserve.distill.train import Example, _collate, batches, optimize, split_samples, top1_matches
+from specserve.distill.train import (
+    Example,
+    _collate,
+    batches,
+    optimize,
+    split_samples,
+    top1_matches,
+    with_distributions,
+)
 from specserve.models.eagle import EAGLE_ARCHITECTURE
 from specserve.spec.draft_model import VOCAB_FILE
 
@@ -49,6 +57,7 @@ class EagleTrainConfig:
     train_embedding: bool = False  # tune the (tied) embedding rows too, or keep the target's
     validation_share: float = 0.05
     seed: int = 0
+    device: str = "cpu"  # features and training; training runs in bfloat16 autocast on CUDA
 
 
 class EagleHead(nn.Module):
@@ -68,7 +77,7 @@ class EagleHead(nn.Module):
         """Predicted features [B, T, hidden] from draft ids [B, T] and input features [B, T, hidden]
         (right padding only: attention is causal, so padding never reaches a real position)."""
         x = self.fc(torch.cat([self.embed_tokens(input_ids), features], dim=-1))
-        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         rope = self.rotary(x, positions)
         for layer in self.layers:
             x = layer(x, position_ids=positions, position_embeddings=rope)
@@ -112,7 +121,9 @@ def build_head(target_path: Path, vocabulary: list[int], layers: tuple[int, ...]
 
 
 @torch.no_grad()
-def target_features(samples: list[dict], target_path: Path, work_dir: Path, max_len: int) -> dict[str, torch.Tensor]:
+def target_features(
+    samples: list[dict], target_path: Path, work_dir: Path, max_len: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """The target's final-norm hidden states [T, hidden] (float16) of every sample's first
     ``max_len`` tokens, by prompt id; computed once, then read from the work directory."""
     cache = work_dir / FEATURES_FILE
@@ -120,7 +131,7 @@ def target_features(samples: list[dict], target_path: Path, work_dir: Path, max_
     todo = [s for s in samples if s["prompt_id"] not in features]
     if not todo:
         return features
-    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).to(device).eval()
     todo.sort(key=lambda s: len(s["prompt_ids"]) + len(s["output_ids"]))
     batch: list[dict] = []
     with tqdm(total=len(todo), desc="target features") as bar:
@@ -133,9 +144,9 @@ def target_features(samples: list[dict], target_path: Path, work_dir: Path, max_
             width = max(map(len, ids))
             input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-            hidden = target.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            for s, x, h in zip(batch, ids, hidden):
-                features[s["prompt_id"]] = h[: len(x)].half().clone()
+            hidden = target.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for s, x, h in zip(batch, ids, hidden.half().cpu()):
+                features[s["prompt_id"]] = h[: len(x)].clone()
             bar.update(len(batch))
             batch = []
     torch.save(features, cache)
@@ -159,14 +170,16 @@ def _loss(
     head: EagleHead, batch: list[Example], features: dict[str, torch.Tensor], config: EagleTrainConfig
 ) -> tuple[torch.Tensor, list[int], int]:
     """Loss of both passes; top-1 agreement with the target per pass; answer positions."""
-    ids, mask, index, targets = _collate(batch, head.config.vocab_size)
-    wanted = _batch_features(batch, features, ids.shape[1])
+    device = head.fc.weight.device
+    ids, mask, index, targets = _collate(batch, head.config.vocab_size, device)
+    wanted = _batch_features(batch, features, ids.shape[1]).to(device)
     valid = mask.bool()
-    total, agree = torch.zeros(()), []
+    total, agree = torch.zeros((), device=device), []
     inputs = _shifted(wanted)
     for _ in range(2):  # the target's features in, then the head's own predictions
-        predicted = head(ids, inputs)
-        logits = head.logits(predicted[index[:, 0], index[:, 1]])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            predicted = head(ids, inputs).float()
+            logits = head.logits(predicted[index[:, 0], index[:, 1]]).float()
         cross_entropy = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         regression = F.smooth_l1_loss(predicted[valid], wanted[valid])
         total = total + cross_entropy + config.feature_weight * regression
@@ -191,11 +204,11 @@ def train_eagle(samples: list[dict], target_path: Path, work_dir: Path, out_dir:
     """Train and save an EAGLE head as an HF-style directory; returns a summary."""
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    features = target_features(samples, target_path, work_dir, config.max_len)
+    features = target_features(with_distributions(samples), target_path, work_dir, config.max_len, config.device)
     vocabulary, train, val = split_samples(
         samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
     )
-    head = build_head(target_path, vocabulary, config.layers)
+    head = build_head(target_path, vocabulary, config.layers).to(config.device)
     head.embed_tokens.weight.requires_grad_(config.train_embedding)
     before = evaluate(head, val, features, config)
 
@@ -227,7 +240,7 @@ def save_head(head: EagleHead, vocabulary: list[int], out_dir: Path, summary: di
     map and a model card; the draft uses the target's tokenizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     head.config.to_json_file(out_dir / "config.json")
-    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in head.state_dict().items()
+    tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in head.state_dict().items()
                if not k.startswith("rotary.")}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / VOCAB_FILE).write_text(json.dumps({"target_ids": vocabulary}))

@@ -166,12 +166,17 @@ def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[to
     return loss, top1_matches(logits, targets), len(index)
 
 
+def with_distributions(samples: list[dict]) -> list[dict]:
+    """The samples that carry the target's distributions (user turns it wrote itself carry none)."""
+    return [s for s in samples if s["top_ids"]]
+
+
 def split_samples(
     samples: list[dict], target_path: Path, vocab_size: int, max_len: int, validation_share: float, rng: random.Random
 ) -> tuple[list[int], list[Example], list[Example]]:
     """The draft vocabulary (target ids), and shuffled training and validation examples of the
-    samples that carry the target's distributions (user turns it wrote itself carry none)."""
-    samples = [s for s in samples if s["top_ids"]]
+    samples that carry the target's distributions."""
+    samples = with_distributions(samples)
     vocabulary = choose_vocabulary(samples, vocab_size)
     to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
     to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
@@ -231,7 +236,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
     summary = {
         "train_samples": len(train),
         "train_answer_tokens": sum(len(e.top_ids) for e in train),
-        "samples_by_category": dict(Counter(s["category"] for s in samples if s["top_ids"])),
+        "samples_by_category": dict(Counter(s["category"] for s in with_distributions(samples))),
         "validation_samples": len(val),
         "draft_vocab": vocab,
         "target_layers": list(config.layers),
