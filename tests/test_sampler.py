@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.engine.detokenizer import IncrementalDetokenizer, text_decoder
 from specserve.engine.sampler import draw, sample, target_probs, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
 
@@ -57,6 +57,19 @@ def test_incremental_detokenization_equals_full_decode(tiny_engine):
         streamed += detok.take_new_text(finished=False)
         assert "\ufffd" not in streamed
     assert streamed == tok.decode(ids)
+
+
+def test_text_decoder_decodes_as_the_tokenizer_does(tiny_engine):
+    tok = tiny_engine.tokenizer
+    ids = [tok.bos_token_id] + tok.encode("hello world, the end", add_special_tokens=False) + [tok.eos_token_id]
+    assert text_decoder(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
+    assert not tok.clean_up_tokenization_spaces
+    assert text_decoder(tok).func == tok.backend_tokenizer.decode  # no clean-up: straight to Rust
+    tok.clean_up_tokenization_spaces = True
+    try:
+        assert text_decoder(tok).func == tok.decode  # transformers' clean-up applies: its own decode
+    finally:
+        tok.clean_up_tokenization_spaces = False
 
 
 def test_stop_string_is_cut_and_never_streamed(tiny_engine):

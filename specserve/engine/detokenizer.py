@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from transformers import PreTrainedTokenizerBase
 
 # Decoding a few tokens before the new ones keeps word-boundary spaces right for
 # SentencePiece/BPE tokenizers without re-decoding the whole output every step.
 _CONTEXT_TOKENS = 6
+
+
+def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, as a direct call into the Rust
+    tokenizer when transformers would not change its text (no clean-up of spaces): its Python
+    layers take more than half of each call, and every step decodes twice per request."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.clean_up_tokenization_spaces:
+        return functools.partial(tokenizer.decode, skip_special_tokens=True)
+    return functools.partial(backend.decode, skip_special_tokens=True)
 
 
 class IncrementalDetokenizer:
@@ -23,7 +36,7 @@ class IncrementalDetokenizer:
         stop: list[str],
         include_stop: bool,
     ) -> None:
-        self.tokenizer = tokenizer
+        self._decode = text_decoder(tokenizer)
         self.token_ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0  # tokens before this one only give context
         self.read_offset = len(self.token_ids)  # text of tokens before this one is emitted
@@ -35,10 +48,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> None:
         self.token_ids.append(token_id)
-        prefix = self.tokenizer.decode(
-            self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.text += full[len(prefix) :]
             self.prefix_offset = self.read_offset
