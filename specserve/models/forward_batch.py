@@ -78,9 +78,9 @@ def _group_mask(seqs: list[SequenceSlice], slot_lo: int, rows: int, query_len: i
                 key_len: int, heads_per_kv: int) -> torch.Tensor:
     starts = torch.zeros(rows, dtype=torch.long)
     lengths = torch.zeros(rows, dtype=torch.long)
-    for seq in seqs:
-        starts[seq.slot - slot_lo] = seq.cache_start
-        lengths[seq.slot - slot_lo] = len(seq.token_ids)
+    row_of = torch.tensor([seq.slot - slot_lo for seq in seqs])  # one indexed write, not one per row
+    starts[row_of] = torch.tensor([seq.cache_start for seq in seqs])
+    lengths[row_of] = torch.tensor([len(seq.token_ids) for seq in seqs])
     query = torch.arange(query_len)
     key = torch.arange(key_len)
     # Causal over prefix + new tokens: key j is visible to query i iff j <= cache_start + i.
