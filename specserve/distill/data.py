@@ -110,13 +110,16 @@ def user_turn_prefix(engine: LLMEngine) -> list[int]:
     return engine.tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
 
 
-def _request(engine: LLMEngine, prompt: Prompt, config: DataConfig) -> tuple[list[int], SamplingParams]:
+def _request(
+    engine: LLMEngine, prompt: Prompt, config: DataConfig, user_prefix: list[int]
+) -> tuple[list[int], SamplingParams]:
     """Prompt ids and sampling parameters: template and document prompts are answered greedily with
-    the target's top-k log-probabilities; a self-prompt request samples a user turn."""
+    the target's top-k log-probabilities; a self-prompt request samples a user turn after
+    ``user_prefix`` (``user_turn_prefix``)."""
     if prompt.category == SELF_PROMPT:
         seed = int(prompt.prompt_id.rsplit("-", 1)[1])
         params = SamplingParams(max_tokens=config.self_prompt_tokens, temperature=1.0, seed=config.seed * 1_000_003 + seed)
-        return user_turn_prefix(engine), params
+        return user_prefix, params
     max_tokens = config.document_tokens if prompt.category == "document" else config.max_new_tokens
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=config.top_logprobs)
     return engine.apply_chat_template([{"role": "user", "content": prompt.text}]), params
@@ -127,13 +130,14 @@ def _answer(
 ) -> None:
     if not prompts:
         return
+    user_prefix = user_turn_prefix(engine)  # once, not per request
     pending = list(reversed(prompts))
     by_id: dict[str, Prompt] = {}
     with (work_dir / SAMPLES_FILE).open("a") as out, tqdm(total=len(prompts), desc=label) as bar:
         while pending or engine.has_unfinished_requests():
             while pending and len(by_id) < config.batch_size:
                 prompt = pending.pop()
-                ids, params = _request(engine, prompt, config)
+                ids, params = _request(engine, prompt, config, user_prefix)
                 room = engine.max_model_len - len(ids)
                 if room < 1:
                     bar.update()  # a document prompt longer than the model's context
