@@ -16,8 +16,9 @@ from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.controller import SLOController
 from specserve.control.cost_model import CostModel, LatencyTable
 from specserve.control.policies import POLICIES, RequestView, StepView, build_policy
-from specserve.control.selection import Candidates, select_nodes
+from specserve.control.selection import RankedNodes, select_nodes
 from specserve.control.slo import SLO, SLOConfig
+from specserve.control.step_trees import StepTrees
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams
@@ -153,22 +154,41 @@ def test_selection_equals_the_brute_force_optimum(seed):
         gains = [1 + sum(t.path_probs[n] for n in nodes) for t, nodes in zip(trees, choice)]
         if all(g >= r - 1e-9 for g, r in zip(gains, reachable)):
             best = max(best or 0.0, sum(gains))
-    candidates = [Candidates(sorted(t.path_probs, reverse=True), floor) for t, floor in zip(trees, floors)]
-    counts = select_nodes(candidates, budget)
+    values = [sorted(t.path_probs, reverse=True) for t in trees]
+    counts = select_nodes(RankedNodes.of(values), np.array(floors), budget).tolist()
     assert sum(counts) <= budget
     if best is None:  # floors infeasible within the budget: nothing to compare
         return
-    gains = [1 + sum(c.values[:n]) for c, n in zip(candidates, counts)]
+    gains = [1 + sum(v[:n]) for v, n in zip(values, counts)]
     assert all(g >= r - 1e-9 for g, r in zip(gains, reachable))
     assert sum(gains) == pytest.approx(best)
-    for tree, c, n in zip(trees, candidates, counts):  # the counts name a valid subtree
+    for tree, v, n in zip(trees, values, counts):  # the counts name a valid subtree
         chosen = tree.select(n)
-        assert len(chosen) == n and sum(chosen.path_probs) == pytest.approx(sum(c.values[:n]))
+        assert len(chosen) == n and sum(chosen.path_probs) == pytest.approx(sum(v[:n]))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_steps_trees_are_valued_and_cut_together_as_each_would_be_alone(seed):
+    rng = random.Random(seed)
+    predictor = AcceptancePredictor()
+    for _ in range(20 * (seed % 2)):  # odd seeds: uneven calibration, growing with depth somewhere
+        tree = chain([rng.choice([0.5, 0.9])] * 4)
+        predictor.observe("r", tree, list(range(rng.randint(0, 4))))
+    trees = [TokenTree() for _ in range(5)]
+    for tree in trees:  # parents-first but not by depth, with ties of value across depths
+        for i in range(rng.randint(0, 7)):
+            tree.add(i, rng.randrange(-1, i), rng.choice([0.5, 1.0]))
+    drafted = StepTrees(trees, predictor.scales)
+    counts = [rng.randint(0, len(tree)) for tree in trees]
+    ranked = np.split(drafted.ranked.values, np.cumsum(drafted.ranked.sizes)[:-1])
+    for tree, values, cut, n in zip(trees, ranked, drafted.cut(np.array(counts)), counts):
+        assert values.tolist() == sorted(predictor.values(tree), reverse=True)
+        assert cut == tree.select(n, predictor.values(tree))
 
 
 def test_selection_serves_the_most_urgent_floor_when_the_budget_is_short():
-    candidates = [Candidates([0.9, 0.9], floor=1.5), Candidates([0.9, 0.9], floor=2.5)]
-    assert select_nodes(candidates, 2) == [0, 2]
+    nodes = RankedNodes.of([[0.9, 0.9], [0.9, 0.9]])
+    assert select_nodes(nodes, np.array([1.5, 2.5]), 2).tolist() == [0, 2]
 
 
 # ------------------------------------------------------------------ policies
@@ -197,9 +217,9 @@ def confident_predictor(rate: float) -> AcceptancePredictor:
     return predictor
 
 
-def node_values(trees: list[TokenTree]) -> list[list[float]]:
+def node_values(trees: list[TokenTree]) -> RankedNodes:
     """What the controller hands a policy's select: each node's value (uncalibrated here)."""
-    return [AcceptancePredictor().values(tree) for tree in trees]
+    return RankedNodes.of([AcceptancePredictor().values(tree) for tree in trees])
 
 
 def policy(name: str, cost: CostModel, predictor: AcceptancePredictor | None = None):
@@ -212,7 +232,7 @@ def test_none_and_fixed_do_what_they_say():
     fixed = policy("fixed", DEAR_VERIFY)
     assert fixed.draft_budgets(step) == [TreeBudget(depth=3, width=2)] * 3
     trees = [chain([0.1, 0.1]), chain([0.9])]
-    assert fixed.select(step_view(2), node_values(trees)) == [2, 1]
+    assert fixed.select(step_view(2), node_values(trees)).tolist() == [2, 1]
 
 
 @pytest.mark.parametrize("name", ["smartspec", "specserve", "auto"])
@@ -234,10 +254,10 @@ def test_auto_keeps_speculating_for_a_request_behind_its_slo_even_when_verificat
     counts = auto.select(step, node_values([chain([0.9, 0.9, 0.9, 0.9])] * 2))
     assert all(n >= 2 for n in counts)  # floors honoured though each node lowers efficiency
     on_track = step_view(2, slo_ms=50)
-    assert auto.select(on_track, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)) == [0, 0]
+    assert auto.select(on_track, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)).tolist() == [0, 0]
     hopeless = step_view(2, slo_ms=10, behind=True)  # needs ~90 tokens now: best effort only
     assert all(b.depth == 0 for b in auto.draft_budgets(hopeless))
-    assert auto.select(hopeless, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)) == [0, 0]
+    assert auto.select(hopeless, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)).tolist() == [0, 0]
 
 
 def test_auto_speculates_on_a_drafters_hint_where_the_history_says_not_to():
@@ -260,7 +280,7 @@ def test_auto_prices_speculation_without_the_prompt_chunk_beside_it():
     with_prefill = StepView(decode.requests, other_tokens=256)
     assert auto.draft_budgets(with_prefill) == auto.draft_budgets(decode)
     values = node_values([chain([0.3, 0.1])] * 4)
-    assert auto.select(with_prefill, values) == auto.select(decode, values) == [0, 0, 0, 0]
+    assert auto.select(with_prefill, values).tolist() == auto.select(decode, values).tolist() == [0, 0, 0, 0]
 
 
 def test_specserve_stops_drafting_and_trims_tails_by_confidence():
@@ -271,7 +291,7 @@ def test_specserve_stops_drafting_and_trims_tails_by_confidence():
     assert not rule(2, [chain([0.95, 0.05]), chain([0.95, 0.05])])
     assert pickle.loads(pickle.dumps(rule))(1, [chain([0.95]), chain([0.95])])  # may run on a draft actor
     counts = specserve.select(step, node_values([chain([0.95, 0.9, 0.05]), chain([0.9, 0.02, 0.01])]))
-    assert counts == [2, 1]
+    assert counts.tolist() == [2, 1]
 
 
 def test_adaserve_budget_fits_the_tightest_slo_and_meets_floors():
@@ -285,7 +305,7 @@ def test_adaserve_budget_fits_the_tightest_slo_and_meets_floors():
     assert all(b.depth == 4 and b.node_limit <= 8 for b in budgets)
     behind = step_view(2, slo_ms=20, behind=True)
     counts = adaserve.select(behind, node_values([chain([0.9] * 4), chain([0.2] * 4)]))
-    assert sum(counts) <= 8 and counts == [4, 4]
+    assert sum(counts) <= 8 and counts.tolist() == [4, 4]
 
 
 def test_controller_clamps_budgets_to_each_requests_cap_and_times_itself():

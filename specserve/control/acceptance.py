@@ -45,7 +45,7 @@ def calibrated_values(tree: TokenTree, scales: list[float]) -> list[float]:
 
 
 class AcceptancePredictor:
-    def __init__(self, max_depth: int = 32, prior_rate: float = 0.5) -> None:
+    def __init__(self, max_depth: int = 32, prior_rate: float = 0.5) -> None:  # 32: TreeBudget's deepest
         # Decayed per-depth sums, stored divided by _unit (the decay so far) so that an
         # observation touches only the depths it has; see _decay.
         self._predicted = [0.0] * (max_depth + 1)
@@ -86,6 +86,11 @@ class AcceptancePredictor:
     def request_rate(self, request_id: str) -> float:
         return self._request_rate.get(request_id, self.rate)
 
+    def request_rates(self, request_ids: list[str]) -> list[float]:
+        """``request_rate`` of each request (the overall rate for those not seen yet)."""
+        overall, rates = self.rate, self._request_rate
+        return [rates.get(request_id, overall) for request_id in request_ids]
+
     @property
     def mean_confidence(self) -> float:
         """Mean draft probability of recently drafted tokens (the next token's best guess)."""
@@ -95,20 +100,20 @@ class AcceptancePredictor:
 
     def observe(self, request_id: str, tree: TokenTree, accepted_nodes: list[int]) -> None:
         """Learn from one verification of ``tree`` that accepted the path ``accepted_nodes``."""
-        on_path = set(accepted_nodes)
         self._decay()
-        weight = 1.0 / self._unit
-        for node, (f, depth) in enumerate(zip(tree.path_probs, tree.depths)):
-            if depth < len(self._predicted):
-                self._predicted[depth] += f * weight
-                self._observed[depth] += weight * (node in on_path)
+        weight, predicted, observed, depths = 1.0 / self._unit, self._predicted, self._observed, tree.depths
+        for f, depth in zip(tree.path_probs, depths):
+            predicted[depth] += f * weight
+        for node in accepted_nodes:  # one per depth, from the first
+            observed[depths[node]] += weight
         self._confidence_sum = self._confidence_sum * _DECAY + sum(tree.probs)
         self._confidence_count = self._confidence_count * _DECAY + len(tree)
         accepted = len(accepted_nodes)
         rejected = int(accepted < max(tree.depths, default=0))
         self._rate.add(accepted, rejected)
-        step_rate = accepted / (accepted + rejected) if accepted + rejected else self.rate
-        previous = self._request_rate.get(request_id, self.rate)
+        rate = self.rate
+        step_rate = accepted / (accepted + rejected) if accepted + rejected else rate
+        previous = self._request_rate.get(request_id, rate)
         self._request_rate[request_id] = previous + _REQUEST_WEIGHT * (step_rate - previous)
 
     def forget(self, request_id: str) -> None:

@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from specserve.control.acceptance import AcceptancePredictor, calibrated_values
+from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CorrectedCost, CostModel
 from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
+from specserve.control.step_trees import StepTrees
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
@@ -55,14 +56,12 @@ class SLOController:
         if self._rule is not None:  # asked in this process (a draft actor asks its own copy)
             self.decision_seconds += self._rule.seconds
             self._rule = None
-        if not trees:
-            return []
+        if not trees or not self.policy.trims:
+            return trees
 
         def decide() -> list[TokenTree]:
-            scales = self.predictor.scales(max(max(tree.depths, default=0) for tree in trees))
-            values = [calibrated_values(tree, scales) for tree in trees]
-            counts = self.policy.select(step, values)
-            return [tree if n >= len(tree) else tree.select(n, v) for tree, v, n in zip(trees, values, counts)]
+            drafted = StepTrees(trees, self.predictor.scales)
+            return drafted.cut(self.policy.select(step, drafted.ranked))
 
         return self._timed(decide)
 

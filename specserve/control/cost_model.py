@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +28,41 @@ def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
     return ys[i] + slope * (x - xs[i])
 
 
+class TokenGrid:
+    """The token counts a latency curve is given at, in the array forms that evaluating many
+    counts at once needs (made once per profile table, shared by every curve cut from it)."""
+
+    __slots__ = ("tokens", "inner", "xs", "widths")
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        self.xs = np.array(tokens, dtype=float)
+        self.inner = self.xs[1:-1]  # searching these gives the segment; the end ones extrapolate
+        self.widths = self.xs[1:] - self.xs[:-1] if len(tokens) > 1 else np.ones(1)
+
+
 class LatencyCurve:
-    """Latency in ms as a function of tokens alone, at one context length."""
+    """Latency in ms as a function of tokens alone, at one context length: linear between the
+    grid's token counts and beyond both ends."""
 
-    __slots__ = ("tokens", "ms")
+    __slots__ = ("grid", "ms", "_arrays")
 
-    def __init__(self, tokens: list[int], ms: list[float]) -> None:
-        self.tokens, self.ms = tokens, ms
+    def __init__(self, grid: TokenGrid, ms: list[float]) -> None:
+        self.grid, self.ms = grid, ms
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def __call__(self, tokens: float) -> float:
-        return max(_interpolate(self.tokens, self.ms, tokens), 0.0) if tokens > 0 else 0.0
+        return max(_interpolate(self.grid.tokens, self.ms, tokens), 0.0) if tokens > 0 else 0.0
 
     def many(self, tokens: np.ndarray) -> np.ndarray:
-        """``self(t)`` for every ``t`` of ``tokens`` at once."""
-        xs, ys = self.tokens, self.ms
-        out = np.interp(tokens, xs, ys)
-        if len(xs) > 1:  # extrapolate the end segments linearly, as __call__ does
-            low, high = tokens < xs[0], tokens > xs[-1]
-            out[low] = ys[0] + (ys[1] - ys[0]) / (xs[1] - xs[0]) * (tokens[low] - xs[0])
-            out[high] = ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (tokens[high] - xs[-1])
-        return np.where(tokens > 0, np.maximum(out, 0.0), 0.0)
+        """``self(t)`` for every ``t`` of ``tokens`` at once (the same arithmetic)."""
+        if self._arrays is None:
+            ys = np.array(self.ms, dtype=float)
+            self._arrays = ys, (ys[1:] - ys[:-1]) / self.grid.widths if len(ys) > 1 else np.zeros(1)
+        ys, slopes = self._arrays
+        segment = np.searchsorted(self.grid.inner, tokens, side="right")
+        out = ys[segment] + slopes[segment] * (tokens - self.grid.xs[segment])
+        return np.maximum(out, 0.0) * (tokens > 0)
 
 
 class LatencyTable(BaseModel):
@@ -66,10 +82,14 @@ class LatencyTable(BaseModel):
             raise ValueError("ms must have one row per context and one entry per token count")
         return self
 
+    @cached_property
+    def grid(self) -> TokenGrid:
+        return TokenGrid(self.tokens)
+
     def at_context(self, context: float) -> LatencyCurve:
         """The table's slice at mean ``context`` length (interpolated between profiled rows)."""
         ms = [_interpolate(self.contexts, list(column), context) for column in zip(*self.ms)]
-        return LatencyCurve(self.tokens, ms)
+        return LatencyCurve(self.grid, ms)
 
     def __call__(self, tokens: float, context: float) -> float:
         """Predicted ms of a forward with ``tokens`` new tokens at mean ``context`` length."""
@@ -112,7 +132,7 @@ class StepCost:
     def scaled(self, target: float, draft: float, verify: float) -> StepCost:
         """Plain target, draft and verifying latencies times ``target``, ``draft``, ``verify``."""
         def scale(curve: LatencyCurve, factor: float) -> LatencyCurve:
-            return LatencyCurve(curve.tokens, [ms * factor for ms in curve.ms])
+            return LatencyCurve(curve.grid, [ms * factor for ms in curve.ms])
 
         draft_curve = None if self._draft is None else scale(self._draft, draft)
         return StepCost(scale(self.target_ms, target), draft_curve, scale(self.target_ms, verify))

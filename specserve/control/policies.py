@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -18,7 +19,7 @@ import numpy as np
 from specserve.control.acceptance import AcceptancePredictor, calibrated_values
 from specserve.control.cost_model import CorrectedCost, CostModel, StepCost
 from specserve.control.slo import SLO
-from specserve.control.selection import Candidates, floor_counts, ranked_extras, select_nodes
+from specserve.control.selection import RankedNodes, floor_counts, ranked_extras, select_nodes
 from specserve.spec.tree import TokenTree, TreeBudget
 
 PolicyName = Literal["none", "fixed", "smartspec", "specserve", "adaserve", "auto"]
@@ -66,12 +67,6 @@ class RequestView:
             draft_catch_up=draft_catch_up,
         )
 
-    def floor(self, iteration_s: float) -> float:
-        """AdaServe's A(r): tokens this step must yield to keep the mean TPOT within the SLO."""
-        if self.tpot_slo_s is None:
-            return 0.0
-        return (self.decode_time_s + iteration_s) / self.tpot_slo_s - self.num_decoded
-
 
 @dataclass
 class StepView:
@@ -86,6 +81,14 @@ class StepView:
         contexts = [r.context_len for r in self.requests]
         self.mean_context = sum(contexts) / len(contexts) if contexts else 0.0
 
+    def floors(self, iteration_s: float) -> np.ndarray:
+        """AdaServe's A(r) of every request: the tokens this step must yield to keep its mean
+        TPOT within its SLO (0 without one)."""
+        return np.array([
+            0.0 if r.tpot_slo_s is None else (r.decode_time_s + iteration_s) / r.tpot_slo_s - r.num_decoded
+            for r in self.requests
+        ], dtype=float)
+
     @property
     def base_tokens(self) -> int:
         """Tokens in the forward before any drafted node: prefill plus one root per request."""
@@ -98,26 +101,36 @@ def tree_budget(depth: int, width: int) -> TreeBudget:
     return TreeBudget(depth=depth, width=width) if depth else OFF
 
 
-def chain_tokens(alpha: float | np.ndarray, depth: int | np.ndarray) -> float | np.ndarray:
-    """Expected tokens from verifying a chain of ``depth`` with per-token acceptance alpha
-    (elementwise on arrays)."""
-    alpha, depth = np.asarray(alpha, dtype=float), np.asarray(depth)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tokens = np.where(alpha >= 1.0, depth + 1.0, (1.0 - alpha ** (depth + 1)) / (1.0 - alpha))
-    return tokens if tokens.ndim else float(tokens)
-
-
 class StepModel:
-    """What every prediction of one step shares: the cost curve at its mean context, and the
-    requests' acceptance rates and speculation caps as arrays."""
+    """What every prediction of one step shares: the cost curve at its mean context, and (made
+    when first asked for) the requests' acceptance rates and speculation caps as arrays."""
 
-    def __init__(self, step: StepView, cost: StepCost, alphas: list[float]) -> None:
+    def __init__(self, step: StepView, cost: StepCost, alphas: Callable[[StepView], np.ndarray]) -> None:
+        self.step = step
         self.cost = cost
         self.base_tokens = step.base_tokens
-        self.alphas = np.minimum(np.array(alphas, dtype=float), 1.0 - 1e-9)  # alpha = 1: depth + 1
-        self.depth_caps = np.array([r.max_budget.depth for r in step.requests], dtype=int)
-        self.width_caps = np.array([r.max_budget.width for r in step.requests], dtype=int)
-        self.catch_up = np.array([r.draft_catch_up for r in step.requests], dtype=int)
+        self._alphas_of = alphas
+
+    @functools.cached_property
+    def alphas(self) -> np.ndarray:
+        return np.minimum(self._alphas_of(self.step), 1.0 - 1e-9)  # so that chain_tokens needs no case for 1
+
+    @functools.cached_property
+    def depth_caps(self) -> np.ndarray:
+        return np.array([r.max_budget.depth for r in self.step.requests], dtype=int)
+
+    @functools.cached_property
+    def width_caps(self) -> np.ndarray:
+        return np.array([r.max_budget.width for r in self.step.requests], dtype=int)
+
+    @functools.cached_property
+    def catch_up(self) -> np.ndarray:
+        return np.array([r.draft_catch_up for r in self.step.requests], dtype=int)
+
+    def chain_tokens(self, depths: np.ndarray) -> np.ndarray:
+        """Expected tokens each request yields verifying a chain of ``depths`` (its last axis:
+        the requests) at its own acceptance rate."""
+        return (1.0 - self.alphas ** (depths + 1)) / (1.0 - self.alphas)
 
     def chain_efficiencies(self, max_depth: int, width: int = 1, decode_only: bool = False) -> np.ndarray:
         """Predicted tokens per ms for every common depth 0 .. ``max_depth``: every request drafts
@@ -127,7 +140,7 @@ class StepModel:
         The draft feeds each request's catch-up (root included) in its first forward and its
         level's frontier in each later one, for the requests that draft that deep."""
         depths = np.minimum(np.arange(max_depth + 1)[:, None], self.depth_caps)  # [depth, request]
-        tokens = chain_tokens(self.alphas, depths).sum(axis=1)
+        tokens = self.chain_tokens(depths).sum(axis=1)
         levels = np.arange(1, max_depth + 1)
         fed = np.where(levels[:, None] == 1, self.catch_up, np.minimum(width, self.width_caps))  # [level, request]
         forwards = ((depths[:, None, :] >= levels[:, None]) * fed).sum(axis=2)  # [depth, level]
@@ -179,6 +192,7 @@ class GrowWhileEfficient(DraftingRule):
 class Policy(ABC):
     name: ClassVar[PolicyName]
     needs_cost_model: ClassVar[bool] = True
+    trims: ClassVar[bool] = False  # whether ``select`` may verify fewer nodes than were drafted
 
     def __init__(
         self, cost: CostModel | CorrectedCost | None, predictor: AcceptancePredictor, max_step_tokens: int
@@ -188,7 +202,7 @@ class Policy(ABC):
         self.cost = cost
         self.predictor = predictor
         self.max_step_tokens = max_step_tokens
-        self._step_model: tuple[StepView, StepModel] | None = None
+        self._step_model: StepModel | None = None
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return [r.max_budget for r in step.requests]
@@ -197,28 +211,28 @@ class Policy(ABC):
         """The test the drafter asks after each level of this step (None: draft the whole plan)."""
         return None
 
-    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
+    def select(self, step: StepView, nodes: RankedNodes) -> np.ndarray:
         """How many of its best nodes each request verifies, given every drafted node's value."""
-        return [len(v) for v in values]
+        return nodes.sizes
 
     # ------------------------------------------------------------------ helpers
 
     def step_model(self, step: StepView) -> StepModel:
         """The step's cost curve and request arrays, computed once per step."""
-        if self._step_model is None or self._step_model[0] is not step:
-            cost = self.cost.at_context(step.mean_context)
-            self._step_model = (step, StepModel(step, cost, [self.alpha(r) for r in step.requests]))
-        return self._step_model[1]
+        if self._step_model is None or self._step_model.step is not step:
+            self._step_model = StepModel(step, self.cost.at_context(step.mean_context), self.alphas)
+        return self._step_model
 
     def forward_ms(self, step: StepView, nodes: float) -> float:
         """The step's target forward verifying ``nodes`` drafted nodes."""
         return self.step_model(step).cost.forward_ms(step.base_tokens, nodes)
 
-    def alpha(self, request: RequestView) -> float:
-        """The per-token acceptance rate a chain plan assumes for ``request``: what its drafts
+    def alphas(self, step: StepView) -> np.ndarray:
+        """The per-token acceptance rate a chain plan assumes for each request: what its drafts
         achieved so far, or the drafter's hint for this step when that is higher."""
-        rate = self.predictor.request_rate(request.request_id)
-        return rate if request.alpha_hint is None else max(rate, request.alpha_hint)
+        rates = self.predictor.request_rates([r.request_id for r in step.requests])
+        hints = [np.nan if r.alpha_hint is None else r.alpha_hint for r in step.requests]
+        return np.fmax(np.array(rates, dtype=float), np.array(hints, dtype=float))
 
     def best_chain_depth(self, step: StepView, width: int = 1, decode_only: bool = False) -> int:
         """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
@@ -251,8 +265,8 @@ class SmartSpec(Policy):
 
     name = "smartspec"
 
-    def alpha(self, request: RequestView) -> float:
-        return self.predictor.rate  # one acceptance EMA for the whole batch
+    def alphas(self, step: StepView) -> np.ndarray:
+        return np.full(len(step.requests), self.predictor.rate)  # one acceptance EMA for the whole batch
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return self.best_chain(step)
@@ -268,6 +282,7 @@ class SpecServe(Policy):
     """
 
     name = "specserve"
+    trims = True
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         none, one = self.step_model(step).chain_efficiencies(1)
@@ -285,20 +300,16 @@ class SpecServe(Policy):
             depth_caps=caps,
         )
 
-    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
-        values = [sorted(v, reverse=True) for v in values]
-        counts = [len(v) for v in values]
-        tokens = len(values) + sum(sum(v) for v in values)
-        nodes = sum(counts)
-        tails = sorted((v[n], i) for i, v in enumerate(values) for n in range(len(v)))
-        now_ms = step.draft_ms + self.forward_ms(step, nodes)
-        for value, i in tails:
-            fewer_ms = step.draft_ms + self.forward_ms(step, nodes - 1)
-            if (tokens - value) / fewer_ms < tokens / now_ms:
-                break
-            tokens, nodes, now_ms = tokens - value, nodes - 1, fewer_ms
-            counts[i] -= 1
-        return counts
+    def select(self, step: StepView, nodes: RankedNodes) -> np.ndarray:
+        tails = np.argsort(nodes.values, kind="stable")  # least confident first (ties: earlier request)
+        total = len(tails)
+        # Expected tokens and predicted ms after dropping the first k tails, for every k at once.
+        tokens = nodes.expected_tokens(nodes.sizes) - np.concatenate(([0.0], np.cumsum(nodes.values[tails])))
+        ms = step.draft_ms + self.step_model(step).cost.forward_ms_many(step.base_tokens, total - np.arange(total + 1))
+        efficiency = tokens / ms
+        falls = np.flatnonzero(efficiency[1:] < efficiency[:-1])  # dropping one more would lower it
+        dropped = int(falls[0]) if len(falls) else total
+        return nodes.sizes - nodes.per_request(tails[:dropped])
 
 
 class AdaServe(Policy):
@@ -306,6 +317,7 @@ class AdaServe(Policy):
     first and the globally best nodes with what is left."""
 
     name = "adaserve"
+    trims = True
 
     def token_budget(self, step: StepView) -> int:
         """Most drafted nodes such that the iteration, spread over the tokens each request is
@@ -333,14 +345,10 @@ class AdaServe(Policy):
             budgets.append(TreeBudget(depth=depth, width=width) if depth else OFF)
         return budgets
 
-    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
+    def select(self, step: StepView, nodes: RankedNodes) -> np.ndarray:
         budget = self.token_budget(step)
         iteration_s = (step.draft_ms + self.forward_ms(step, budget)) / 1e3
-        candidates = [
-            Candidates(sorted(v, reverse=True), floor=r.floor(iteration_s))
-            for v, r in zip(values, step.requests)
-        ]
-        return select_nodes(candidates, budget)
+        return select_nodes(nodes, step.floors(iteration_s), budget)
 
 
 class AutoSpeculation(Policy):
@@ -359,41 +367,33 @@ class AutoSpeculation(Policy):
     """
 
     name = "auto"
+    trims = True
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
-        plain_s = self.forward_ms(step, 0) / 1e3
-        width = max(r.max_budget.width for r in step.requests)
-        best = self.best_chain_depth(step, width, decode_only=True)
-        alphas = self.step_model(step).alphas
-        result = []
-        for r, alpha in zip(step.requests, alphas):
-            depth, floor = min(best, r.max_budget.depth), r.floor(plain_s)
-            if 1.0 < floor <= chain_tokens(alpha, r.max_budget.depth):  # behind, but can catch up
-                needed = next(d for d in range(r.max_budget.depth + 1) if chain_tokens(alpha, d) >= floor)
-                depth = max(depth, needed)
-            result.append(tree_budget(depth, r.max_budget.width))
-        return result
+        model = self.step_model(step)
+        best = self.best_chain_depth(step, int(model.width_caps.max()), decode_only=True)
+        depths = np.minimum(best, model.depth_caps)
+        floors = step.floors(self.forward_ms(step, 0) / 1e3)
+        behind = floors > 1.0
+        if behind.any():  # those that can catch up draft the shallowest chain that does
+            behind &= floors <= model.chain_tokens(model.depth_caps)
+            yields = model.chain_tokens(np.arange(int(model.depth_caps.max()) + 1)[:, None])  # [depth, request]
+            needed = np.argmax(yields >= floors, axis=0)
+            depths = np.where(behind, np.maximum(depths, needed), depths)
+        return [tree_budget(d, w) for d, w in zip(depths.tolist(), model.width_caps.tolist())]
 
-    def select(self, step: StepView, values: list[list[float]]) -> list[int]:
+    def select(self, step: StepView, nodes: RankedNodes) -> np.ndarray:
         room = max(self.max_step_tokens - step.base_tokens, 0)
-        plain_s = (step.draft_ms + self.forward_ms(step, 0)) / 1e3
-        candidates = []
-        for v, r in zip(values, step.requests):
-            floor = r.floor(plain_s)
-            savable = floor <= 1.0 + sum(v)  # a request its tree cannot save gets best effort
-            candidates.append(Candidates(sorted(v, reverse=True), floor=floor if savable else 0.0))
-        counts = floor_counts(candidates, room)
-        nodes = sum(counts)
-        extras = ranked_extras(candidates, counts)[: room - nodes]
+        floors = step.floors((step.draft_ms + self.forward_ms(step, 0)) / 1e3)
+        savable = floors <= 1.0 + np.bincount(nodes.request, weights=nodes.values, minlength=len(nodes))
+        counts = floor_counts(nodes, np.where(savable, floors, 0.0), room)  # the unsavable: best effort
+        extras = ranked_extras(nodes, counts)[: room - int(counts.sum())]
         # Expected tokens and predicted decode-only ms after adding the best k extras, for every k at once.
-        tokens = len(values) + sum(sum(c.values[:n]) for c, n in zip(candidates, counts))
-        gains = tokens + np.cumsum([0.0] + [value for _, value in extras])
-        added = nodes + np.arange(len(extras) + 1)
+        gains = nodes.expected_tokens(counts) + np.concatenate(([0.0], np.cumsum(nodes.values[extras])))
+        added = counts.sum() + np.arange(len(extras) + 1)
         ms = step.draft_ms + self.step_model(step).cost.forward_ms_many(len(step.requests), added)
         best = int(np.argmax(gains / ms))  # the first maximum: fewest nodes on ties
-        for i, _ in extras[:best]:
-            counts[i] += 1
-        return counts
+        return counts + nodes.per_request(extras[:best])
 
 
 POLICIES: dict[str, type[Policy]] = {

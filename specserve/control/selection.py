@@ -8,56 +8,89 @@ expected tokens to its floor (what it needs to stay on its TPOT SLO), most urgen
 spends what is left of the token budget on the best remaining nodes of all requests. Because each
 request's gain is concave in its node count, this greedy maximises total expected tokens under
 the budget among selections that meet every floor (when the budget allows that).
+
+Every step's nodes are held flat (``RankedNodes``), so that selection costs a few array
+operations for the whole batch rather than Python work per node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from operator import itemgetter
+from functools import cached_property
+
+import numpy as np
 
 
-@dataclass
-class Candidates:
-    """One request's drafted nodes as far as selection is concerned."""
-
-    values: list[float]  # best first
-    floor: float = 0.0  # expected tokens it needs this step; <= 1 means it is on track
-    cap: int | None = None  # the most nodes it may verify
-
-    @property
-    def limit(self) -> int:
-        return len(self.values) if self.cap is None else min(self.cap, len(self.values))
-
-    def nodes_for_floor(self) -> int:
-        """Fewest best nodes whose expected tokens reach the floor (or all it may verify)."""
-        total = 1.0
-        for n in range(self.limit):
-            if total >= self.floor - 1e-9:
-                return n
-            total += self.values[n]
-        return self.limit
+def node_layout(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For nodes held request after request, ``sizes`` each: every node's request, and the
+    index of its request's first node."""
+    request = np.repeat(np.arange(len(sizes)), sizes)
+    return request, (np.cumsum(sizes) - sizes)[request]
 
 
-def floor_counts(candidates: list[Candidates], budget: int) -> list[int]:
-    """Phase 1: nodes per request that meet its floor, the most urgent requests first."""
-    counts = [0] * len(candidates)
-    for i in sorted(range(len(candidates)), key=lambda i: -candidates[i].floor):
-        counts[i] = min(candidates[i].nodes_for_floor(), budget)
-        budget -= counts[i]
+class RankedNodes:
+    """The drafted node values of one step: request 0's best first, then request 1's, ..."""
+
+    def __init__(
+        self, values: np.ndarray, sizes: np.ndarray, layout: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
+        self.values = values  # float [nodes]
+        self.sizes = sizes  # int [requests]: nodes per request
+        self.request, self.first = node_layout(sizes) if layout is None else layout
+
+    @classmethod
+    def of(cls, values: list[list[float]]) -> RankedNodes:
+        """From each request's values in any order."""
+        ranked = [sorted(v, reverse=True) for v in values]
+        flat = np.array([value for v in ranked for value in v], dtype=float)
+        return cls(flat, np.array([len(v) for v in ranked], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @cached_property
+    def rank(self) -> np.ndarray:
+        """Every node's place in its request's order (0: its best)."""
+        return np.arange(len(self.values)) - self.first
+
+    def is_within(self, counts: np.ndarray) -> np.ndarray:
+        """Whether each node is among its request's best ``counts``."""
+        return self.rank < counts[self.request]
+
+    def expected_tokens(self, counts: np.ndarray) -> float:
+        """Tokens all requests are expected to yield verifying their best ``counts`` nodes."""
+        return len(self.sizes) + float(self.values[self.is_within(counts)].sum())
+
+    def per_request(self, nodes: np.ndarray) -> np.ndarray:
+        """How many of ``nodes`` (flat indices) each request has."""
+        return np.bincount(self.request[nodes], minlength=len(self.sizes))
+
+
+def floor_counts(nodes: RankedNodes, floors: np.ndarray, budget: int) -> np.ndarray:
+    """Phase 1: nodes per request that meet its floor (or all it has), the most urgent requests
+    first, within ``budget`` in all."""
+    if floors.max(initial=0.0) <= 1.0:  # every request is on track: the root's token suffices
+        return np.zeros(len(nodes), dtype=np.int64)
+    cumulative = np.cumsum(nodes.values) - nodes.values  # over all requests, before each node
+    before = cumulative - cumulative[nodes.first]  # over its own request's better nodes
+    short = 1.0 + before < floors[nodes.request] - 1e-9  # still short of the floor without it
+    needed = np.bincount(nodes.request, weights=short, minlength=len(nodes)).astype(np.int64)
+    urgent = np.argsort(-floors, kind="stable")
+    wanted = needed[urgent]
+    counts = np.empty_like(needed)
+    counts[urgent] = np.minimum(wanted, np.maximum(budget - (np.cumsum(wanted) - wanted), 0))
     return counts
 
 
-def ranked_extras(candidates: list[Candidates], counts: list[int]) -> list[tuple[int, float]]:
-    """Phase 2's order: (request, value) of every node not yet chosen, best value first (ties:
-    the earlier request first). Each request's values are sorted, so this never takes a node
-    before a better one of the same request."""
-    extras = [(i, value) for i, (c, n) in enumerate(zip(candidates, counts)) for value in c.values[n : c.limit]]
-    return sorted(extras, key=itemgetter(1), reverse=True)  # stable: ties keep request order
+def ranked_extras(nodes: RankedNodes, counts: np.ndarray) -> np.ndarray:
+    """Phase 2's order: every node not yet chosen (flat index), best value first (ties: the
+    earlier request first). Each request's values are sorted, so this never takes a node before
+    a better one of the same request."""
+    rest = np.flatnonzero(~nodes.is_within(counts))
+    return rest[np.argsort(-nodes.values[rest], kind="stable")]
 
 
-def select_nodes(candidates: list[Candidates], budget: int) -> list[int]:
+def select_nodes(nodes: RankedNodes, floors: np.ndarray, budget: int) -> np.ndarray:
     """Nodes to verify per request: floors first, then the best nodes up to ``budget`` in all."""
-    counts = floor_counts(candidates, budget)
-    for i, _ in ranked_extras(candidates, counts)[: max(budget - sum(counts), 0)]:
-        counts[i] += 1
-    return counts
+    counts = floor_counts(nodes, floors, budget)
+    extras = ranked_extras(nodes, counts)[: max(budget - int(counts.sum()), 0)]
+    return counts + nodes.per_request(extras)
