@@ -93,6 +93,14 @@ def test_more_requests_than_slots_wait_and_all_finish(tiny_model):
     assert_all_slots_free(engine)
 
 
+def test_a_requests_token_ranges_span_its_prompt_and_output(tiny_engine):
+    request = tiny_engine.make_request("ranges", [1, 2, 3], SamplingParams(max_tokens=4))
+    request.output_token_ids += [4, 5]
+    for start in range(6):
+        for end in range(start, 6):
+            assert request.tokens_between(start, end) == request.all_token_ids[start:end]
+
+
 def test_abort_frees_slots(tiny_engine):
     for i in range(3):
         tiny_engine.add_request(tiny_engine.make_request(f"a{i}", PROMPTS[i], GREEDY))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specserve.engine.detokenizer import IncrementalDetokenizer, text_decoder
+from specserve.engine.detokenizer import DecodingTextStream, IncrementalDetokenizer, RustTextStream, text_stream
 from specserve.engine.sampler import draw, sample, target_probs, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
 
@@ -59,15 +59,19 @@ def test_incremental_detokenization_equals_full_decode(tiny_engine):
     assert streamed == tok.decode(ids)
 
 
-def test_text_decoder_decodes_as_the_tokenizer_does(tiny_engine):
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_a_text_stream_continues_its_context_as_a_full_decode_does(tiny_engine, clean_up):
     tok = tiny_engine.tokenizer
-    ids = [tok.bos_token_id] + tok.encode("hello world, the end", add_special_tokens=False) + [tok.eos_token_id]
-    assert text_decoder(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
+    ids = tok.encode("Prompt: hello world, ünïcödé and 🚀 to the end", add_special_tokens=False)
+    ids.append(tok.eos_token_id)  # a special token adds no text
     assert not tok.clean_up_tokenization_spaces
-    assert text_decoder(tok).func == tok.backend_tokenizer.decode  # no clean-up: straight to Rust
-    tok.clean_up_tokenization_spaces = True
+    tok.clean_up_tokenization_spaces = clean_up
     try:
-        assert text_decoder(tok).func == tok.decode  # transformers' clean-up applies: its own decode
+        stream = text_stream(tok, ids[:3])
+        # Transformers' clean-up needs its own decode; otherwise one Rust call a token.
+        assert isinstance(stream, DecodingTextStream if clean_up else RustTextStream)
+        text = "".join(stream(token) for token in ids[3:])
+        assert tok.decode(ids[:3], skip_special_tokens=True) + text == tok.decode(ids, skip_special_tokens=True)
     finally:
         tok.clean_up_tokenization_spaces = False
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 # Decoding a few tokens before the new ones keeps word-boundary spaces right for
@@ -12,14 +13,54 @@ from transformers import PreTrainedTokenizerBase
 _CONTEXT_TOKENS = 6
 
 
-def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)``, as a direct call into the Rust
-    tokenizer when transformers would not change its text (no clean-up of spaces): its Python
-    layers take more than half of each call, and every step decodes twice per request."""
+class RustTextStream:
+    """The text each new token completes, from the Rust tokenizer's ``DecodeStream``: one call
+    per token, which holds back incomplete characters itself."""
+
+    def __init__(self, backend: Tokenizer, context_ids: list[int]) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(context_ids, skip_special_tokens=True)
+
+    def __call__(self, token_id: int) -> str:
+        try:
+            return self._stream.step(self._backend, token_id) or ""
+        except Exception:  # its buffered prefix stopped decoding (invalid UTF-8, vllm#17448): start afresh
+            self._stream = DecodeStream(skip_special_tokens=True)
+            return self._stream.step(self._backend, token_id) or ""
+
+
+class DecodingTextStream:
+    """The text each new token completes, by decoding the tokens since the last complete text
+    twice (without and with the new ones) through ``tokenizer.decode``: for tokenizers without
+    a Rust backend, or whose text transformers cleans up after decoding."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.token_ids = list(context_ids)
+        self.prefix_offset = 0  # tokens before this one only give context
+        self.read_offset = len(self.token_ids)  # text of tokens before this one is emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def __call__(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):  # a character is still incomplete
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return full[len(prefix) :]
+
+
+def text_stream(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]) -> Callable[[int], str]:
+    """A function from each next token id to the text it completes (empty while a character is
+    incomplete), after ``context_ids``: Rust's ``DecodeStream`` when transformers would not
+    change the text it decodes (no clean-up of spaces), else ``tokenizer.decode``."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or tokenizer.clean_up_tokenization_spaces:
-        return functools.partial(tokenizer.decode, skip_special_tokens=True)
-    return functools.partial(backend.decode, skip_special_tokens=True)
+        return DecodingTextStream(tokenizer, context_ids)
+    return RustTextStream(backend, context_ids)
 
 
 class IncrementalDetokenizer:
@@ -36,10 +77,7 @@ class IncrementalDetokenizer:
         stop: list[str],
         include_stop: bool,
     ) -> None:
-        self._decode = text_decoder(tokenizer)
-        self.token_ids = list(prompt_ids[-_CONTEXT_TOKENS:])
-        self.prefix_offset = 0  # tokens before this one only give context
-        self.read_offset = len(self.token_ids)  # text of tokens before this one is emitted
+        self._next_text = text_stream(tokenizer, prompt_ids[-_CONTEXT_TOKENS:])
         self.stop = stop
         self.include_stop = include_stop
         self.text = ""  # decoded output so far (may include held-back text)
@@ -47,13 +85,7 @@ class IncrementalDetokenizer:
         self.stopped_by: str | None = None
 
     def add(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
-        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.token_ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.token_ids)
+        self.text += self._next_text(token_id)
         self._check_stop()
 
     def _check_stop(self) -> None:

@@ -375,7 +375,7 @@ class LLMEngine:
         if tree is not None:  # the root (the last token, not yet cached), then the tree's nodes
             return SequenceSlice(
                 slot=request.slot,
-                token_ids=[request.all_token_ids[start]] + tree.tokens,
+                token_ids=request.tokens_between(start, start + 1) + tree.tokens,
                 positions=[start] + [start + depth for depth in tree.depths],
                 cache_start=start,
                 tree_mask=tree.attention_mask(),
@@ -384,7 +384,7 @@ class LLMEngine:
         end = start + item.num_new_tokens
         return SequenceSlice(
             slot=request.slot,
-            token_ids=request.all_token_ids[start:end],
+            token_ids=request.tokens_between(start, end),
             positions=list(range(start, end)),
             cache_start=start,
             logits_at=[item.num_new_tokens - 1] if item.completes_context else [],
