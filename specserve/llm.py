@@ -43,7 +43,7 @@ class LLM:
             raise ValueError("give one SamplingParams or one per prompt")
         # Validate everything before anything runs, so a bad prompt fails the call cleanly.
         requests = [
-            self.engine.make_request(f"offline-{i}", prompt, p)
+            self.engine.make_request(f"offline-{i}", prompt, p.model_copy(update={"output_kind": "final_only"}))
             for i, (prompt, p) in enumerate(zip(prompts, all_params))
         ]
         for request in requests:

@@ -93,6 +93,23 @@ def test_more_requests_than_slots_wait_and_all_finish(tiny_model):
     assert_all_slots_free(engine)
 
 
+def test_a_final_only_request_reports_once_with_what_a_cumulative_one_ends_with(tiny_engine):
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, stop=["zz"])
+    for kind in ("cumulative", "final_only"):
+        tiny_engine.add_request(tiny_engine.make_request(kind, PROMPTS[0], params.model_copy(update={"output_kind": kind})))
+    reports = {"cumulative": [], "final_only": []}
+    while tiny_engine.has_unfinished_requests():
+        for out in tiny_engine.step():
+            reports[out.request_id].append(out)
+    (final,) = reports["final_only"]
+    last = reports["cumulative"][-1]
+    assert final.finished and len(reports["cumulative"]) > 1
+    assert final.output.text == final.output.delta_text == last.output.text
+    assert final.output.token_ids == final.output.delta_token_ids == last.output.token_ids
+    assert final.output.logprobs == last.output.logprobs
+    assert_all_slots_free(tiny_engine)
+
+
 def test_a_requests_token_ranges_span_its_prompt_and_output(tiny_engine):
     request = tiny_engine.make_request("ranges", [1, 2, 3], SamplingParams(max_tokens=4))
     request.output_token_ids += [4, 5]

@@ -22,7 +22,7 @@ from specserve.engine.sampling_params import SamplingParams
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms")
 
 
-def to_openai(request: pb.GenerateRequest) -> CompletionRequest | ChatCompletionRequest:
+def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRequest | ChatCompletionRequest:
     """The equivalent OpenAI request body (validated the same way); raises a 400 ServingError."""
     if bool(request.prompt) == bool(request.messages):
         raise bad_request("set exactly one of prompt and messages", "prompt")
@@ -35,6 +35,7 @@ def to_openai(request: pb.GenerateRequest) -> CompletionRequest | ChatCompletion
         if s.HasField("max_nodes"):
             fields["speculation"]["max_nodes"] = s.max_nodes
     fields["ignore_eos"] = request.ignore_eos
+    fields["stream"] = stream
     try:
         if request.messages:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -44,8 +45,10 @@ def to_openai(request: pb.GenerateRequest) -> CompletionRequest | ChatCompletion
         raise invalid_fields(exc.errors()) from exc
 
 
-def _inputs(serving: OpenAIServing, request: pb.GenerateRequest) -> tuple[str | list[int], SamplingParams]:
-    body = to_openai(request)
+def _inputs(
+    serving: OpenAIServing, request: pb.GenerateRequest, stream: bool
+) -> tuple[str | list[int], SamplingParams]:
+    body = to_openai(request, stream)
     if isinstance(body, ChatCompletionRequest):
         return serving.chat_inputs(body)
     return serving.completion_inputs(body)
@@ -67,7 +70,7 @@ def _final_fields(output: RequestOutput) -> dict:
 
 
 async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.GenerateResponse:
-    prompt, params = _inputs(serving, request)
+    prompt, params = _inputs(serving, request, stream=False)
     output = None
     async for output in serving.generate(prompt, params):
         pass
@@ -76,7 +79,7 @@ async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.Ge
 
 async def generate_stream(serving: OpenAIServing, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
     """Responses with the new text and tokens; input errors raise before the first one."""
-    prompt, params = _inputs(serving, request)
+    prompt, params = _inputs(serving, request, stream=True)
     outputs = serving.generate(prompt, params)
     first = await anext(outputs)
     return _stream(first, outputs)

@@ -190,6 +190,7 @@ class OpenAIServing:
                 slo_class=request.slo_class,
                 tpot_slo_ms=request.tpot_slo_ms,
                 ttft_slo_ms=request.ttft_slo_ms,
+                output_kind="cumulative" if request.stream else "final_only",
             )
         except ValueError as exc:
             raise bad_request(str(exc)) from exc

@@ -118,10 +118,11 @@ def _request(
     ``user_prefix`` (``user_turn_prefix``)."""
     if prompt.category == SELF_PROMPT:
         seed = int(prompt.prompt_id.rsplit("-", 1)[1])
-        params = SamplingParams(max_tokens=config.self_prompt_tokens, temperature=1.0, seed=config.seed * 1_000_003 + seed)
+        params = SamplingParams(max_tokens=config.self_prompt_tokens, temperature=1.0,
+                                seed=config.seed * 1_000_003 + seed, output_kind="final_only")
         return user_prefix, params
     max_tokens = config.document_tokens if prompt.category == "document" else config.max_new_tokens
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=config.top_logprobs)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=config.top_logprobs, output_kind="final_only")
     return engine.apply_chat_template([{"role": "user", "content": prompt.text}]), params
 
 

@@ -166,7 +166,8 @@ class LLMEngine:
     # -------------------------------------------------------------------- steps
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns outputs of requests that advanced or finished."""
+        """Run one iteration; returns outputs of requests that advanced (unless they want only
+        their final output) or finished."""
         outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
         views, budgets = self._plan() if self.controller is not None else ({}, {})
         scheduled = self.scheduler.schedule(budgets)
@@ -207,7 +208,8 @@ class LLMEngine:
                 self._append_token(request, token, now, token_logprobs)
                 if request.finished:
                     break
-            outputs.append(request.take_output())
+            if request.finished or request.params.output_kind == "cumulative":
+                outputs.append(request.take_output())
             if request.finished:
                 self._retire(request)
         return outputs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from specserve.spec.tree import TreeBudget
@@ -40,6 +42,12 @@ class SamplingParams(BaseModel):
         le=20,
         description="Return the log-probabilities (of the model's raw distribution) of each "
         "output token and of this many most likely alternatives.",
+    )
+    output_kind: Literal["cumulative", "final_only"] = Field(
+        default="cumulative",
+        description="'cumulative': an output at every step the request advances (everything so "
+        "far plus what is new); 'final_only': only its last output, for callers that wait for the "
+        "whole answer (offline batches, non-streaming requests), which spares the engine the rest.",
     )
 
     @field_validator("stop", mode="before")
