@@ -149,14 +149,20 @@ async def replay_grpc(
         return await _at_arrivals(jobs, send, bar)
 
 
-def load_app(config_path: Path, torch_threads: int | None) -> tuple[ServeDeploySchema, AppConfig]:
+def load_app(
+    config_path: Path, torch_threads: int | None, policy: str | None = None
+) -> tuple[ServeDeploySchema, AppConfig]:
     """The Serve config file and its application's typed config, with ``torch_threads`` (if
-    given) set for the replica and for this process's in-process engine."""
+    given) set for the replica and for this process's in-process engine, and the speculation
+    ``policy`` (if given) for both."""
     serve_config = load_config(config_path)
+    args = serve_config.applications[0].args
     if torch_threads is not None:
-        serve_config.applications[0].args["torch_threads"] = torch_threads
+        args["torch_threads"] = torch_threads
         torch.set_num_threads(torch_threads)
-    return serve_config, AppConfig.model_validate(serve_config.applications[0].args)
+    if policy is not None:
+        args.setdefault("engine", {}).setdefault("control", {})["policy"] = policy
+    return serve_config, AppConfig.model_validate(args)
 
 
 def start_app(serve_config: ServeDeploySchema, http_port: int, grpc_port: int) -> None:

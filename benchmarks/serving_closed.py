@@ -17,7 +17,7 @@ generated token, so the served paths' extra CPU per token can be set against wha
 costs the engine.
 
     python benchmarks/serving_closed.py --json OUT.json [--requests N] [--concurrency C]
-        [--rounds N] [--max-new-tokens N] [--torch-threads N] [--config configs/default.yaml]
+        [--rounds N] [--max-new-tokens N] [--torch-threads N] [--policy P] [--config configs/default.yaml]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay import DEFAULT_QUESTIONS  # noqa: E402
 from serving import free_port, load_app, start_app, stop_app  # noqa: E402
 
+from specserve.control.policies import POLICIES  # noqa: E402
 from specserve.deployments.grpc import specserve_pb2 as pb  # noqa: E402
 from specserve.deployments.grpc import specserve_pb2_grpc as pb_grpc  # noqa: E402
 from specserve.engine.async_engine import AsyncLLMEngine  # noqa: E402
@@ -137,6 +138,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=None, help="both engines' torch threads")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
+                        help="both engines' speculation policy (default: the config's); 'none' makes "
+                        "every path do the same work, which isolates the serving path's cost")
     args = parser.parse_args()
     for path in (args.config, args.questions):
         if not path.is_file():
@@ -144,7 +148,7 @@ def main() -> int:
     if min(args.requests, args.concurrency, args.rounds) < 1 or args.max_new_tokens < 2:
         parser.error("--requests, --concurrency and --rounds must be at least 1, --max-new-tokens at least 2")
 
-    serve_config, config = load_app(args.config, args.torch_threads)
+    serve_config, config = load_app(args.config, args.torch_threads, args.policy)
     questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
     conversations = [[{"role": "user", "content": q["turns"][0][:600]}] for q in questions[: args.requests]]
     tokens = args.max_new_tokens
@@ -231,7 +235,7 @@ def main() -> int:
     results = {path: summarize(r) for path, r in rounds.items()}
     alone = results["in_process"]
     ratios = {path: {"tpot": r["mean_tpot_ms"] / alone["mean_tpot_ms"],
-                     "engine_time": r["engine_s"] / alone["engine_s"],
+                     "engine_time": r["engine_s"] / alone["engine_s"] if alone["engine_s"] else None,  # None: no speculation
                      "extra_cpu_ms_per_token": r["cpu_ms_per_token"] - alone["cpu_ms_per_token"]}
               for path, r in results.items() if path != "in_process"}
     report = {**vars(args), "json": str(args.json), "config": str(args.config), "questions": str(args.questions),
