@@ -63,6 +63,15 @@ def test_latency_curve_evaluates_many_token_counts_like_one():
     assert curve(2.5) == pytest.approx(table(2.5, 180))
 
 
+def test_copies_with_changed_fields_compute_from_their_own_fields():
+    table = LatencyTable(tokens=[1, 4, 16], contexts=[100], ms=[[10, 16, 20]])
+    table.at_context(100).many(np.array([8]))
+    moved = table.model_copy(update={"tokens": [1, 8, 32]})
+    assert moved.at_context(100).many(np.array([8])) == pytest.approx([16.0])
+    budget = TreeBudget(depth=4, width=2)
+    assert budget.node_limit == 8 and budget.model_copy(update={"depth": 1}).node_limit == 2
+
+
 def test_latency_table_rejects_a_bad_grid():
     with pytest.raises(ValueError, match="increasing"):
         LatencyTable(tokens=[4, 1], contexts=[0], ms=[[1, 2]])

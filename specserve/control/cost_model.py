@@ -9,9 +9,9 @@ the time of a whole iteration: the draft forwards that grow the trees, then one 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,13 @@ class TokenGrid:
         self.xs = np.array(tokens, dtype=float)
         self.inner = self.xs[1:-1]  # searching these gives the segment; the end ones extrapolate
         self.widths = self.xs[1:] - self.xs[:-1] if len(tokens) > 1 else np.ones(1)
+
+
+@functools.cache
+def _token_grid(tokens: tuple[int, ...]) -> TokenGrid:
+    """One grid per distinct set of token counts (a model is immutable once validated, but
+    ``model_copy(update=...)`` would carry a value cached on it over to a changed copy)."""
+    return TokenGrid(list(tokens))
 
 
 class LatencyCurve:
@@ -82,9 +89,9 @@ class LatencyTable(BaseModel):
             raise ValueError("ms must have one row per context and one entry per token count")
         return self
 
-    @cached_property
+    @property
     def grid(self) -> TokenGrid:
-        return TokenGrid(self.tokens)
+        return _token_grid(tuple(self.tokens))
 
     def at_context(self, context: float) -> LatencyCurve:
         """The table's slice at mean ``context`` length (interpolated between profiled rows)."""

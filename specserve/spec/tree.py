@@ -9,7 +9,6 @@ root, the drafter's estimate that the target accepts the whole path).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,17 +27,18 @@ class TreeBudget(BaseModel):
     width: int = Field(default=1, ge=1, le=16)
     max_nodes: int | None = Field(default=None, ge=1, le=256, description="None: depth * width")
 
-    @cached_property  # asked for every request every step
+    @property
     def node_limit(self) -> int:
         return min(self.max_nodes or self.depth * self.width, self.depth * self.width)
 
     def within(self, max_depth: int, max_nodes: int) -> TreeBudget:
         """This budget shrunk to at most ``max_depth`` levels and ``max_nodes`` nodes."""
-        if self.depth <= max_depth and self.node_limit <= max_nodes:
+        limit = self.node_limit
+        if self.depth <= max_depth and limit <= max_nodes:
             return self
-        nodes = min(self.node_limit, max_nodes)
+        nodes = min(limit, max_nodes)
         depth = min(self.depth, max_depth) if nodes > 0 else 0
-        if depth == self.depth and nodes == self.node_limit:
+        if depth == self.depth and nodes == limit:
             return self
         return TreeBudget(depth=max(depth, 0), width=self.width, max_nodes=max(nodes, 1))
 
