@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from specserve.control.policies import PolicyName
 from specserve.control.slo import SLOConfig
+from specserve.models.kv_cache import DEFAULT_MAX_MODEL_LEN
 from specserve.spec.tree import TreeBudget
 
 DTYPES: dict[str, torch.dtype] = {
@@ -17,7 +18,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-DEFAULT_MAX_MODEL_LEN = 2048
 
 
 def _existing_dir(value: str | None, what: str) -> str | None:

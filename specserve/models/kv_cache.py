@@ -15,6 +15,10 @@ import torch.nn.functional as F
 
 from specserve.models.forward_batch import StepInputs
 
+# Positions per slot when neither the config nor the model asks for fewer: every slot reserves
+# them all, so this bounds the cache's memory for a model with a long context.
+DEFAULT_MAX_MODEL_LEN = 2048
+
 
 class KVCache:
     """Key and value tensors ``[num_slots, kv_heads, max_len, head_dim]`` for every layer."""

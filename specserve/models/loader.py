@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from specserve.config import DEFAULT_MAX_MODEL_LEN
 from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.architecture import ModelArchitecture
 from specserve.models.eagle import EAGLE_ARCHITECTURE, EagleDraftModel
+from specserve.models.kv_cache import DEFAULT_MAX_MODEL_LEN
 from specserve.models.layers import apply_kernel_plan
 from specserve.models.linear_kernel import KernelPlan, WeightLayout
 from specserve.models.llama import LlamaForCausalLM
