@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specserve.engine import detokenizer
 from specserve.engine.detokenizer import DecodingTextStream, IncrementalDetokenizer, RustTextStream, text_stream
 from specserve.engine.sampler import draw, sample, target_probs, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
@@ -74,6 +75,11 @@ def test_a_text_stream_continues_its_context_as_a_full_decode_does(tiny_engine, 
         assert tok.decode(ids[:3], skip_special_tokens=True) + text == tok.decode(ids, skip_special_tokens=True)
     finally:
         tok.clean_up_tokenization_spaces = False
+
+
+def test_text_decodes_through_transformers_where_tokenizers_cannot_stream_from_ids(tiny_engine, monkeypatch):
+    monkeypatch.setattr(detokenizer, "DecodeStream", None)  # tokenizers < 0.22
+    assert isinstance(text_stream(tiny_engine.tokenizer, [1]), DecodingTextStream)
 
 
 def test_stop_string_is_cut_and_never_streamed(tiny_engine):

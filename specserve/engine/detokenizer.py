@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
+from tokenizers import Tokenizer, decoders
 from transformers import PreTrainedTokenizerBase
 
 # Decoding a few tokens before the new ones keeps word-boundary spaces right for
 # SentencePiece/BPE tokenizers without re-decoding the whole output every step.
 _CONTEXT_TOKENS = 6
+
+
+def _decode_stream_from_ids() -> type | None:
+    """tokenizers' ``DecodeStream`` where it can continue from given ids (tokenizers >= 0.22;
+    machines with an older one, pinned by their transformers, decode through transformers)."""
+    stream = getattr(decoders, "DecodeStream", None)
+    try:
+        stream([1], skip_special_tokens=True)
+    except TypeError:
+        return None
+    return stream
+
+
+DecodeStream = _decode_stream_from_ids()
 
 
 class RustTextStream:
@@ -56,9 +69,10 @@ class DecodingTextStream:
 def text_stream(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]) -> Callable[[int], str]:
     """A function from each next token id to the text it completes (empty while a character is
     incomplete), after ``context_ids``: Rust's ``DecodeStream`` when transformers would not
-    change the text it decodes (no clean-up of spaces), else ``tokenizer.decode``."""
+    change the text it decodes (no clean-up of spaces) and tokenizers has it, else
+    ``tokenizer.decode``."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or tokenizer.clean_up_tokenization_spaces:
+    if backend is None or tokenizer.clean_up_tokenization_spaces or DecodeStream is None:
         return DecodingTextStream(tokenizer, context_ids)
     return RustTextStream(backend, context_ids)
 
