@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specserve.spec.tree import TokenTree
+from specserve.spec.tree import TokenTree, TreeBudget
 
 _DECAY = 0.99  # per observed step: roughly the last hundred steps count
 _PRIOR = 2.0  # pseudo-observations of a perfectly calibrated drafter, per depth
 _REQUEST_WEIGHT = 0.3  # EMA weight of one step in a request's own acceptance rate
+_MAX_DEPTH = TreeBudget.model_fields["depth"].metadata[-1].le  # no tree is deeper
 
 
 @dataclass
@@ -45,11 +46,11 @@ def calibrated_values(tree: TokenTree, scales: list[float]) -> list[float]:
 
 
 class AcceptancePredictor:
-    def __init__(self, max_depth: int = 32, prior_rate: float = 0.5) -> None:  # 32: TreeBudget's deepest
+    def __init__(self, prior_rate: float = 0.5) -> None:
         # Decayed per-depth sums, stored divided by _unit (the decay so far) so that an
         # observation touches only the depths it has; see _decay.
-        self._predicted = [0.0] * (max_depth + 1)
-        self._observed = [0.0] * (max_depth + 1)
+        self._predicted = [0.0] * (_MAX_DEPTH + 1)
+        self._observed = [0.0] * (_MAX_DEPTH + 1)
         self._unit = 1.0
         self._rate = _Rate()
         self._prior_rate = prior_rate
@@ -84,7 +85,7 @@ class AcceptancePredictor:
         return self._rate.value(self._prior_rate)
 
     def request_rate(self, request_id: str) -> float:
-        return self._request_rate.get(request_id, self.rate)
+        return self.request_rates([request_id])[0]
 
     def request_rates(self, request_ids: list[str]) -> list[float]:
         """``request_rate`` of each request (the overall rate for those not seen yet)."""
