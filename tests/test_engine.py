@@ -162,6 +162,7 @@ def test_eos_ends_a_request(tiny_engine):
         ([1, 10_000], {}, "outside"),
         ("x " * 300, {"max_tokens": 16}, "exceeds the model context"),
         ("hi", {"max_tokens": 256}, "exceeds the model context"),
+        ("a\ud800b", {}, "prompt is not valid Unicode text"),  # as JSON's "a\\ud800b" decodes
     ],
 )
 def test_bad_input_is_a_clear_value_error(tiny_engine, prompt, params, message):
@@ -170,7 +171,8 @@ def test_bad_input_is_a_clear_value_error(tiny_engine, prompt, params, message):
 
 
 @pytest.mark.parametrize(
-    "params", [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}]
+    "params",
+    [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"seed": 2**64}],
 )
 def test_bad_sampling_params_are_rejected(params):
     with pytest.raises(ValueError):

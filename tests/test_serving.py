@@ -147,6 +147,9 @@ def test_slo_extension_fields(client):
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "n": 2}, "n"),
     (b"{not json", None),
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "stop": ["", "y"]}, "stop"),
+    (b'{"prompt": "a\\ud800"}', "prompt"),  # a lone surrogate: valid JSON, not valid text
 ])
 def test_bad_requests_get_openai_errors(server, body, param):
     status, error, _ = _post("/v1/completions", body)

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from specserve.deployments.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -192,8 +194,8 @@ class OpenAIServing:
                 ttft_slo_ms=request.ttft_slo_ms,
                 output_kind="cumulative" if request.stream else "final_only",
             )
-        except ValueError as exc:
-            raise bad_request(str(exc)) from exc
+        except ValidationError as exc:
+            raise invalid_fields(exc.errors()) from exc
 
     def _room(self, prompt_ids: list[int]) -> int:
         room = self.engine.engine.max_model_len - len(prompt_ids)
