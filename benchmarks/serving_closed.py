@@ -13,8 +13,9 @@ round each:
 
 For each path it reports the client's TPOT, the engine's time in drafting and verifying (the
 replica reports it in ``stats``), and the CPU time that every process on the machine used per
-generated token, so the served paths' extra CPU per token can be set against what stolen CPU
-costs the engine.
+generated token, in all and by process (this benchmark's, Serve's replica, proxy and controller,
+the rest), so the served paths' extra CPU per token can be set against what stolen CPU costs
+the engine.
 
     python benchmarks/serving_closed.py --json OUT.json [--requests N] [--concurrency C]
         [--rounds N] [--max-new-tokens N] [--torch-threads N] [--policy P] [--config configs/default.yaml]
@@ -27,9 +28,11 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -52,6 +55,8 @@ from specserve.engine.sampling_params import SamplingParams  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 Send = Callable[[list[dict]], Awaitable[list[float]]]  # one request -> its token arrival times
 SPEC_KEYS = ("steps", "accepted", "draft_time_s", "verify_time_s")
+SERVE_ROLES = {"ray::ServeReplica": "replica", "ray::ProxyActor": "proxy", "ray::ServeController": "serve_controller"}
+ROLES = ("benchmark", *SERVE_ROLES.values(), "other")
 
 
 async def closed_loop(conversations: list[list[dict]], concurrency: int, send: Send, tokens: int) -> list[float]:
@@ -64,14 +69,23 @@ async def closed_loop(conversations: list[list[dict]], concurrency: int, send: S
     return tpots
 
 
-def machine_cpu_seconds() -> float:
-    """CPU seconds used so far by every process of the machine that is still running."""
-    total = 0.0
-    for process in psutil.process_iter():
+def cpu_seconds_by_role() -> Counter[str]:
+    """CPU seconds used so far by every running process of the machine, by its role: this
+    benchmark's process (the clients, and the in-process engine), Serve's replica, proxy and
+    controller, and the rest (Ray's daemons, the busy neighbour, anything else)."""
+    usage: Counter[str] = Counter()
+    for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
-            total += times.user + times.system
-    return total
+            usage[_role(process)] += times.user + times.system
+    return usage
+
+
+def _role(process: psutil.Process) -> str:
+    if process.pid == os.getpid():
+        return "benchmark"
+    title = " ".join(process.info["cmdline"] or [])
+    return next((role for prefix, role in SERVE_ROLES.items() if title.startswith(prefix)), "other")
 
 
 def busy_neighbour(burst_s: float = 0.0005, pause_s: float = 0.0045) -> None:
@@ -113,19 +127,26 @@ def start_neighbour() -> psutil.Process:
 
 
 def measure(run: Callable[[], list[float]], engine_stats: Callable[[], dict], tokens: int) -> dict:
-    """One round of ``run``: the client's TPOT, the engine's time and the machine's CPU per token."""
-    before, cpu_before, start = engine_stats(), machine_cpu_seconds(), time.perf_counter()
+    """One round of ``run``: the client's TPOT, the engine's time and the machine's CPU per
+    token, in all and by process role."""
+    before, cpu_before, start = engine_stats(), cpu_seconds_by_role(), time.perf_counter()
     tpots = run()
-    wall, cpu = time.perf_counter() - start, machine_cpu_seconds() - cpu_before
+    wall, cpu = time.perf_counter() - start, cpu_seconds_by_role()
+    cpu.subtract(cpu_before)
     after = engine_stats()
     spent = {key: after[key] - before[key] for key in SPEC_KEYS}
+    generated = len(tpots) * tokens
+    by_role = {role: max(0.0, cpu[role]) / generated * 1e3 for role in ROLES}  # a process that ended counts 0
     return {"mean_tpot_ms": statistics.fmean(tpots), "wall_s": wall, **spent,
             "engine_s": spent["draft_time_s"] + spent["verify_time_s"],
-            "cpu_ms_per_token": cpu / (len(tpots) * tokens) * 1e3}
+            "cpu_ms_per_token": sum(by_role.values()), "cpu_ms_per_token_by_role": by_role}
 
 
 def summarize(rounds: list[dict]) -> dict:
-    return {key: statistics.fmean(r[key] for r in rounds) for key in rounds[0]} | {"rounds": rounds}
+    by_role = {role: statistics.fmean(r["cpu_ms_per_token_by_role"][role] for r in rounds) for role in ROLES}
+    scalars = {key: statistics.fmean(r[key] for r in rounds) for key, value in rounds[0].items()
+               if isinstance(value, (int, float))}
+    return scalars | {"cpu_ms_per_token_by_role": by_role, "rounds": rounds}
 
 
 def main() -> int:
@@ -246,6 +267,11 @@ def main() -> int:
         ratio = ratios.get(path, {"tpot": 1.0})["tpot"]
         print(f"| {path} | {r['steps']:.0f} | {r['draft_time_s']:.2f} | {r['verify_time_s']:.2f} | "
               f"{r['cpu_ms_per_token']:.1f} | {r['mean_tpot_ms']:.1f} | {ratio:.2f}x |")
+    print("\nCPU ms per token by process (benchmark: the clients, and the in-process engine):\n")
+    print("| path | " + " | ".join(ROLES) + " |")
+    print("|---|" + "---:|" * len(ROLES))
+    for path, r in results.items():
+        print(f"| {path} | " + " | ".join(f"{r['cpu_ms_per_token_by_role'][role]:.1f}" for role in ROLES) + " |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
