@@ -206,8 +206,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the SLO classes and question order")
     parser.add_argument("--rounds", type=int, default=1,
                         help="replay every (load, policy) this many times, interleaved, and pool them")
-    parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default="draft",
-                        help="the drafter every speculating policy uses (default: the draft model)")
+    parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default="hybrid",
+                        help="the drafter every speculating policy uses (default: hybrid, the draft model and lookups)")
     args = parser.parse_args()
     for path in (args.trace, args.questions):
         if not path.is_file():
