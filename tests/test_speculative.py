@@ -57,7 +57,7 @@ def plain_outputs(tiny_engine):
 
 
 def spec_engine(
-    tiny_model, draft=None, method="draft", budget=TreeBudget(), policy="fixed", **kwargs
+    tiny_model, draft=None, method="draft", budget=TreeBudget(), policy="fixed", max_num_seqs=8, **kwargs
 ) -> LLMEngine:
     """An engine that speculates on the tiny model; ``fixed`` drafts and verifies every budget."""
     spec = SpeculativeConfig(
@@ -65,7 +65,7 @@ def spec_engine(
     )
     return LLMEngine(
         EngineConfig(
-            model=str(tiny_model), max_num_seqs=8, max_model_len=256, speculative=spec,
+            model=str(tiny_model), max_num_seqs=max_num_seqs, max_model_len=256, speculative=spec,
             control=ControlConfig(policy=policy), **kwargs,
         )
     )
@@ -96,6 +96,25 @@ def test_greedy_speculation_equals_plain_greedy(
         assert not engine.drafter._accuracy and not engine.drafter._pending
     model_drafter = engine.drafter.model if drafter == "hybrid" else engine.drafter
     assert not model_drafter._cached if drafter != "ngram" else True
+
+
+def test_requests_aborted_while_speculating_leave_nothing_behind(tiny_model, tiny_draft, plain_outputs):
+    """Requests aborted mid-speculation (as a client that disconnects) free their slots and
+    every drafter and controller state; the requests that reuse those slots stay lossless."""
+    engine = spec_engine(tiny_model, tiny_draft, "hybrid", TreeBudget(depth=3, width=2), max_num_seqs=2)
+    doomed = [engine.make_request(f"doomed{i}", prompt, GREEDY) for i, prompt in enumerate(RAGGED_PROMPTS[:2])]
+    for request in doomed:
+        engine.add_request(request)
+    for _ in range(4):
+        engine.step()
+    assert engine.spec_stats.verify_steps > 0
+    for request in doomed:
+        assert engine.abort_request(request.request_id).finished
+    assert_all_slots_free(engine)
+    assert not engine.drafter._accuracy and not engine.drafter._pending and not engine.drafter.model._cached
+    assert not engine.controller.predictor._request_rate
+    outputs = run(engine, RAGGED_PROMPTS, GREEDY)
+    assert [o.output.token_ids for o in outputs] == plain_outputs
 
 
 def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):
