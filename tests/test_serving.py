@@ -130,6 +130,53 @@ def test_chat_streaming_and_not(client, reference):
     assert chunks[-1].model_extra["specserve"]["tpot_ms"] > 0
 
 
+def test_n_choices_are_seeded_apart_and_reproducible(client):
+    """n choices are n requests; with a seed, choice i samples with seed ^ i (choice 0 with the
+    seed itself), so each choice can be had alone."""
+    body = dict(model="tiny", prompt="Once upon a", max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    many = client.completions.create(**body, seed=7, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2] and len({c.text for c in many.choices}) > 1
+    assert many.choices[2].text == client.completions.create(**body, seed=7 ^ 2).choices[0].text
+    single = client.completions.create(**body, seed=7)
+    assert many.choices[0].text == single.choices[0].text
+    assert many.usage.prompt_tokens == single.usage.prompt_tokens and many.usage.completion_tokens == 24
+    assert many.model_extra["specserve"]["tpot_ms"] > 0
+
+
+def test_n_streamed_chat_choices_equal_the_unary_ones(client):
+    body = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.9, seed=3,
+                n=2, extra_body={"ignore_eos": True})
+    unary = client.chat.completions.create(**body)
+    texts, finishes, usage, stats = ["", ""], {}, None, None
+    for chunk in client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+        stats = chunk.model_extra.get("specserve") or stats
+    assert texts == [c.message.content for c in unary.choices]
+    assert finishes == {0: "length", 1: "length"} and usage.completion_tokens == 12
+    assert stats["slo_attained"] in (True, False) and stats["tpot_ms"] > 0
+
+
+def test_a_disconnect_aborts_every_choice(server):
+    replica = server["specserve"]
+    before = replica.stats.remote().result()["outcomes"].get("abort", 0)
+    body = json.dumps({"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "n": 2, "stream": True}).encode()
+    response = urllib.request.urlopen(urllib.request.Request(
+        BASE + "/v1/completions", data=body, headers={"Content-Type": "application/json"}))
+    assert response.readline().startswith(b"data: ")
+    response.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = replica.stats.remote().result()
+        if stats["outcomes"].get("abort", 0) >= before + 2 and stats["load"]["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["outcomes"].get("abort", 0) == before + 2 and stats["load"]["running"] == 0
+
+
 def test_slo_extension_fields(client):
     reply = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
@@ -145,7 +192,8 @@ def test_slo_extension_fields(client):
     ({"prompt": "x", "max_tokens": 10_000}, "max_tokens"),
     ({"prompt": "x", "slo_class": "nope"}, "slo_class"),
     ({"prompt": ""}, "prompt"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
     (b"{not json", None),
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "stop": ["", "y"]}, "stop"),

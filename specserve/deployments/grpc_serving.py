@@ -8,14 +8,9 @@ from contextlib import aclosing
 from pydantic import ValidationError
 
 from specserve.deployments.grpc import specserve_pb2 as pb
-from specserve.deployments.openai_serving import (
-    OpenAIServing,
-    bad_request,
-    invalid_fields,
-    prepend,
-    request_stats,
-)
+from specserve.deployments.openai_serving import OpenAIServing, bad_request, invalid_fields
 from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
+from specserve.deployments.stats import request_stats
 from specserve.engine.request import RequestOutput
 from specserve.engine.sampling_params import SamplingParams
 
@@ -71,23 +66,19 @@ def _final_fields(output: RequestOutput) -> dict:
 
 async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.GenerateResponse:
     prompt, params = _inputs(serving, request, stream=False)
-    output = None
-    async for output in serving.generate(prompt, params):
-        pass
+    (output,) = await serving.choice_outputs(prompt, [params])
     return pb.GenerateResponse(text=output.output.text, token_ids=output.output.token_ids, **_final_fields(output))
 
 
 async def generate_stream(serving: OpenAIServing, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
     """Responses with the new text and tokens; input errors raise before the first one."""
     prompt, params = _inputs(serving, request, stream=True)
-    outputs = serving.generate(prompt, params)
-    first = await anext(outputs)
-    return _stream(first, outputs)
+    return _stream(await serving.choice_streams(prompt, [params]))
 
 
-async def _stream(first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[pb.GenerateResponse]:
+async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[pb.GenerateResponse]:
     async with aclosing(outputs):
-        async for output in prepend(first, outputs):
+        async for _, output in outputs:
             if output.output.delta_token_ids or output.finished:
                 extra = _final_fields(output) if output.finished else {}
                 yield pb.GenerateResponse(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-from specserve.deployments.openai_serving import request_stats
+from specserve.deployments.stats import request_stats
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import RequestOutput
 

@@ -7,6 +7,7 @@ the engine reports into OpenAI responses or server-sent-event chunks. Bad input 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections import Counter
@@ -30,12 +31,12 @@ from specserve.deployments.protocol import (
     GenerationFields,
     ModelCard,
     ModelList,
-    RequestStats,
-    SpeculationStats,
     Usage,
     new_id,
     unix_now,
 )
+from specserve.deployments.stats import choices_stats
+from specserve.deployments.streams import interleave, prepend
 from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.request import RequestOutput
 from specserve.engine.sampling_params import SamplingParams
@@ -90,32 +91,12 @@ def invalid_fields(errors: list[dict]) -> ServingError:
     return ServingError(400, f"{param}: {message}" if param else message, param=param)
 
 
-def request_stats(output: RequestOutput) -> RequestStats:
-    m = output.metrics
-    ttft, tpot = m.ttft, m.tpot
-    spec = output.spec_stats
-    return RequestStats(
-        ttft_ms=None if ttft is None else ttft * 1e3,
-        tpot_ms=None if tpot is None else tpot * 1e3,
-        e2e_ms=None if m.finished_time is None else (m.finished_time - m.arrival_time) * 1e3,
-        tpot_slo_ms=output.slo.tpot_ms,
-        ttft_slo_ms=output.slo.ttft_ms,
-        slo_attained=output.slo.attained(ttft, tpot),
-        speculation=None if spec is None else SpeculationStats(
-            steps=spec.steps,
-            drafted=spec.drafted,
-            verified=spec.verified,
-            accepted=spec.accepted,
-            mean_accepted_tokens=spec.mean_accepted_tokens,
-        ),
-    )
-
-
-async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """``first``, then the rest of a request's outputs (after peeking at the first for errors)."""
-    yield first
-    async for output in rest:
-        yield output
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The sampling parameters of each of ``n`` choices: a given seed becomes ``seed ^ i`` for
+    choice ``i`` (choice 0 keeps it), so that the choices differ and each can be reproduced."""
+    if params.seed is None:
+        return [params] * n  # each request draws a seed of its own
+    return [params.model_copy(update={"seed": params.seed ^ i}) for i in range(n)]
 
 
 async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -248,9 +229,36 @@ class OpenAIServing:
         if self.on_done is not None:
             self.on_done(output, outcome)
 
+    async def choice_streams(
+        self, prompt: str | list[int], params: list[SamplingParams]
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Start one request per choice; input errors raise here, before any output (so that they
+        can still be a 400). Then (choice index, output) of every choice as they come."""
+        streams = [self.generate(prompt, p) for p in params]
+
+        async def first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+            return await anext(stream)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                firsts = [group.create_task(first(stream)) for stream in streams]
+        except BaseExceptionGroup as failed:
+            await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+            raise failed.exceptions[0] from None
+        return interleave([prepend(task.result(), stream) for task, stream in zip(firsts, streams)])
+
+    async def choice_outputs(self, prompt: str | list[int], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Every choice's final output, in choice order."""
+        finals: dict[int, RequestOutput] = {}
+        async for index, output in await self.choice_streams(prompt, params):
+            finals[index] = output
+        return [finals[index] for index in range(len(params))]
+
     @staticmethod
-    def _usage(output: RequestOutput) -> Usage:
-        prompt, completion = len(output.prompt_token_ids), len(output.output.token_ids)
+    def _usage(outputs: list[RequestOutput]) -> Usage:
+        """The prompt once (every choice shares it) and every choice's completion."""
+        prompt = len(outputs[0].prompt_token_ids)
+        completion = sum(len(output.output.token_ids) for output in outputs)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # ------------------------------------------------------------- completions
@@ -262,50 +270,51 @@ class OpenAIServing:
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
         prompt, params = self.completion_inputs(request)
-        output = None
-        async for output in self.generate(prompt, params):
-            pass
+        outputs = await self.choice_outputs(prompt, choice_params(params, request.n))
         return CompletionResponse(
             model=self.model_name,
             choices=[CompletionChoice(
+                index=index,
                 text=output.output.text,
                 finish_reason=output.output.finish_reason.value,
                 logprobs=self._completion_logprobs(output, 0) if request.logprobs is not None else None,
-            )],
-            usage=self._usage(output),
-            specserve=request_stats(output),
+            ) for index, output in enumerate(outputs)],
+            usage=self._usage(outputs),
+            specserve=choices_stats(outputs),
         )
 
     async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
         """SSE lines; input errors raise before the first line, so they can still be a 400."""
         prompt, params = self.completion_inputs(request)
-        outputs = self.generate(prompt, params)
-        first = await anext(outputs)
-        return error_events(self._completion_events(request, first, outputs))
+        outputs = await self.choice_streams(prompt, choice_params(params, request.n))
+        return error_events(self._completion_events(request, outputs))
 
     async def _completion_events(
-        self, request: CompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
+        self, request: CompletionRequest, outputs: AsyncIterator[tuple[int, RequestOutput]]
     ) -> AsyncIterator[str]:
         response_id, created = new_id("cmpl"), unix_now()
-        sent = 0
+        sent = [0] * request.n
+        finals: dict[int, RequestOutput] = {}
         async with aclosing(outputs):
-            async for output in prepend(first, outputs):
+            async for index, output in outputs:
                 choice = {
-                    "index": 0,
+                    "index": index,
                     "text": output.output.delta_text,
                     "finish_reason": output.output.finish_reason.value if output.finished else None,
-                    "logprobs": self._completion_logprobs(output, sent) if request.logprobs is not None else None,
+                    "logprobs": self._completion_logprobs(output, sent[index]) if request.logprobs is not None else None,
                 }
-                sent = len(output.output.token_ids)
+                sent[index] = len(output.output.token_ids)
                 chunk = {"id": response_id, "object": "text_completion", "created": created,
                          "model": self.model_name, "choices": [choice]}
                 if output.finished:
-                    chunk["specserve"] = request_stats(output).model_dump()
+                    finals[index] = output
+                    if len(finals) == request.n:  # the last choice to finish carries the request's stats
+                        chunk["specserve"] = choices_stats(list(finals.values())).model_dump()
                 if choice["text"] or output.finished or choice["logprobs"]:
                     yield sse(chunk)
         if request.stream_options is not None and request.stream_options.include_usage:
             yield sse({"id": response_id, "object": "text_completion", "created": created,
-                       "model": self.model_name, "choices": [], "usage": self._usage(output).model_dump()})
+                       "model": self.model_name, "choices": [], "usage": self._usage(list(finals.values())).model_dump()})
         yield sse("[DONE]")
 
     def _completion_logprobs(self, output: RequestOutput, start: int) -> dict:
@@ -334,29 +343,27 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         prompt_ids, params = self.chat_inputs(request)
-        output = None
-        async for output in self.generate(prompt_ids, params):
-            pass
+        outputs = await self.choice_outputs(prompt_ids, choice_params(params, request.n))
         return ChatCompletionResponse(
             model=self.model_name,
             choices=[ChatChoice(
+                index=index,
                 message=ChatMessageOut(content=output.output.text),
                 finish_reason=output.output.finish_reason.value,
                 logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
-            )],
-            usage=self._usage(output),
-            specserve=request_stats(output),
+            ) for index, output in enumerate(outputs)],
+            usage=self._usage(outputs),
+            specserve=choices_stats(outputs),
         )
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """SSE lines; input errors raise before the first line, so they can still be a 400."""
         prompt_ids, params = self.chat_inputs(request)
-        outputs = self.generate(prompt_ids, params)
-        first = await anext(outputs)
-        return error_events(self._chat_events(request, first, outputs))
+        outputs = await self.choice_streams(prompt_ids, choice_params(params, request.n))
+        return error_events(self._chat_events(request, outputs))
 
     async def _chat_events(
-        self, request: ChatCompletionRequest, first: RequestOutput, outputs: AsyncIterator[RequestOutput]
+        self, request: ChatCompletionRequest, outputs: AsyncIterator[tuple[int, RequestOutput]]
     ) -> AsyncIterator[str]:
         response_id, created = new_id("chatcmpl"), unix_now()
 
@@ -365,24 +372,30 @@ class OpenAIServing:
                                        choices=choices, **extra)
             return sse(body.model_dump_json(exclude_none=True))
 
-        yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        sent = 0
+        yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                     for index in range(request.n)])
+        sent = [0] * request.n
+        finals: dict[int, RequestOutput] = {}
         async with aclosing(outputs):
-            async for output in prepend(first, outputs):
+            async for index, output in outputs:
                 text = output.output.delta_text
-                logprobs = self._chat_logprobs(output, sent, request) if request.logprobs else None
-                sent = len(output.output.token_ids)
+                logprobs = self._chat_logprobs(output, sent[index], request) if request.logprobs else None
+                sent[index] = len(output.output.token_ids)
+                if output.finished:
+                    finals[index] = output
                 if text or output.finished or logprobs:
+                    last = len(finals) == request.n and output.finished  # carries the request's stats
                     yield chunk(
                         [ChatChunkChoice(
+                            index=index,
                             delta=DeltaMessage(content=text),
                             finish_reason=output.output.finish_reason.value if output.finished else None,
                             logprobs=logprobs,
                         )],
-                        specserve=request_stats(output) if output.finished else None,
+                        specserve=choices_stats(list(finals.values())) if last else None,
                     )
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield chunk([], usage=self._usage(output))
+            yield chunk([], usage=self._usage(list(finals.values())))
         yield sse("[DONE]")
 
     def _chat_logprobs(self, output: RequestOutput, start: int, request: ChatCompletionRequest) -> dict:
