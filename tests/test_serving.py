@@ -143,6 +143,19 @@ def test_n_choices_are_seeded_apart_and_reproducible(client):
     assert many.model_extra["specserve"]["tpot_ms"] > 0
 
 
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(client, reference):
+    run, _ = reference
+    prompts = ["The quick brown fox", "Hello world"]
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, n=2,
+                                      extra_body={"ignore_eos": True})
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [run(p, 5) for p in prompts for _ in range(2)]
+    singles = [client.completions.create(model="tiny", prompt=p, max_tokens=1).usage.prompt_tokens for p in prompts]
+    assert reply.usage.prompt_tokens == sum(singles) and reply.usage.completion_tokens == 20
+    ids = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, temperature=0)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
+
+
 def test_n_streamed_chat_choices_equal_the_unary_ones(client):
     body = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.9, seed=3,
                 n=2, extra_body={"ignore_eos": True})
@@ -193,7 +206,9 @@ def test_slo_extension_fields(client):
     ({"prompt": "x", "slo_class": "nope"}, "slo_class"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "n": 65}, "n"),
+    ({"prompt": ["a"] * 33, "n": 2}, "n"),  # 66 choices
+    ({"prompt": ["a", ""]}, "prompt"),
     (b"{not json", None),
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "stop": ["", "y"]}, "stop"),

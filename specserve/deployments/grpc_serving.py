@@ -8,11 +8,10 @@ from contextlib import aclosing
 from pydantic import ValidationError
 
 from specserve.deployments.grpc import specserve_pb2 as pb
-from specserve.deployments.openai_serving import OpenAIServing, bad_request, invalid_fields
+from specserve.deployments.openai_serving import Choice, OpenAIServing, bad_request, invalid_fields
 from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
 from specserve.deployments.stats import request_stats
 from specserve.engine.request import RequestOutput
-from specserve.engine.sampling_params import SamplingParams
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms")
 
@@ -40,13 +39,10 @@ def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRe
         raise invalid_fields(exc.errors()) from exc
 
 
-def _inputs(
-    serving: OpenAIServing, request: pb.GenerateRequest, stream: bool
-) -> tuple[str | list[int], SamplingParams]:
+def _choices(serving: OpenAIServing, request: pb.GenerateRequest, stream: bool) -> list[Choice]:
+    """The request's one choice (the proto has one prompt and no ``n``)."""
     body = to_openai(request, stream)
-    if isinstance(body, ChatCompletionRequest):
-        return serving.chat_inputs(body)
-    return serving.completion_inputs(body)
+    return serving.chat_choices(body) if isinstance(body, ChatCompletionRequest) else serving.completion_choices(body)
 
 
 def _final_fields(output: RequestOutput) -> dict:
@@ -65,15 +61,13 @@ def _final_fields(output: RequestOutput) -> dict:
 
 
 async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.GenerateResponse:
-    prompt, params = _inputs(serving, request, stream=False)
-    (output,) = await serving.choice_outputs(prompt, [params])
+    (output,) = await serving.choice_outputs(_choices(serving, request, stream=False))
     return pb.GenerateResponse(text=output.output.text, token_ids=output.output.token_ids, **_final_fields(output))
 
 
 async def generate_stream(serving: OpenAIServing, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
     """Responses with the new text and tokens; input errors raise before the first one."""
-    prompt, params = _inputs(serving, request, stream=True)
-    return _stream(await serving.choice_streams(prompt, [params]))
+    return _stream(await serving.choice_streams(_choices(serving, request, stream=True)))
 
 
 async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[pb.GenerateResponse]:

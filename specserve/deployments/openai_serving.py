@@ -28,6 +28,7 @@ from specserve.deployments.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    MAX_CHOICES,
     GenerationFields,
     ModelCard,
     ModelList,
@@ -91,12 +92,17 @@ def invalid_fields(errors: list[dict]) -> ServingError:
     return ServingError(400, f"{param}: {message}" if param else message, param=param)
 
 
-def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """The sampling parameters of each of ``n`` choices: a given seed becomes ``seed ^ i`` for
-    choice ``i`` (choice 0 keeps it), so that the choices differ and each can be reproduced."""
+Prompt = str | list[int]
+Choice = tuple[Prompt, SamplingParams]  # one engine request of an API request
+
+
+def choices(prompts: list[Prompt], params: SamplingParams, n: int) -> list[Choice]:
+    """``n`` choices per prompt, in OpenAI's order (prompt by prompt). A given seed becomes
+    ``seed ^ i`` for a prompt's choice ``i`` (choice 0 keeps it), so that the choices differ and
+    each can be had alone."""
     if params.seed is None:
-        return [params] * n  # each request draws a seed of its own
-    return [params.model_copy(update={"seed": params.seed ^ i}) for i in range(n)]
+        return [(prompt, params) for prompt in prompts for _ in range(n)]  # each draws its own seed
+    return [(prompt, params.model_copy(update={"seed": params.seed ^ i})) for prompt in prompts for i in range(n)]
 
 
 async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -229,12 +235,10 @@ class OpenAIServing:
         if self.on_done is not None:
             self.on_done(output, outcome)
 
-    async def choice_streams(
-        self, prompt: str | list[int], params: list[SamplingParams]
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def choice_streams(self, choices: list[Choice]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Start one request per choice; input errors raise here, before any output (so that they
         can still be a 400). Then (choice index, output) of every choice as they come."""
-        streams = [self.generate(prompt, p) for p in params]
+        streams = [self.generate(prompt, params) for prompt, params in choices]
 
         async def first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
             return await anext(stream)
@@ -247,30 +251,32 @@ class OpenAIServing:
             raise failed.exceptions[0] from None
         return interleave([prepend(task.result(), stream) for task, stream in zip(firsts, streams)])
 
-    async def choice_outputs(self, prompt: str | list[int], params: list[SamplingParams]) -> list[RequestOutput]:
+    async def choice_outputs(self, choices: list[Choice]) -> list[RequestOutput]:
         """Every choice's final output, in choice order."""
         finals: dict[int, RequestOutput] = {}
-        async for index, output in await self.choice_streams(prompt, params):
+        async for index, output in await self.choice_streams(choices):
             finals[index] = output
-        return [finals[index] for index in range(len(params))]
+        return [finals[index] for index in range(len(choices))]
 
     @staticmethod
-    def _usage(outputs: list[RequestOutput]) -> Usage:
-        """The prompt once (every choice shares it) and every choice's completion."""
-        prompt = len(outputs[0].prompt_token_ids)
-        completion = sum(len(output.output.token_ids) for output in outputs)
+    def _usage(outputs: dict[int, RequestOutput], n: int) -> Usage:
+        """Each prompt once (its ``n`` choices share it) and every choice's completion."""
+        prompt = sum(len(output.prompt_token_ids) for index, output in outputs.items() if index % n == 0)
+        completion = sum(len(output.output.token_ids) for output in outputs.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # ------------------------------------------------------------- completions
 
-    def completion_inputs(self, request: CompletionRequest) -> tuple[str | list[int], SamplingParams]:
+    def completion_choices(self, request: CompletionRequest) -> list[Choice]:
         self._check_model(request.model)
+        prompts = request.prompts()
+        if len(prompts) * request.n > MAX_CHOICES:
+            raise bad_request(f"at most {MAX_CHOICES} choices a request: {len(prompts)} prompts x n={request.n}", "n")
         params = self._params(request, request.max_tokens or 16, request.logprobs)
-        return request.prompt, params
+        return choices(prompts, params, request.n)
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
-        prompt, params = self.completion_inputs(request)
-        outputs = await self.choice_outputs(prompt, choice_params(params, request.n))
+        outputs = await self.choice_outputs(self.completion_choices(request))
         return CompletionResponse(
             model=self.model_name,
             choices=[CompletionChoice(
@@ -279,21 +285,21 @@ class OpenAIServing:
                 finish_reason=output.output.finish_reason.value,
                 logprobs=self._completion_logprobs(output, 0) if request.logprobs is not None else None,
             ) for index, output in enumerate(outputs)],
-            usage=self._usage(outputs),
+            usage=self._usage(dict(enumerate(outputs)), request.n),
             specserve=choices_stats(outputs),
         )
 
     async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
         """SSE lines; input errors raise before the first line, so they can still be a 400."""
-        prompt, params = self.completion_inputs(request)
-        outputs = await self.choice_streams(prompt, choice_params(params, request.n))
-        return error_events(self._completion_events(request, outputs))
+        requested = self.completion_choices(request)
+        outputs = await self.choice_streams(requested)
+        return error_events(self._completion_events(request, len(requested), outputs))
 
     async def _completion_events(
-        self, request: CompletionRequest, outputs: AsyncIterator[tuple[int, RequestOutput]]
+        self, request: CompletionRequest, count: int, outputs: AsyncIterator[tuple[int, RequestOutput]]
     ) -> AsyncIterator[str]:
         response_id, created = new_id("cmpl"), unix_now()
-        sent = [0] * request.n
+        sent = [0] * count
         finals: dict[int, RequestOutput] = {}
         async with aclosing(outputs):
             async for index, output in outputs:
@@ -308,13 +314,13 @@ class OpenAIServing:
                          "model": self.model_name, "choices": [choice]}
                 if output.finished:
                     finals[index] = output
-                    if len(finals) == request.n:  # the last choice to finish carries the request's stats
+                    if len(finals) == count:  # the last choice to finish carries the request's stats
                         chunk["specserve"] = choices_stats(list(finals.values())).model_dump()
                 if choice["text"] or output.finished or choice["logprobs"]:
                     yield sse(chunk)
         if request.stream_options is not None and request.stream_options.include_usage:
             yield sse({"id": response_id, "object": "text_completion", "created": created,
-                       "model": self.model_name, "choices": [], "usage": self._usage(list(finals.values())).model_dump()})
+                       "model": self.model_name, "choices": [], "usage": self._usage(finals, request.n).model_dump()})
         yield sse("[DONE]")
 
     def _completion_logprobs(self, output: RequestOutput, start: int) -> dict:
@@ -329,7 +335,7 @@ class OpenAIServing:
 
     # -------------------------------------------------------- chat completions
 
-    def chat_inputs(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+    def chat_choices(self, request: ChatCompletionRequest) -> list[Choice]:
         self._check_model(request.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
@@ -339,11 +345,10 @@ class OpenAIServing:
         room = self._room(prompt_ids)
         max_tokens = request.max_completion_tokens or request.max_tokens or room
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        return prompt_ids, self._params(request, max_tokens, logprobs)
+        return choices([prompt_ids], self._params(request, max_tokens, logprobs), request.n)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        prompt_ids, params = self.chat_inputs(request)
-        outputs = await self.choice_outputs(prompt_ids, choice_params(params, request.n))
+        outputs = await self.choice_outputs(self.chat_choices(request))
         return ChatCompletionResponse(
             model=self.model_name,
             choices=[ChatChoice(
@@ -352,14 +357,13 @@ class OpenAIServing:
                 finish_reason=output.output.finish_reason.value,
                 logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
             ) for index, output in enumerate(outputs)],
-            usage=self._usage(outputs),
+            usage=self._usage(dict(enumerate(outputs)), request.n),
             specserve=choices_stats(outputs),
         )
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """SSE lines; input errors raise before the first line, so they can still be a 400."""
-        prompt_ids, params = self.chat_inputs(request)
-        outputs = await self.choice_streams(prompt_ids, choice_params(params, request.n))
+        outputs = await self.choice_streams(self.chat_choices(request))
         return error_events(self._chat_events(request, outputs))
 
     async def _chat_events(
@@ -395,7 +399,7 @@ class OpenAIServing:
                         specserve=choices_stats(list(finals.values())) if last else None,
                     )
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield chunk([], usage=self._usage(list(finals.values())))
+            yield chunk([], usage=self._usage(finals, request.n))
         yield sse("[DONE]")
 
     def _chat_logprobs(self, output: RequestOutput, start: int, request: ChatCompletionRequest) -> dict:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from specserve.spec.tree import TreeBudget
 
-MAX_CHOICES = 16  # the most choices (`n`) one request may ask for
+MAX_CHOICES = 64  # the most choices one request may ask for (prompts x n)
 
 
 class SLOFields(BaseModel):
@@ -53,20 +53,24 @@ class GenerationFields(SLOFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A prompt (text or token ids) or a batch of them; each gets ``n`` choices."
+    )
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported")
-            value = value[0]
-        if not value:
+    def _prompts_not_empty(cls, value: str | list) -> str | list:
+        if not value or (isinstance(value[0], (str, list)) and not all(value)):
             raise ValueError("prompt must not be empty")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: the one it has, or its batch."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class ChatMessage(BaseModel):
