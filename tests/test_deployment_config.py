@@ -16,6 +16,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from specserve.deployments.autoscaling import KV_USAGE, ON_TRACK, WAITING, SLOAutoscalingPolicy  # noqa: E402
 from specserve.deployments.config import AppConfig  # noqa: E402
 from specserve.deployments.openai_serving import OpenAIServing, ServingError, error_events  # noqa: E402
+from specserve.deployments.streams import interleave  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -93,3 +94,32 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event():
     assert first == "data: 1\n\n"
     assert json.loads(last.removeprefix("data: "))["error"] == {
         "message": "generation failed: boom", "type": "server_error", "param": None, "code": None}
+
+
+def test_interleaved_choices_keep_each_order_fail_together_and_close_together():
+    closed = []
+
+    async def stream(name, items, fail=False):
+        try:
+            for item in items:
+                await asyncio.sleep(0)
+                yield item
+            if fail:
+                raise ServingError(500, "generation failed: boom", type="server_error")
+        finally:
+            closed.append(name)
+
+    async def main():
+        got = [pair async for pair in interleave([stream("a", [1, 2, 3]), stream("b", [4, 5])])]
+        assert [v for i, v in got if i == 0] == [1, 2, 3] and [v for i, v in got if i == 1] == [4, 5]
+        closed.clear()
+        with pytest.raises(ServingError, match="boom"):
+            _ = [pair async for pair in interleave([stream("a", range(1000)), stream("b", [1], fail=True)])]
+        assert sorted(closed) == ["a", "b"]  # the failure closed its sibling
+        closed.clear()
+        merged = interleave([stream("a", range(1000)), stream("b", range(1000))])
+        await anext(merged)
+        await merged.aclose()  # a client that went away
+        assert sorted(closed) == ["a", "b"]
+
+    asyncio.run(main())

@@ -96,7 +96,7 @@ Prompt = str | list[int]
 Choice = tuple[Prompt, SamplingParams]  # one engine request of an API request
 
 
-def choices(prompts: list[Prompt], params: SamplingParams, n: int) -> list[Choice]:
+def request_choices(prompts: list[Prompt], params: SamplingParams, n: int) -> list[Choice]:
     """``n`` choices per prompt, in OpenAI's order (prompt by prompt). A given seed becomes
     ``seed ^ i`` for a prompt's choice ``i`` (choice 0 keeps it), so that the choices differ and
     each can be had alone."""
@@ -273,7 +273,7 @@ class OpenAIServing:
         if len(prompts) * request.n > MAX_CHOICES:
             raise bad_request(f"at most {MAX_CHOICES} choices a request: {len(prompts)} prompts x n={request.n}", "n")
         params = self._params(request, request.max_tokens or 16, request.logprobs)
-        return choices(prompts, params, request.n)
+        return request_choices(prompts, params, request.n)
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
         outputs = await self.choice_outputs(self.completion_choices(request))
@@ -345,7 +345,7 @@ class OpenAIServing:
         room = self._room(prompt_ids)
         max_tokens = request.max_completion_tokens or request.max_tokens or room
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        return choices([prompt_ids], self._params(request, max_tokens, logprobs), request.n)
+        return request_choices([prompt_ids], self._params(request, max_tokens, logprobs), request.n)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         outputs = await self.choice_outputs(self.chat_choices(request))

@@ -42,7 +42,7 @@ class GenerationFields(SLOFields):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices to generate for the prompt.")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
