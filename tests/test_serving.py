@@ -156,6 +156,13 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(client, reference):
     assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
 
 
+def test_logit_bias_forces_a_token(client, reference):
+    _, engine = reference
+    reply = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0,
+                                      logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == engine.tokenizer.decode([42] * 4)
+
+
 def test_n_streamed_chat_choices_equal_the_unary_ones(client):
     body = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.9, seed=3,
                 n=2, extra_body={"ignore_eos": True})
@@ -209,6 +216,8 @@ def test_slo_extension_fields(client):
     ({"prompt": "x", "n": 65}, "n"),
     ({"prompt": ["a"] * 33, "n": 2}, "n"),  # 66 choices
     ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
     (b"{not json", None),
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "stop": ["", "y"]}, "stop"),

@@ -117,6 +117,23 @@ def test_requests_aborted_while_speculating_leave_nothing_behind(tiny_model, tin
     assert [o.output.token_ids for o in outputs] == plain_outputs
 
 
+def test_logit_bias_steers_plain_and_speculative_decoding_alike(tiny_model, tiny_draft, tiny_engine):
+    """The bias is added wherever a token is chosen, so verification stays lossless under it."""
+    plain = [o.output.token_ids for o in run(tiny_engine, PROMPTS, GREEDY)]
+    forced = GREEDY.model_copy(update={"logit_bias": {42: 100.0}})
+    banned = GREEDY.model_copy(update={"logit_bias": {plain[0][0]: -100.0}})
+    nudged = GREEDY.model_copy(update={"logit_bias": {t: 2.0 for t in range(10, 200, 7)}})
+    assert all(o.output.token_ids == [42] * 24 for o in run(tiny_engine, PROMPTS, forced))
+    assert run(tiny_engine, PROMPTS[:1], banned)[0].output.token_ids[0] != plain[0][0]
+    engine = spec_engine(tiny_model, tiny_draft, budget=TreeBudget(depth=3, width=2))
+    for params in (forced, banned, nudged):
+        expected = [o.output.token_ids for o in run(tiny_engine, PROMPTS, params)]
+        assert [o.output.token_ids for o in run(engine, PROMPTS, params)] == expected
+    assert engine.spec_stats.accepted > 0
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        tiny_engine.make_request("bad", "hi", GREEDY.model_copy(update={"logit_bias": {10**6: 1.0}}))
+
+
 def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):
     engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=4))
     outputs = run(engine, PROMPTS, GREEDY)

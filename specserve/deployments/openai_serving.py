@@ -48,6 +48,7 @@ RECOVERY_RETRY_AFTER_S = 15  # about how long Serve takes to replace a replica
 _FIELD_HINTS = {
     "max_completion_tokens": "max_completion_tokens",
     "max_tokens": "max_tokens",
+    "logit_bias": "logit_bias",
     "SLO class": "slo_class",
     "stop": "stop",
     "chat template": "messages",
@@ -173,6 +174,7 @@ class OpenAIServing:
                 seed=request.seed,
                 stop=request.stop,
                 stop_token_ids=request.stop_token_ids or [],
+                logit_bias=request.logit_bias or {},
                 ignore_eos=request.ignore_eos,
                 logprobs=logprobs,
                 speculation=request.speculation,

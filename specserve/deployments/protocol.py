@@ -46,6 +46,9 @@ class GenerationFields(SLOFields):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = Field(
+        default=None, description="Token id -> bias in [-100, 100] added to its logit before choosing."
+    )
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None

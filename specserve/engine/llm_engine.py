@@ -110,6 +110,8 @@ class LLMEngine:
                 raise ValueError(f"prompt token ids {bad[:5]} are outside [0, {self.vocab_size})")
         if not token_ids:
             raise ValueError("prompt must not be empty")
+        if bad := [t for t in params.logit_bias if t >= self.vocab_size]:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside [0, {self.vocab_size})")
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "

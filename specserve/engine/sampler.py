@@ -11,6 +11,19 @@ import torch
 from specserve.engine.sampling_params import SamplingParams
 
 
+def biased(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``logits`` [B, V] plus each row's ``logit_bias`` (a copy, only if a row has one): what
+    plain sampling and speculative verification both choose from."""
+    if not any(p.logit_bias for p in params):
+        return logits
+    logits = logits.clone()
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Probabilities [B, V] after temperature, top-k and top-p (rows of greedy requests unused)."""
     temps = torch.tensor(
@@ -41,6 +54,7 @@ def sample(
     generators: list[torch.Generator | None],
 ) -> list[int]:
     """One next token per row of ``logits`` [B, V]."""
+    logits = biased(logits, params)
     greedy = [p.greedy for p in params]
     tokens = logits.argmax(dim=-1).tolist()
     if all(greedy):

@@ -24,6 +24,11 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer.")
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict,
+        description="Token id -> value added to its logit before the token is chosen (-100 bans "
+        "it, 100 all but forces it); speculative verification adds it too, so it stays lossless.",
+    )
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     speculation: TreeBudget | None = Field(
@@ -59,6 +64,13 @@ class SamplingParams(BaseModel):
         if any(not s for s in values):
             raise ValueError("stop strings must be non-empty")
         return values
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, value: dict[int, float]) -> dict[int, float]:
+        if any(token < 0 for token in value) or any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("logit_bias maps token ids (>= 0) to values in [-100, 100]")
+        return value
 
     @property
     def greedy(self) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.engine.sampler import draw, target_probs
+from specserve.engine.sampler import biased, draw, target_probs
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.tree import TokenTree
 
@@ -37,6 +37,7 @@ def verify(
     generator: torch.Generator | None,
 ) -> Verdict:
     """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i."""
+    logits = biased(logits, [params] * logits.shape[0])
     if params.greedy:
         choices = logits.argmax(dim=-1).tolist()
 
