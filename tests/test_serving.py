@@ -156,11 +156,17 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(client, reference):
     assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
 
 
-def test_logit_bias_forces_a_token(client, reference):
+def test_logit_bias_forces_a_token_over_http_and_grpc(client, reference):
     _, engine = reference
     reply = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0,
                                       logit_bias={"42": 100}, extra_body={"ignore_eos": True})
     assert reply.choices[0].text == engine.tokenizer.decode([42] * 4)
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        assert list(grpc_client.generate("Hello", max_tokens=4, temperature=0, ignore_eos=True,
+                                         logit_bias={42: 100.0}).token_ids) == [42] * 4
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_client.generate("Hello", logit_bias={42: 500.0})
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in info.value.details()
 
 
 def test_n_streamed_chat_choices_equal_the_unary_ones(client):

@@ -23,6 +23,8 @@ def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRe
     fields = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
     if request.stop:
         fields["stop"] = list(request.stop)
+    if request.logit_bias:
+        fields["logit_bias"] = dict(request.logit_bias)
     if request.HasField("speculation"):
         s = request.speculation
         fields["speculation"] = {"depth": s.depth, "width": s.width or 1}
