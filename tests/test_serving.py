@@ -169,6 +169,23 @@ def test_logit_bias_forces_a_token_over_http_and_grpc(client, reference):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in info.value.details()
 
 
+def test_penalties_reach_the_engine_over_http_and_grpc(client, reference):
+    run, engine = reference
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=2.0)
+    request = engine.make_request("penalized", "Hello", params)
+    engine.add_request(request)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            expected = output.output.text
+    assert expected != run("Hello", 12)  # the penalty changes this prompt's greedy text
+    reply = client.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
+                                      frequency_penalty=2.0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == expected
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        assert grpc_client.generate("Hello", max_tokens=12, temperature=0, ignore_eos=True,
+                                    frequency_penalty=2.0).text == expected
+
+
 def test_n_streamed_chat_choices_equal_the_unary_ones(client):
     body = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.9, seed=3,
                 n=2, extra_body={"ignore_eos": True})
@@ -224,6 +241,7 @@ def test_slo_extension_fields(client):
     ({"prompt": ["a", ""]}, "prompt"),
     ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     (b"{not json", None),
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "stop": ["", "y"]}, "stop"),

@@ -134,6 +134,31 @@ def test_logit_bias_steers_plain_and_speculative_decoding_alike(tiny_model, tiny
         tiny_engine.make_request("bad", "hi", GREEDY.model_copy(update={"logit_bias": {10**6: 1.0}}))
 
 
+def test_penalties_count_the_output_so_far_and_each_tree_path_alike(tiny_model, tiny_draft, tiny_engine):
+    """A verified node's penalties count the nodes above it, as plain decoding would have
+    generated them, so greedy speculation with penalties equals plain decoding with them."""
+    plain = [o.output.token_ids for o in run(tiny_engine, PROMPTS, GREEDY)]
+    repetitive = max(plain, key=lambda tokens: len(tokens) - len(set(tokens)))
+    assert len(repetitive) > len(set(repetitive))  # the tiny model repeats itself
+    penalties = [
+        GREEDY.model_copy(update={"frequency_penalty": 2.0}),
+        GREEDY.model_copy(update={"presence_penalty": 1.5, "frequency_penalty": 0.5, "logit_bias": {42: 3.0}}),
+        GREEDY.model_copy(update={"presence_penalty": -2.0}),
+    ]
+    # The target drafting for itself proposes its unpenalized, repetitive continuations: paths
+    # whose later nodes are only right if the penalties count the earlier ones.
+    engines = [spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=6, width=2)),
+               spec_engine(tiny_model, tiny_draft, "hybrid", TreeBudget(depth=4, width=2))]
+    for params in penalties:
+        expected = [o.output.token_ids for o in run(tiny_engine, PROMPTS, params)]
+        for engine in engines:
+            assert [o.output.token_ids for o in run(engine, PROMPTS, params)] == expected
+    assert all(engine.spec_stats.accepted > 0 for engine in engines)
+    discouraged = run(tiny_engine, PROMPTS, penalties[0])
+    assert sum(len(o.output.token_ids) - len(set(o.output.token_ids)) for o in discouraged) < sum(
+        len(tokens) - len(set(tokens)) for tokens in plain)
+
+
 def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):
     engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=4))
     outputs = run(engine, PROMPTS, GREEDY)

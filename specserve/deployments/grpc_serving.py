@@ -13,7 +13,8 @@ from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequ
 from specserve.deployments.stats import request_stats
 from specserve.engine.request import RequestOutput
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms",
+             "presence_penalty", "frequency_penalty")
 
 
 def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRequest | ChatCompletionRequest:

@@ -175,6 +175,8 @@ class OpenAIServing:
                 stop=request.stop,
                 stop_token_ids=request.stop_token_ids or [],
                 logit_bias=request.logit_bias or {},
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
                 ignore_eos=request.ignore_eos,
                 logprobs=logprobs,
                 speculation=request.speculation,

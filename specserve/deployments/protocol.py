@@ -46,6 +46,8 @@ class GenerationFields(SLOFields):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = Field(
         default=None, description="Token id -> bias in [-100, 100] added to its logit before choosing."
     )

@@ -1,26 +1,38 @@
-"""From logits to next tokens: greedy, temperature, top-k, top-p, per-request seeds.
+"""From logits to next tokens: logit bias and penalties, greedy, temperature, top-k, top-p,
+per-request seeds.
 
-``target_probs`` defines the distribution a request samples from; speculative verification uses
-the same function so that accepting drafted tokens stays lossless.
+``adjusted`` and ``target_probs`` define the distribution a request samples from; speculative
+verification uses the same functions so that accepting drafted tokens stays lossless.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
 from specserve.engine.sampling_params import SamplingParams
 
 
-def biased(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """``logits`` [B, V] plus each row's ``logit_bias`` (a copy, only if a row has one): what
-    plain sampling and speculative verification both choose from."""
-    if not any(p.logit_bias for p in params):
+def adjusted(
+    logits: torch.Tensor, params: list[SamplingParams], generated: Callable[[int], Sequence[int]]
+) -> torch.Tensor:
+    """``logits`` [B, V] as each row's request chooses from them: plus its ``logit_bias``, minus
+    its presence and frequency penalties on ``generated(row)``, the tokens it generated before
+    that row. What plain sampling and speculative verification both choose from; a copy, made
+    only where a row needs one."""
+    rows = [row for row, p in enumerate(params) if p.logit_bias or p.penalized]
+    if not rows:
         return logits
     logits = logits.clone()
-    for row, p in enumerate(params):
+    for row in rows:
+        p = params[row]
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits.device)
             logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        if p.penalized and (tokens := generated(row)):
+            counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.shape[-1])
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
 
 
@@ -52,9 +64,11 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    generated: Sequence[Sequence[int]] = (),
 ) -> list[int]:
-    """One next token per row of ``logits`` [B, V]."""
-    logits = biased(logits, params)
+    """One next token per row of ``logits`` [B, V]; ``generated``: each row's request's output so
+    far (needed only by requests with penalties)."""
+    logits = adjusted(logits, params, generated.__getitem__)
     greedy = [p.greedy for p in params]
     tokens = logits.argmax(dim=-1).tolist()
     if all(greedy):

@@ -24,6 +24,12 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer.")
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
+    presence_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token already generated."
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was generated."
+    )
     logit_bias: dict[int, float] = Field(
         default_factory=dict,
         description="Token id -> value added to its logit before the token is chosen (-100 bans "
@@ -71,6 +77,11 @@ class SamplingParams(BaseModel):
         if any(token < 0 for token in value) or any(not -100 <= bias <= 100 for bias in value.values()):
             raise ValueError("logit_bias maps token ids (>= 0) to values in [-100, 100]")
         return value
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens this request chooses depend on the ones it generated before."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

@@ -14,11 +14,12 @@ drafter. Every emitted token is therefore a sample of the target's distribution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from specserve.engine.sampler import biased, draw, target_probs
+from specserve.engine.sampler import adjusted, draw, target_probs
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.tree import TokenTree
 
@@ -35,9 +36,20 @@ def verify(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
+    generated: Sequence[int] = (),
 ) -> Verdict:
-    """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i."""
-    logits = biased(logits, [params] * logits.shape[0])
+    """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i. ``generated``: the
+    request's output so far (root included); a node's row also counts the nodes on its path,
+    as plain decoding would have generated them."""
+
+    def generated_before(row: int) -> list[int]:
+        path, node = [], row - 1
+        while node >= 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        return [*generated, *reversed(path)]
+
+    logits = adjusted(logits, [params] * logits.shape[0], generated_before)
     if params.greedy:
         choices = logits.argmax(dim=-1).tolist()
 
