@@ -21,7 +21,7 @@ def adjusted(
     its presence and frequency penalties on ``generated(row)``, the tokens it generated before
     that row. What plain sampling and speculative verification both choose from; a copy, made
     only where a row needs one."""
-    rows = [row for row, p in enumerate(params) if p.logit_bias or p.penalized]
+    rows = [row for row, p in enumerate(params) if p.logit_bias or p.presence_penalty or p.frequency_penalty]
     if not rows:
         return logits
     logits = logits.clone()
