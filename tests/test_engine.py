@@ -173,7 +173,8 @@ def test_bad_input_is_a_clear_value_error(tiny_engine, prompt, params, message):
 @pytest.mark.parametrize(
     "params",
     [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"seed": 2**64},
-     {"logit_bias": {5: 101.0}}, {"logit_bias": {-1: 1.0}}, {"presence_penalty": 2.5}, {"frequency_penalty": -3}],
+     {"logit_bias": {5: 101.0}}, {"logit_bias": {-1: 1.0}}, {"presence_penalty": 2.5}, {"frequency_penalty": -3},
+     {"repetition_penalty": 0.0}],
 )
 def test_bad_sampling_params_are_rejected(params):
     with pytest.raises(ValueError):

@@ -184,6 +184,9 @@ def test_penalties_reach_the_engine_over_http_and_grpc(client, reference):
     with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
         assert grpc_client.generate("Hello", max_tokens=12, temperature=0, ignore_eos=True,
                                     frequency_penalty=2.0).text == expected
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_client.generate("Hello", repetition_penalty=0.0)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty" in info.value.details()
 
 
 def test_n_streamed_chat_choices_equal_the_unary_ones(client):
@@ -242,6 +245,7 @@ def test_slo_extension_fields(client):
     ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
     ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     (b"{not json", None),
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "stop": ["", "y"]}, "stop"),

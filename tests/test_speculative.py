@@ -134,7 +134,7 @@ def test_logit_bias_steers_plain_and_speculative_decoding_alike(tiny_model, tiny
         tiny_engine.make_request("bad", "hi", GREEDY.model_copy(update={"logit_bias": {10**6: 1.0}}))
 
 
-def test_penalties_count_the_output_so_far_and_each_tree_path_alike(tiny_model, tiny_draft, tiny_engine):
+def test_penalties_count_the_history_and_each_tree_path_alike(tiny_model, tiny_draft, tiny_engine):
     """A verified node's penalties count the nodes above it, as plain decoding would have
     generated them, so greedy speculation with penalties equals plain decoding with them."""
     plain = [o.output.token_ids for o in run(tiny_engine, PROMPTS, GREEDY)]
@@ -144,6 +144,8 @@ def test_penalties_count_the_output_so_far_and_each_tree_path_alike(tiny_model, 
         GREEDY.model_copy(update={"frequency_penalty": 2.0}),
         GREEDY.model_copy(update={"presence_penalty": 1.5, "frequency_penalty": 0.5, "logit_bias": {42: 3.0}}),
         GREEDY.model_copy(update={"presence_penalty": -2.0}),
+        GREEDY.model_copy(update={"repetition_penalty": 1.5}),
+        GREEDY.model_copy(update={"repetition_penalty": 0.7, "frequency_penalty": 0.5}),
     ]
     # The target drafting for itself proposes its unpenalized, repetitive continuations: paths
     # whose later nodes are only right if the penalties count the earlier ones.

@@ -14,7 +14,7 @@ from specserve.deployments.stats import request_stats
 from specserve.engine.request import RequestOutput
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms",
-             "presence_penalty", "frequency_penalty")
+             "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRequest | ChatCompletionRequest:

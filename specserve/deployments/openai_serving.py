@@ -177,6 +177,7 @@ class OpenAIServing:
                 logit_bias=request.logit_bias or {},
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
+                repetition_penalty=request.repetition_penalty,
                 ignore_eos=request.ignore_eos,
                 logprobs=logprobs,
                 speculation=request.speculation,

@@ -48,6 +48,7 @@ class GenerationFields(SLOFields):
     stop_token_ids: list[int] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="vLLM's extension; 1 is none.")
     logit_bias: dict[int, float] | None = Field(
         default=None, description="Token id -> bias in [-100, 100] added to its logit before choosing."
     )

@@ -236,7 +236,7 @@ class LLMEngine:
             plain_logits = torch.cat([rows[i] for i in plain])
             requests = [due[i] for i in plain]
             tokens = sample(plain_logits, [r.params for r in requests], [r.generator for r in requests],
-                            [r.output_token_ids for r in requests])
+                            [(r.prompt_token_ids, r.output_token_ids) for r in requests])
             logprobs = self._logprobs(plain_logits, tokens, requests)
             for i, token, token_logprobs in zip(plain, tokens, logprobs):
                 picks[i] = Pick([token], [token_logprobs], [0])
@@ -343,7 +343,9 @@ class LLMEngine:
         picks, moves = [], []
         for request, logits in zip(requests, rows):
             tree = trees[request.request_id]
-            verdict = verify(tree, logits, request.params, request.generator, request.output_token_ids)
+            verdict = verify(
+                tree, logits, request.params, request.generator, request.prompt_token_ids, request.output_token_ids
+            )
             accepted = len(verdict.accepted)
             root = request.num_computed_tokens - 1  # the root is now cached at its position
             sources = [root + 1 + node for node in verdict.accepted]

@@ -14,25 +14,36 @@ import torch
 from specserve.engine.sampling_params import SamplingParams
 
 
-def adjusted(
-    logits: torch.Tensor, params: list[SamplingParams], generated: Callable[[int], Sequence[int]]
-) -> torch.Tensor:
-    """``logits`` [B, V] as each row's request chooses from them: plus its ``logit_bias``, minus
-    its presence and frequency penalties on ``generated(row)``, the tokens it generated before
-    that row. What plain sampling and speculative verification both choose from; a copy, made
-    only where a row needs one."""
-    rows = [row for row, p in enumerate(params) if p.logit_bias or p.presence_penalty or p.frequency_penalty]
+History = Callable[[int], tuple[Sequence[int], Sequence[int]]]  # row -> (prompt, tokens generated before it)
+
+
+def adjusted(logits: torch.Tensor, params: list[SamplingParams], history: History) -> torch.Tensor:
+    """``logits`` [B, V] as each row's request chooses from them: its repetition penalty on the
+    tokens of ``history(row)`` (prompt and generated), its presence and frequency penalties on
+    the generated ones, then its ``logit_bias``. What plain sampling and speculative verification
+    both choose from; a copy, made only where a row needs one."""
+    rows = [
+        row for row, p in enumerate(params)
+        if p.logit_bias or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+    ]
     if not rows:
         return logits
     logits = logits.clone()
+    device = logits.device
     for row in rows:
         p = params[row]
+        if p.penalized:
+            prompt, generated = history(row)
+            if p.repetition_penalty != 1.0:  # vLLM's (CTRL's): shrink the logits of every token seen
+                seen = torch.tensor(sorted({*prompt, *generated}), device=device)
+                values = logits[row, seen]
+                logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            if generated and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(generated, device=device), minlength=logits.shape[-1])
+                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-        if p.penalized and (tokens := generated(row)):
-            counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.shape[-1])
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            ids = torch.tensor(list(p.logit_bias), device=device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=device)
     return logits
 
 
@@ -64,11 +75,11 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    generated: Sequence[Sequence[int]] = (),
+    histories: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
 ) -> list[int]:
-    """One next token per row of ``logits`` [B, V]; ``generated``: each row's request's output so
-    far (needed only by requests with penalties)."""
-    logits = adjusted(logits, params, generated.__getitem__)
+    """One next token per row of ``logits`` [B, V]; ``histories``: each row's request's prompt
+    and output so far (needed only by requests with penalties)."""
+    logits = adjusted(logits, params, histories.__getitem__)
     greedy = [p.greedy for p in params]
     tokens = logits.argmax(dim=-1).tolist()
     if all(greedy):

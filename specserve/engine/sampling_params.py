@@ -30,6 +30,11 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(
         default=0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was generated."
     )
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=10.0,
+        description="vLLM's: every token of the prompt or the output has its logit divided by it "
+        "(multiplied where negative); 1 is none.",
+    )
     logit_bias: dict[int, float] = Field(
         default_factory=dict,
         description="Token id -> value added to its logit before the token is chosen (-100 bans "
@@ -81,7 +86,7 @@ class SamplingParams(BaseModel):
     @property
     def penalized(self) -> bool:
         """Whether the tokens this request chooses depend on the ones it generated before."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

@@ -36,20 +36,21 @@ def verify(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
+    prompt: Sequence[int] = (),
     generated: Sequence[int] = (),
 ) -> Verdict:
-    """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i. ``generated``: the
-    request's output so far (root included); a node's row also counts the nodes on its path,
-    as plain decoding would have generated them."""
+    """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i. ``prompt`` and
+    ``generated`` (the output so far, root included) are what penalties count; a node's row also
+    counts the nodes on its path, as plain decoding would have generated them."""
 
-    def generated_before(row: int) -> list[int]:
+    def history(row: int) -> tuple[Sequence[int], list[int]]:
         path, node = [], row - 1
         while node >= 0:
             path.append(tree.tokens[node])
             node = tree.parents[node]
-        return [*generated, *reversed(path)]
+        return prompt, [*generated, *reversed(path)]
 
-    logits = adjusted(logits, [params] * logits.shape[0], generated_before)
+    logits = adjusted(logits, [params] * logits.shape[0], history)
     if params.greedy:
         choices = logits.argmax(dim=-1).tolist()
 
