@@ -14,6 +14,14 @@ def test_generate_prints_a_completion(tiny_model, capsys):
     assert "TTFT" in captured.err
 
 
+def test_penalties_change_the_greedy_completion(tiny_model, capsys):
+    argv = ["generate", "Hello world", "--model", str(tiny_model), "--max-tokens", "16", "--temperature", "0"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--frequency-penalty", "2", "--repetition-penalty", "1.5"]) == 0
+    assert capsys.readouterr().out != plain
+
+
 def test_chat_and_seeded_sampling_are_reproducible(tiny_model, capsys):
     argv = ["generate", "Hi", "--chat", "--model", str(tiny_model), "--max-tokens", "8",
             "--temperature", "0.8", "--seed", "3"]
@@ -32,6 +40,7 @@ def test_chat_and_seeded_sampling_are_reproducible(tiny_model, capsys):
         (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
         (["generate", "hi", "--max-tokens", "100000"], "exceeds the model context"),
         (["generate", "hi", "--model", "/no/such/dir"], "not a directory"),
+        (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tiny_model, capsys, argv, message):
