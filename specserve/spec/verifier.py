@@ -50,7 +50,8 @@ def verify(
             node = tree.parents[node]
         return prompt, [*generated, *reversed(path)]
 
-    logits = adjusted(logits, [params] * logits.shape[0], history)
+    if params.logit_bias or params.penalized:
+        logits = adjusted(logits, [params] * logits.shape[0], history)
     if params.greedy:
         choices = logits.argmax(dim=-1).tolist()
 
