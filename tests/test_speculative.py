@@ -400,39 +400,51 @@ def test_hybrid_hint_is_a_matching_lookups_share_times_its_accuracy_learned_with
     assert not drafter._accuracy and not drafter._pending
 
 
-def _exact_joint(model, prompt: list[int], first: int, top_k: int) -> dict[tuple[int, int], float]:
-    """P(t2, t3 | prompt, t1=first) of the top-k-restricted target distribution."""
-    def dist(ids):
-        logits = model(torch.tensor([ids])).logits[0, -1]
-        kth = logits.topk(top_k).values[-1]
+def _exact_joint(model, prompt: list[int], first: int, params: SamplingParams) -> dict[tuple[int, int], float]:
+    """P(t2, t3 | prompt, t1=first) of the target distribution under ``params``: its penalties
+    (repetition on prompt and output, then presence and frequency on the output), then top-k."""
+    def dist(generated):
+        logits = model(torch.tensor([prompt + generated])).logits[0, -1]
+        seen = sorted(set(prompt + generated))
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        for token in set(generated):
+            logits[token] -= params.presence_penalty + params.frequency_penalty * generated.count(token)
+        kth = logits.topk(params.top_k).values[-1]
         return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
 
     joint = {}
     with torch.no_grad():
-        p2 = dist(prompt + [first])
+        p2 = dist([first])
         for t2 in torch.nonzero(p2).flatten().tolist():
-            p3 = dist(prompt + [first, t2])
+            p3 = dist([first, t2])
             for t3 in torch.nonzero(p3).flatten().tolist():
                 joint[(t2, t3)] = (p2[t2] * p3[t3]).item()
     return joint
 
 
-def test_speculative_sampling_matches_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("penalties", [
+    {},
+    {"repetition_penalty": 1.8, "presence_penalty": 0.5, "frequency_penalty": 0.7},
+], ids=["plain", "penalized"])
+def test_speculative_sampling_matches_the_target_distribution(tmp_path, penalties):
     """Chi-square of (t2, t3) samples against the exact target distribution, on a 12-token
-    vocabulary; t2 and t3 come from tree verification (t1 from the prefill step)."""
+    vocabulary; t2 and t3 come from tree verification (t1 from the prefill step). With
+    penalties, a node's distribution depends on the nodes above it."""
     target = build_tiny_model(tmp_path / "target", vocab_size=12, seed=3)
     draft = build_tiny_model(tmp_path / "draft", vocab_size=12, num_hidden_layers=1, seed=4)
     spec = SpeculativeConfig(draft_model=str(draft), budget=TreeBudget(depth=2, width=2))
     engine = LLMEngine(
         EngineConfig(model=str(target), max_num_seqs=16, max_model_len=64, speculative=spec, control=ControlConfig(policy="fixed"))
     )
-    prompt, top_k, n = [5, 7, 3], 4, 4000
-    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=s, ignore_eos=True) for s in range(n)]
+    prompt, n = [5, 7, 3], 4000
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, ignore_eos=True, **penalties)
+              for s in range(n)]
     outputs = run(engine, [prompt] * n, params)
     firsts = Counter(o.output.token_ids[0] for o in outputs)
     first = firsts.most_common(1)[0][0]
     observed = Counter(tuple(o.output.token_ids[1:]) for o in outputs if o.output.token_ids[0] == first)
-    exact = _exact_joint(AutoModelForCausalLM.from_pretrained(target).eval(), prompt, first, top_k)
+    exact = _exact_joint(AutoModelForCausalLM.from_pretrained(target).eval(), prompt, first, params[0])
     total = sum(observed.values())
     cells = sorted(exact)
     assert set(observed) <= set(cells)
