@@ -14,36 +14,55 @@ import torch
 from specserve.engine.sampling_params import SamplingParams
 
 
-History = Callable[[int], tuple[Sequence[int], Sequence[int]]]  # row -> (prompt, tokens generated before it)
+class TokenCounts:
+    """What penalties read of a request's tokens, as [V] tensors: how often it generated each
+    token, and which tokens its prompt or output holds."""
+
+    def __init__(self, generated: torch.Tensor, seen: torch.Tensor) -> None:
+        self.generated = generated
+        self.seen = seen
+
+    @classmethod
+    def of(cls, prompt: Sequence[int], generated: Sequence[int], vocab: int, device: torch.device) -> TokenCounts:
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=device), minlength=vocab)
+        seen = counts > 0
+        seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        return cls(counts, seen)
+
+    def plus(self, tokens: Sequence[int]) -> TokenCounts:
+        """The counts once ``tokens`` were generated too."""
+        if not tokens:
+            return self
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.generated.device)
+        seen = self.seen.clone()
+        seen[ids] = True
+        return TokenCounts(self.generated.index_add(0, ids, torch.ones_like(ids)), seen)
 
 
-def adjusted(logits: torch.Tensor, params: list[SamplingParams], history: History) -> torch.Tensor:
+def adjusted(
+    logits: torch.Tensor, params: list[SamplingParams], counts: Callable[[int], TokenCounts]
+) -> torch.Tensor:
     """``logits`` [B, V] as each row's request chooses from them: its repetition penalty on the
-    tokens of ``history(row)`` (prompt and generated), its presence and frequency penalties on
-    the generated ones, then its ``logit_bias``. What plain sampling and speculative verification
-    both choose from; a copy, made only where a row needs one."""
-    rows = [
-        row for row, p in enumerate(params)
-        if p.logit_bias or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-    ]
+    tokens ``counts(row)`` has seen (prompt and generated), its presence and frequency penalties
+    on the generated ones, then its ``logit_bias``. What plain sampling and speculative
+    verification both choose from; a copy, made only where a row needs one."""
+    rows = [row for row, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return logits
     logits = logits.clone()
-    device = logits.device
     for row in rows:
         p = params[row]
         if p.penalized:
-            prompt, generated = history(row)
+            tokens = counts(row)
             if p.repetition_penalty != 1.0:  # vLLM's (CTRL's): shrink the logits of every token seen
-                seen = torch.tensor(sorted({*prompt, *generated}), device=device)
-                values = logits[row, seen]
-                logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-            if generated and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(torch.tensor(generated, device=device), minlength=logits.shape[-1])
-                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+                values = logits[row]
+                shrunk = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+                logits[row] = torch.where(tokens.seen, shrunk, values)
+            if p.presence_penalty or p.frequency_penalty:
+                logits[row] -= p.frequency_penalty * tokens.generated + p.presence_penalty * (tokens.generated > 0)
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=device)
-            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=device)
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     return logits
 
 
@@ -79,7 +98,8 @@ def sample(
 ) -> list[int]:
     """One next token per row of ``logits`` [B, V]; ``histories``: each row's request's prompt
     and output so far (needed only by requests with penalties)."""
-    logits = adjusted(logits, params, histories.__getitem__)
+    vocab, device = logits.shape[-1], logits.device
+    logits = adjusted(logits, params, lambda row: TokenCounts.of(*histories[row], vocab, device))
     greedy = [p.greedy for p in params]
     tokens = logits.argmax(dim=-1).tolist()
     if all(greedy):

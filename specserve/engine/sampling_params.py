@@ -89,5 +89,10 @@ class SamplingParams(BaseModel):
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Whether its logits are biased or penalized before a token is chosen."""
+        return bool(self.logit_bias) or self.penalized
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

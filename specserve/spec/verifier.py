@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.engine.sampler import adjusted, draw, target_probs
+from specserve.engine.sampler import TokenCounts, adjusted, draw, target_probs
 from specserve.engine.sampling_params import SamplingParams
 from specserve.spec.tree import TokenTree
 
@@ -42,16 +42,11 @@ def verify(
     """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i. ``prompt`` and
     ``generated`` (the output so far, root included) are what penalties count; a node's row also
     counts the nodes on its path, as plain decoding would have generated them."""
-
-    def history(row: int) -> tuple[Sequence[int], list[int]]:
-        path, node = [], row - 1
-        while node >= 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        return prompt, [*generated, *reversed(path)]
-
-    if params.logit_bias or params.penalized:
-        logits = adjusted(logits, [params] * logits.shape[0], history)
+    if params.adjusts_logits:
+        base = TokenCounts.of(prompt, generated, logits.shape[-1], logits.device) if params.penalized else None
+        logits = adjusted(
+            logits, [params] * logits.shape[0], lambda row: base.plus([tree.tokens[i] for i in tree.path(row - 1)])
+        )
     if params.greedy:
         choices = logits.argmax(dim=-1).tolist()
 
