@@ -37,7 +37,7 @@ def test_chat_and_seeded_sampling_are_reproducible(tiny_model, capsys):
         (["generate", ""], "prompt must not be empty"),
         (["generate", "hi", "--temperature", "-1"], "temperature"),
         (["generate", "hi", "--top-p", "0"], "top_p"),
-        (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
+        (["generate", "hi", "--max-tokens", "-1"], "max_tokens"),
         (["generate", "hi", "--max-tokens", "100000"], "exceeds the model context"),
         (["generate", "hi", "--model", "/no/such/dir"], "not a directory"),
         (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty"),

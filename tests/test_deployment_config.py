@@ -15,7 +15,11 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from specserve.deployments.autoscaling import KV_USAGE, ON_TRACK, WAITING, SLOAutoscalingPolicy  # noqa: E402
 from specserve.deployments.config import AppConfig  # noqa: E402
+from specserve.config import ControlConfig, EngineConfig, SLOConfig  # noqa: E402
+from specserve.deployments.metrics import ServingMetrics  # noqa: E402
 from specserve.deployments.openai_serving import OpenAIServing, ServingError, error_events  # noqa: E402
+from specserve.deployments.protocol import CompletionRequest  # noqa: E402
+from specserve.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from specserve.deployments.streams import interleave  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -80,6 +84,31 @@ def test_engine_failures_are_500_or_503_when_the_engine_stopped():
     assert "forward failed" in error.message
     error = OpenAIServing._server_error(stopped, failure)
     assert (error.status, error.type) == (503, "server_error") and error.retry_after_s > 0
+
+
+def test_a_request_the_engine_rejects_is_a_503_with_retry_after_and_counted(tiny_model):
+    """on_miss='reject' turns away a request whose TTFT SLO is already past; the metrics record
+    it (a request with no output token must not break Ray's counters)."""
+    engine = AsyncLLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=2, max_model_len=256,
+        control=ControlConfig(slo=SLOConfig(on_miss="reject")),
+    ))
+    metrics = ServingMetrics("rejects")
+    serving = OpenAIServing(engine, "tiny", 8, on_done=metrics.request_done)
+
+    async def ask(**fields):
+        return await serving.completion(CompletionRequest(prompt="hello", **fields))
+
+    try:
+        with pytest.raises(ServingError) as rejected:
+            asyncio.run(ask(max_tokens=2, ttft_slo_ms=1e-6))
+        assert (rejected.value.status, rejected.value.type) == (503, "server_error")
+        assert rejected.value.retry_after_s >= 1 and "TTFT SLO" in rejected.value.message
+        scored = asyncio.run(ask(max_tokens=0, echo=True))  # ends without an output token
+        assert scored.choices[0].text == "hello"
+        assert serving.outcomes == {"rejected": 1, "length": 1}
+    finally:
+        engine.shutdown()
 
 
 def test_a_stream_that_fails_midway_ends_with_an_error_event():

@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specserve.config import EngineConfig
+from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams
+from specserve.spec.tree import TreeBudget
 from tiny_models import PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -69,6 +70,60 @@ def test_batched_equals_single_with_chunked_prefill_and_staggered_arrivals(tiny_
     for i, out in enumerate(batched):
         assert out.output.token_ids == single[i % len(PROMPTS)].output.token_ids
     assert_all_slots_free(engine)
+
+
+@torch.inference_mode()
+def hf_prompt_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """[len(ids) - 1, V]: the log-probabilities the model gives each prompt token's successor."""
+    return hf(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompt_logprobs_equal_a_whole_prompt_forward_across_chunks_and_batches(tiny_model, speculative):
+    """Prompts prefilled in 16-token chunks beside other requests' decodes (and, speculating,
+    beside verified trees) score every prompt token as one forward over the whole prompt does;
+    what they generate is what plain greedy decoding generates."""
+    spec = dict(
+        speculative=SpeculativeConfig(draft_model=str(tiny_model), budget=TreeBudget(depth=3, width=2)),
+        control=ControlConfig(policy="fixed"),
+    ) if speculative else {}
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=4, max_num_batched_tokens=16,
+                                    dtype="float32", **spec))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = [p * 4 for p in PROMPTS]  # longer than a chunk
+    scored = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    params = [scored, GREEDY.model_copy(update={"max_tokens": 8})] * 3
+    outs = run(engine, prompts, params[: len(prompts)], stagger=2)
+    plain = run(LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=4)), prompts, params[: len(prompts)])
+    for out, reference, p in zip(outs, plain, params):
+        assert out.output.token_ids == reference.output.token_ids
+        if p.prompt_logprobs is None:
+            assert out.prompt_logprobs is None
+            continue
+        ids = out.prompt_token_ids
+        expected = hf_prompt_logprobs(hf, ids)
+        assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+        for position, (row, token) in enumerate(zip(out.prompt_logprobs[1:], ids[1:])):
+            top = expected[position].topk(3)
+            assert set(row) == set(top.indices.tolist()) | {token}
+            assert row[token] == pytest.approx(expected[position, token].item(), abs=1e-4)
+    if speculative:
+        assert engine.spec_stats.accepted > 0
+    assert_all_slots_free(engine)
+
+
+def test_max_tokens_0_scores_the_prompt_and_generates_nothing(tiny_engine):
+    ids = tiny_engine.tokenizer.encode(PROMPTS[3])
+    only_scored, generating = run(tiny_engine, [ids, ids], [
+        SamplingParams(max_tokens=0, prompt_logprobs=0),
+        SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=0),
+    ])
+    assert only_scored.output.token_ids == [] and only_scored.output.text == ""
+    assert only_scored.output.finish_reason is FinishReason.LENGTH and only_scored.metrics.ttft is not None
+    assert only_scored.prompt_logprobs == generating.prompt_logprobs
+    assert [len(row) for row in only_scored.prompt_logprobs[1:]] == [1] * (len(ids) - 1)
+    assert len(generating.output.token_ids) == 4
+    assert_all_slots_free(tiny_engine)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_engine):
@@ -172,7 +227,7 @@ def test_bad_input_is_a_clear_value_error(tiny_engine, prompt, params, message):
 
 @pytest.mark.parametrize(
     "params",
-    [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"seed": 2**64},
+    [{"max_tokens": -1}, {"prompt_logprobs": 21}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"seed": 2**64},
      {"logit_bias": {5: 101.0}}, {"logit_bias": {-1: 1.0}}, {"presence_penalty": 2.5}, {"frequency_penalty": -3},
      {"repetition_penalty": 0.0}],
 )

@@ -117,6 +117,39 @@ def test_streamed_completion_equals_unary(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_echo_returns_the_prompt_and_its_logprobs_as_the_engine_scores_them(client, reference):
+    """What lm-eval's loglikelihood asks: echo, logprobs, and max_tokens 0 or more."""
+    _, engine = reference
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = engine.tokenizer.encode(prompt)
+    request = engine.make_request("scored", ids, SamplingParams(max_tokens=0, prompt_logprobs=1))
+    engine.add_request(request)
+    while engine.has_unfinished_requests():
+        scored = engine.step()
+    expected = [row[token] for row, token in zip(scored[0].prompt_logprobs[1:], ids[1:])]
+
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = reply.choices[0]
+    assert choice.text == prompt and reply.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == [engine.tokenizer.decode([t]) for t in ids]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert all(len(top) in (1, 2) for top in choice.logprobs.top_logprobs[1:])
+
+    run, _ = reference
+    generated = client.completions.create(model="tiny", prompt=[ids], max_tokens=5, echo=True, logprobs=0,
+                                          temperature=0)
+    assert generated.choices[0].text == engine.tokenizer.decode(ids) + run(prompt, 5)
+    assert len(generated.choices[0].logprobs.tokens) == len(ids) + 5
+    assert generated.choices[0].logprobs.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-5)
+    chunks = [c.choices[0] for c in client.completions.create(
+        model="tiny", prompt=[ids], max_tokens=5, echo=True, logprobs=0, temperature=0, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == generated.choices[0].text
+    streamed = [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert streamed[0] is None
+    assert streamed[1:] == pytest.approx(generated.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
+
+
 def test_chat_streaming_and_not(client, reference):
     run, engine = reference
     messages = [{"role": "user", "content": "Hello"}]

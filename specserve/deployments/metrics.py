@@ -64,7 +64,8 @@ class ServingMetrics:
             self.e2e.observe(stats.e2e_ms / 1e3)
         attained = output.finished and stats.slo_attained
         self.requests.inc(tags={"finish_reason": outcome, "slo_attained": str(attained).lower()})
-        self.tokens.inc(len(output.output.token_ids))
+        if output.output.token_ids:  # Ray's counters refuse an increment of 0
+            self.tokens.inc(len(output.output.token_ids))
 
     def refresh(self, engine: LLMEngine) -> None:
         load = engine.load()

@@ -38,7 +38,7 @@ from specserve.deployments.protocol import (
 )
 from specserve.deployments.stats import choices_stats
 from specserve.deployments.streams import interleave, prepend
-from specserve.engine.async_engine import AsyncLLMEngine
+from specserve.engine.async_engine import AsyncLLMEngine, RequestRejected
 from specserve.engine.request import RequestOutput
 from specserve.engine.sampling_params import SamplingParams
 
@@ -164,7 +164,9 @@ class OpenAIServing:
                 type="not_found_error", param="model",
             )
 
-    def _params(self, request: GenerationFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(
+        self, request: GenerationFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -180,6 +182,7 @@ class OpenAIServing:
                 repetition_penalty=request.repetition_penalty,
                 ignore_eos=request.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 speculation=request.speculation,
                 slo_class=request.slo_class,
                 tpot_slo_ms=request.tpot_slo_ms,
@@ -202,7 +205,8 @@ class OpenAIServing:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Run one request; a ValueError of the engine becomes a 400 before anything is yielded,
-        a failed generation a 500, and a stopped engine a 503 (the replica is being replaced).
+        a request the engine rejects (its TTFT SLO is out of reach) a 503 with Retry-After, a
+        failed generation a 500, and a stopped engine a 503 (the replica is being replaced).
 
         Closing the iterator early (a client that went away) aborts the request.
         """
@@ -212,6 +216,10 @@ class OpenAIServing:
                 output = await anext(stream)
             except ValueError as exc:
                 raise bad_request(str(exc)) from exc
+            except RequestRejected as exc:
+                self._done(exc.output, "rejected")
+                raise ServingError(503, str(exc), type="server_error",
+                                   retry_after_s=max(1, math.ceil(self._mean_e2e_s))) from exc
             except RuntimeError as exc:
                 raise self._server_error(exc) from exc
             outcome = "abort"  # unless it finishes or fails
@@ -277,19 +285,22 @@ class OpenAIServing:
         prompts = request.prompts()
         if len(prompts) * request.n > MAX_CHOICES:
             raise bad_request(f"at most {MAX_CHOICES} choices a request: {len(prompts)} prompts x n={request.n}", "n")
-        params = self._params(request, request.max_tokens or 16, request.logprobs)
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        prompt_logprobs = request.logprobs if request.echo else None
+        params = self._params(request, max_tokens, request.logprobs, prompt_logprobs)
         return request_choices(prompts, params, request.n)
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
-        outputs = await self.choice_outputs(self.completion_choices(request))
+        requested = self.completion_choices(request)
+        outputs = await self.choice_outputs(requested)
         return CompletionResponse(
             model=self.model_name,
             choices=[CompletionChoice(
                 index=index,
-                text=output.output.text,
+                text=(self._echo(prompt, output) if request.echo else "") + output.output.text,
                 finish_reason=output.output.finish_reason.value,
-                logprobs=self._completion_logprobs(output, 0) if request.logprobs is not None else None,
-            ) for index, output in enumerate(outputs)],
+                logprobs=self._completion_logprobs(output, 0, request.echo) if request.logprobs is not None else None,
+            ) for index, ((prompt, _), output) in enumerate(zip(requested, outputs))],
             usage=self._usage(dict(enumerate(outputs)), request.n),
             specserve=choices_stats(outputs),
         )
@@ -298,21 +309,27 @@ class OpenAIServing:
         """SSE lines; input errors raise before the first line, so they can still be a 400."""
         requested = self.completion_choices(request)
         outputs = await self.choice_streams(requested)
-        return error_events(self._completion_events(request, len(requested), outputs))
+        return error_events(self._completion_events(request, requested, outputs))
 
     async def _completion_events(
-        self, request: CompletionRequest, count: int, outputs: AsyncIterator[tuple[int, RequestOutput]]
+        self, request: CompletionRequest, requested: list[Choice], outputs: AsyncIterator[tuple[int, RequestOutput]]
     ) -> AsyncIterator[str]:
+        """With echo, a choice's first chunk starts with its prompt."""
         response_id, created = new_id("cmpl"), unix_now()
-        sent = [0] * count
+        count = len(requested)
+        sent: list[int | None] = [None] * count  # output tokens sent per choice; None: nothing yet
         finals: dict[int, RequestOutput] = {}
         async with aclosing(outputs):
             async for index, output in outputs:
+                echo = request.echo and sent[index] is None
+                start = sent[index] or 0
                 choice = {
                     "index": index,
-                    "text": output.output.delta_text,
+                    "text": (self._echo(requested[index][0], output) if echo else "") + output.output.delta_text,
                     "finish_reason": output.output.finish_reason.value if output.finished else None,
-                    "logprobs": self._completion_logprobs(output, sent[index]) if request.logprobs is not None else None,
+                    "logprobs": (
+                        self._completion_logprobs(output, start, echo) if request.logprobs is not None else None
+                    ),
                 }
                 sent[index] = len(output.output.token_ids)
                 chunk = {"id": response_id, "object": "text_completion", "created": created,
@@ -328,14 +345,24 @@ class OpenAIServing:
                        "model": self.model_name, "choices": [], "usage": self._usage(finals, request.n).model_dump()})
         yield sse("[DONE]")
 
-    def _completion_logprobs(self, output: RequestOutput, start: int) -> dict:
+    def _echo(self, prompt: Prompt, output: RequestOutput) -> str:
+        """The prompt's text as echo returns it: as given, or decoded from its token ids."""
+        return prompt if isinstance(prompt, str) else self.engine.engine.tokenizer.decode(output.prompt_token_ids)
+
+    def _completion_logprobs(self, output: RequestOutput, start: int, with_prompt: bool = False) -> dict:
+        """The logprobs of the output tokens from ``start``, after the prompt's if ``with_prompt``
+        (echo; its first token has none)."""
         tokenizer = self.engine.engine.tokenizer
         ids = output.output.token_ids[start:]
-        rows = (output.output.logprobs or [])[start:]
+        rows: list[dict[int, float] | None] = (output.output.logprobs or [])[start:]
+        if with_prompt:
+            ids, rows = output.prompt_token_ids + ids, output.prompt_logprobs + rows
         return {
             "tokens": [tokenizer.decode([t]) for t in ids],
-            "token_logprobs": [row[t] for t, row in zip(ids, rows)],
-            "top_logprobs": [{tokenizer.decode([k]): v for k, v in row.items()} for row in rows],
+            "token_logprobs": [None if row is None else row[t] for t, row in zip(ids, rows)],
+            "top_logprobs": [
+                None if row is None else {tokenizer.decode([k]): v for k, v in row.items()} for row in rows
+            ],
         }
 
     # -------------------------------------------------------- chat completions

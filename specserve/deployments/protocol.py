@@ -62,8 +62,13 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="A prompt (text or token ids) or a batch of them; each gets ``n`` choices."
     )
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only scores the prompt (with echo).")
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = Field(
+        default=False,
+        description="Return the prompt before the completion; with logprobs, the log-probabilities "
+        "of its tokens too (the first token's are null).",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from specserve.config import EngineConfig
 from specserve.engine.llm_engine import LLMEngine, Prompt
-from specserve.engine.request import Request, RequestOutput
+from specserve.engine.request import FinishReason, Request, RequestOutput
 from specserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,14 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class RequestRejected(RuntimeError):
+    """The engine turned a request away: it could no longer meet its TTFT SLO (on_miss='reject')."""
+
+    def __init__(self, output: RequestOutput) -> None:
+        super().__init__(output.error)
+        self.output = output
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -53,7 +61,8 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs of one request; raises ValueError at once on invalid input.
+        """Stream outputs of one request; raises ValueError at once on invalid input,
+        RequestRejected if the engine turns it away, RuntimeError if it fails.
 
         Leaving the iteration early (or cancelling the task) aborts the request.
         """
@@ -72,7 +81,8 @@ class AsyncLLMEngine:
                     raise item
                 finished = item.finished
                 if item.error:
-                    raise RuntimeError(item.error)
+                    rejected = item.output.finish_reason is FinishReason.REJECTED
+                    raise RequestRejected(item) if rejected else RuntimeError(item.error)
                 yield item
         finally:
             if not finished:

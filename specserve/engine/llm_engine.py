@@ -2,10 +2,11 @@
 
 One step flows in one direction: reject the hopeless (if configured) -> the SLO controller plans
 each decoding request's draft budget -> schedule -> draft token trees -> the controller selects
-the nodes to verify -> build sequence slices -> one target forward -> sample or verify (the
-controller learns from the outcome) -> keep the target's features of the cached positions for the
-next DraftRequest (EAGLE heads only) -> append tokens, detokenize, check stops -> report outputs
-and free finished requests' slots.
+the nodes to verify -> build sequence slices -> one target forward -> score prompt tokens (for
+requests that asked for prompt log-probabilities) -> sample or verify (the controller learns from
+the outcome) -> keep the target's features of the cached positions for the next DraftRequest
+(EAGLE heads only) -> append tokens, detokenize, check stops -> report outputs and free finished
+requests' slots.
 """
 
 from __future__ import annotations
@@ -201,7 +202,10 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its batch, never the engine
             logger.exception("forward step failed")
             return [self._fail(item.request, f"forward failed: {exc}") for item in scheduled]
-        due = [item.request for item in scheduled if item.completes_context]
+        if any(item.num_prompt_logits for item in scheduled):
+            logits = self._score_prompts(scheduled, logits, trees)
+        due = [item.request for item in scheduled if item.samples]
+        scored = [item.request for item in scheduled if item.completes_context and not item.samples]
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time)
@@ -214,6 +218,11 @@ class LLMEngine:
         if features_wanted:
             self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
         now = time.monotonic()
+        for request in scored:  # max_tokens 0: done once the prompt is read
+            request.metrics.first_token_time = now
+            request.finish(FinishReason.LENGTH)
+            outputs.append(request.take_output())
+            self._retire(request)
         for request, pick in zip(due, picks):
             for token, token_logprobs in zip(pick.tokens, pick.logprobs):
                 self._append_token(request, token, now, token_logprobs)
@@ -248,6 +257,25 @@ class LLMEngine:
             for i, pick in zip(speculated, verified):
                 picks[i] = pick
         return picks
+
+    def _score_prompts(
+        self, scheduled: list[ScheduledRequest], logits: torch.Tensor, trees: dict[str, TokenTree]
+    ) -> torch.Tensor:
+        """Record the prompt log-probabilities of the rows that score prompt tokens (before the
+        requests' computed counts advance); returns the other rows, those tokens are picked from."""
+        sizes = []
+        for item in scheduled:
+            picked = 1 + len(trees.get(item.request.request_id, ())) if item.samples else 0
+            sizes += [item.num_prompt_logits, picked]
+        parts = logits.split(sizes)
+        for item, scores in zip(scheduled, parts[0::2]):
+            if len(scores):
+                request = item.request
+                start = request.num_computed_tokens + 1  # the first prompt token these rows predict
+                tokens = request.prompt_token_ids[start : start + len(scores)]
+                counts = [request.params.prompt_logprobs] * len(tokens)
+                request.prompt_logprobs.extend(top_logprobs(scores, tokens, counts))
+        return torch.cat(parts[1::2])
 
     # --------------------------------------------------------------- speculation
 
@@ -403,7 +431,8 @@ class LLMEngine:
             token_ids=request.tokens_between(start, end),
             positions=list(range(start, end)),
             cache_start=start,
-            logits_at=[item.num_new_tokens - 1] if item.completes_context else [],
+            # rows scoring prompt tokens come first; the last token's row picks the next one
+            logits_at=list(range(item.num_prompt_logits)) + ([item.num_new_tokens - 1] if item.samples else []),
         )
 
     @staticmethod

@@ -40,7 +40,8 @@ class RequestMetrics:
 
     @property
     def ttft(self) -> float | None:
-        """Seconds from arrival to the first output token."""
+        """Seconds from arrival to the first output token (for a request of max_tokens 0, to the
+        end of its prefill)."""
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
     @property
@@ -73,6 +74,9 @@ class RequestOutput:
     error: str | None = None
     spec_stats: SpecStats | None = None  # when the request was speculated on
     slo: SLO = field(default_factory=SLO)
+    # If requested: per prompt token, its log-probability and the top alternatives (None for the
+    # first token, which nothing predicts). Complete from the first output on; not a copy.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Request:
@@ -96,6 +100,9 @@ class Request:
         self.generator = generator
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None]
+        )
         self.spec_stats = SpecStats()
         self.status = RequestStatus.WAITING
         self.slot: int | None = None
@@ -177,4 +184,5 @@ class Request:
             error=self.error,
             spec_stats=self.spec_stats if self.spec_stats.steps else None,
             slo=self.slo,
+            prompt_logprobs=self.prompt_logprobs,
         )

@@ -17,7 +17,9 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(
+        default=16, ge=0, description="The most tokens to generate; 0 only scores the prompt (see prompt_logprobs)."
+    )
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -58,6 +60,13 @@ class SamplingParams(BaseModel):
         le=20,
         description="Return the log-probabilities (of the model's raw distribution) of each "
         "output token and of this many most likely alternatives.",
+    )
+    prompt_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Return the log-probability of each prompt token after the first (given the "
+        "tokens before it) and of this many most likely alternatives (vLLM's prompt_logprobs).",
     )
     output_kind: Literal["cumulative", "final_only"] = Field(
         default="cumulative",

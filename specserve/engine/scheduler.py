@@ -35,6 +35,21 @@ class ScheduledRequest:
         """After this step every token of the request is cached: a next token is due."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
+    @property
+    def samples(self) -> bool:
+        """This step picks the request's next token(s): its context completes and it generates."""
+        return self.completes_context and self.request.params.max_tokens > 0
+
+    @property
+    def num_prompt_logits(self) -> int:
+        """How many of the step's new tokens are followed by a prompt token whose log-probability
+        the request asked for (prompt_logprobs): the logits rows that score its prompt."""
+        request = self.request
+        if request.params.prompt_logprobs is None:
+            return 0
+        start = request.num_computed_tokens
+        return max(0, min(start + self.num_new_tokens, len(request.prompt_token_ids) - 1) - start)
+
 
 class Scheduler:
     def __init__(self, num_slots: int, max_num_batched_tokens: int) -> None:
