@@ -4,12 +4,13 @@ Starts the application of ``configs/default.yaml`` (speculation on, as it serves
 and runs lm-evaluation-harness's ``local-completions`` model against its ``/v1/completions``
 (token-id prompts in batches with ``echo``, ``logprobs`` and ``max_tokens``: what lm-eval sends
 for log-likelihood and perplexity tasks), then lm-eval's own ``hf`` model (transformers,
-float32) on the same checkpoint, over the tasks in ``benchmarks/lm_eval/`` (a small
-multiple-choice task and a perplexity task written for SpecServe; no dataset download).
-Prints both runs' task metrics and how far apart every request's log-likelihood is.
+float32) on the same checkpoint, over the tasks in ``benchmarks/lm_eval/`` (small
+multiple-choice, perplexity and greedy-generation tasks written for SpecServe; no dataset
+download). Prints both runs' task metrics, how far apart every request's log-likelihood is, and
+how many greedy generations are identical.
 
     pip install "lm-eval[api]"
-    python benchmarks/lm_eval_parity.py --json OUT.json [--tasks specserve_mc,specserve_text]
+    python benchmarks/lm_eval_parity.py --json OUT.json [--tasks specserve_mc,specserve_text,specserve_gen]
         [--batch-size 16] [--config configs/default.yaml]
 """
 
@@ -36,7 +37,7 @@ TASKS_DIR = REPO / "benchmarks" / "lm_eval"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
-    parser.add_argument("--tasks", default="specserve_mc,specserve_text",
+    parser.add_argument("--tasks", default="specserve_mc,specserve_text,specserve_gen",
                         help="comma-separated lm-eval task names (those in benchmarks/lm_eval/ or lm-eval's own)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per request (and per hf batch)")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
@@ -59,14 +60,11 @@ def metrics(results: dict, task: str) -> dict[str, float]:
             if isinstance(value, float) and "stderr" not in name}
 
 
-def loglikelihoods(results: dict, task: str) -> dict[tuple[int, int], tuple[float, bool | None]]:
-    """(doc, request) -> (log-likelihood, is greedy; None for rolling ones) of every request."""
-    found = {}
-    for sample in results["samples"][task]:
-        for i, (resp,) in enumerate(sample["resps"]):
-            value, greedy = (resp[0], resp[1]) if isinstance(resp, (list, tuple)) else (resp, None)
-            found[sample["doc_id"], i] = (float(value), greedy)
-    return found
+def responses(results: dict, task: str) -> dict[tuple[int, int], object]:
+    """(doc, request) -> lm-eval's response: a generated text, a (log-likelihood, is greedy)
+    pair, or a rolling log-likelihood."""
+    return {(sample["doc_id"], i): resp for sample in results["samples"][task]
+            for i, (resp,) in enumerate(sample["resps"])}
 
 
 def main() -> int:
@@ -100,27 +98,39 @@ def main() -> int:
                          tasks, args.batch_size)
 
     report: dict = {"model": model_name, "config": os.path.relpath(args.config, REPO), "tasks": {}}
-    diffs, greedy_pairs = [], []
+    diffs, greedy_pairs, texts_equal = [], [], []
     print("| task | metric | served | hf (transformers) |\n|---|---|---:|---:|")
     for task in tasks:
         ours, theirs = metrics(served, task), metrics(reference, task)
         report["tasks"][task] = {"served": ours, "hf": theirs}
         for name in ours:
             print(f"| {task} | {name} | {ours[name]:.4f} | {theirs[name]:.4f} |")
-        mine, ref = loglikelihoods(served, task), loglikelihoods(reference, task)
+        mine, ref = responses(served, task), responses(reference, task)
         if mine.keys() != ref.keys():
             raise SystemExit(f"{task}: the two runs logged different requests")
-        diffs += [abs(mine[key][0] - ref[key][0]) for key in mine]
-        greedy_pairs += [(mine[key][1], ref[key][1]) for key in mine if ref[key][1] is not None]
+        for key, ours_resp in mine.items():
+            theirs_resp = ref[key]
+            if isinstance(ours_resp, str):
+                texts_equal.append(ours_resp == theirs_resp)
+            elif isinstance(ours_resp, (list, tuple)):
+                diffs.append(abs(float(ours_resp[0]) - float(theirs_resp[0])))
+                greedy_pairs.append((ours_resp[1], theirs_resp[1]))
+            else:
+                diffs.append(abs(float(ours_resp) - float(theirs_resp)))
+    greedy_agree = sum(a == b for a, b in greedy_pairs)
     report.update(
         loglikelihoods=len(diffs),
-        max_abs_diff=max(diffs),
-        mean_abs_diff=sum(diffs) / len(diffs),
-        is_greedy_agreement=sum(a == b for a, b in greedy_pairs) / len(greedy_pairs) if greedy_pairs else None,
+        max_abs_diff=max(diffs, default=None),
+        mean_abs_diff=sum(diffs) / len(diffs) if diffs else None,
+        is_greedy_agreement=greedy_agree / len(greedy_pairs) if greedy_pairs else None,
+        generations=len(texts_equal),
+        generations_identical=sum(texts_equal),
     )
-    print(f"\n{len(diffs)} log-likelihoods: max |served - hf| {report['max_abs_diff']:.2e}, "
-          f"mean {report['mean_abs_diff']:.2e}; is_greedy agrees on "
-          f"{sum(a == b for a, b in greedy_pairs)}/{len(greedy_pairs)}")
+    if diffs:
+        print(f"\n{len(diffs)} log-likelihoods: max |served - hf| {max(diffs):.2e}, mean "
+              f"{report['mean_abs_diff']:.2e}; is_greedy agrees on {greedy_agree}/{len(greedy_pairs)}")
+    if texts_equal:
+        print(f"{len(texts_equal)} greedy generations: {sum(texts_equal)} identical to transformers'")
     Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
