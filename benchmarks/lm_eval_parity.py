@@ -3,7 +3,7 @@
 Starts the application of ``configs/default.yaml`` (speculation on, as it serves) on free ports
 and runs lm-evaluation-harness's ``local-completions`` model against its ``/v1/completions``
 (token-id prompts in batches with ``echo``, ``logprobs`` and ``max_tokens``: what lm-eval sends
-for log-likelihood and perplexity tasks), then lm-eval's own ``hf`` model (transformers,
+for log-likelihood and perplexity tasks; tokenized by the server's ``/tokenize``), then lm-eval's own ``hf`` model (transformers,
 float32) on the same checkpoint, over the tasks in ``benchmarks/lm_eval/`` (small
 multiple-choice, perplexity and greedy-generation tasks written for SpecServe; no dataset
 download). Prints both runs' task metrics, how far apart every request's log-likelihood is, and
@@ -88,7 +88,7 @@ def main() -> int:
     try:
         served = evaluate("local-completions", {
             "model": model_name, "base_url": f"http://127.0.0.1:{http_port}/v1/completions",
-            "tokenizer": str(model_path), "tokenizer_backend": "huggingface", "tokenized_requests": True,
+            "tokenizer_backend": "remote", "tokenized_requests": True,  # the server's /tokenize
             "max_retries": 1,
         }, tasks, args.batch_size)
     finally:

@@ -150,6 +150,27 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_the_engine_scores_them(clie
     assert streamed[1:] == pytest.approx(generated.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
 
 
+def test_tokenizer_endpoints_tokenize_as_the_engine_does(server, reference):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's remote tokenizer uses them)."""
+    _, engine = reference
+    status, tokenized, _ = _post("/tokenize", {"prompt": "Hello world", "add_special_tokens": False})
+    assert status == 200 and tokenized["tokens"] == engine.tokenizer.encode("Hello world", add_special_tokens=False)
+    assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 256
+    messages = [{"role": "user", "content": "Hi"}]
+    status, chat, _ = _post("/tokenize", {"messages": messages})
+    assert status == 200 and chat["tokens"] == engine.apply_chat_template(messages)
+    status, text, _ = _post("/detokenize", {"tokens": tokenized["tokens"]})
+    assert status == 200 and text == {"prompt": "Hello world"}
+    with urllib.request.urlopen(BASE + "/tokenizer_info") as response:
+        info = json.loads(response.read())
+    assert info["eos_token"] == engine.tokenizer.eos_token and info["model_max_length"] == 256
+    for path, body, param in [("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/tokenize", {"prompt": "x", "messages": messages}, None),
+                              ("/tokenize", {"prompt": "a\ud800"}, "prompt")]:
+        status, error, _ = _post(path, body)
+        assert status == 400 and error["error"]["param"] == param and error["error"]["message"]
+
+
 def test_chat_streaming_and_not(client, reference):
     run, engine = reference
     messages = [{"role": "user", "content": "Hello"}]

@@ -26,12 +26,18 @@ from specserve.deployments.protocol import (
     ChatMessageOut,
     CompletionChoice,
     CompletionRequest,
+    ChatMessage,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     MAX_CHOICES,
     GenerationFields,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     Usage,
     new_id,
     unix_now,
@@ -278,6 +284,39 @@ class OpenAIServing:
         completion = sum(len(output.output.token_ids) for output in outputs.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
+    # -------------------------------------------------------------- tokenizer
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self._check_model(request.model)
+        engine = self.engine.engine
+        if request.messages is not None:
+            tokens = self._chat_prompt(request.messages)
+        else:
+            try:
+                tokens = engine.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            except ValueError as exc:
+                raise bad_request(str(exc), "prompt") from exc
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(request.model)
+        vocab = self.engine.engine.vocab_size
+        if bad := [t for t in request.tokens if not 0 <= t < vocab]:
+            raise bad_request(f"tokens {bad[:5]} are outside [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=self.engine.engine.tokenizer.decode(request.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        engine = self.engine.engine
+        tokenizer = engine.tokenizer
+        return TokenizerInfo(
+            tokenizer_class=type(tokenizer).__name__,
+            eos_token=tokenizer.eos_token,
+            bos_token=tokenizer.bos_token,
+            pad_token=tokenizer.pad_token,
+            chat_template=tokenizer.chat_template,
+            model_max_length=engine.max_model_len,
+        )
+
     # ------------------------------------------------------------- completions
 
     def completion_choices(self, request: CompletionRequest) -> list[Choice]:
@@ -367,13 +406,16 @@ class OpenAIServing:
 
     # -------------------------------------------------------- chat completions
 
-    def chat_choices(self, request: ChatCompletionRequest) -> list[Choice]:
-        self._check_model(request.model)
+    def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """The prompt token ids of a conversation (the chat template's layout)."""
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-            prompt_ids = self.engine.engine.apply_chat_template(messages)
+            return self.engine.engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from exc
+
+    def chat_choices(self, request: ChatCompletionRequest) -> list[Choice]:
+        self._check_model(request.model)
+        prompt_ids = self._chat_prompt(request.messages)
         room = self._room(prompt_ids)
         max_tokens = request.max_completion_tokens or request.max_tokens or room
         logprobs = (request.top_logprobs or 0) if request.logprobs else None

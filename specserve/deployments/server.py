@@ -27,7 +27,12 @@ from specserve.deployments.config import ServerConfig
 from specserve.deployments.grpc import specserve_pb2 as pb
 from specserve.deployments.metrics import ServingMetrics
 from specserve.deployments.openai_serving import OpenAIServing, ServingError, invalid_fields
-from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
+from specserve.deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from specserve.engine.async_engine import AsyncLLMEngine
 
 api = FastAPI(title="SpecServe", description="OpenAI-compatible API with per-request SLOs")
@@ -97,6 +102,18 @@ class SpecServeServer:
     @api.get("/v1/models")
     async def models(self) -> dict:
         return self.serving.models().model_dump()
+
+    @api.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        return self.serving.tokenize(body).model_dump()
+
+    @api.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        return self.serving.detokenize(body).model_dump()
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict:
+        return self.serving.tokenizer_info().model_dump()
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):

@@ -103,7 +103,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            token_ids = self._encode(prompt, "prompt")
+            token_ids = self.encode(prompt, "prompt")
         else:
             token_ids = [int(t) for t in prompt]
             bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
@@ -164,16 +164,16 @@ class LLMEngine:
         if not messages:
             raise ValueError("messages must not be empty")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._encode(text, "messages", add_special_tokens=False)
+        return self.encode(text, "messages", add_special_tokens=False)
 
-    def _encode(self, text: str, what: str, **kwargs) -> list[int]:
+    def encode(self, text: str, what: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; text that is not Unicode (a lone surrogate, which JSON's
         ``"\\ud800"`` decodes to) is a ValueError naming ``what``, not a tokenizer's TypeError."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ValueError(f"{what} is not valid Unicode text: {exc.reason}") from None
-        return self.tokenizer.encode(text, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # -------------------------------------------------------------------- steps
 
