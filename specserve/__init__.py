@@ -4,7 +4,7 @@ from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import RequestOutput
-from specserve.engine.sampling_params import SamplingParams
+from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 from specserve.llm import LLM
 from specserve.spec.tree import TreeBudget
 
@@ -15,6 +15,7 @@ __all__ = [
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutput",
     "SpeculativeConfig",
     "TreeBudget",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -171,6 +172,46 @@ def test_tokenizer_endpoints_tokenize_as_the_engine_does(server, reference):
         assert status == 400 and error["error"]["param"] == param and error["error"]["message"]
 
 
+def test_structured_outputs_over_http_and_grpc_match_the_in_process_engine(client, reference):
+    """OpenAI's response_format (JSON schema) on chat, vLLM's structured_outputs (choice) on
+    completions and over gRPC (regex): the outputs match and equal the engine's own."""
+    from specserve.engine.sampling_params import StructuredOutput
+
+    _, engine = reference
+
+    def in_process(prompt, structured: StructuredOutput) -> str:
+        request = engine.make_request("structured", prompt, SamplingParams(max_tokens=40, temperature=0,
+                                                                           structured=structured))
+        engine.add_request(request)
+        while engine.has_unfinished_requests():
+            finals = engine.step()
+        return finals[0].output.text
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    messages = [{"role": "user", "content": "A color?"}]
+    reply = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "color", "schema": schema}})
+    text = reply.choices[0].message.content
+    assert json.loads(text)["color"] in ("red", "green") and reply.choices[0].finish_reason == "stop"
+    assert text == in_process(engine.apply_chat_template(messages), StructuredOutput(json_schema=schema))
+
+    choices = ["quick fox", "lazy dog"]
+    completion = client.completions.create(model="tiny", prompt="The", max_tokens=40, temperature=0,
+                                           extra_body={"structured_outputs": {"choice": choices}})
+    assert completion.choices[0].text in choices
+    assert completion.choices[0].text == in_process("The", StructuredOutput(choice=choices))
+
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        reply = grpc_client.generate(prompt="The", max_tokens=40, temperature=0,
+                                     structured_outputs={"regex": "[a-z]{3,6}!"})
+        assert re.fullmatch("[a-z]{3,6}!", reply.text) and reply.finish_reason == "stop"
+        with pytest.raises(grpc.RpcError) as failed:
+            grpc_client.generate(prompt="The", structured_outputs={"regex": "(unclosed"})
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_chat_streaming_and_not(client, reference):
     run, engine = reference
     messages = [{"role": "user", "content": "Hello"}]
@@ -304,6 +345,11 @@ def test_slo_extension_fields(client):
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "stop": ["", "y"]}, "stop"),
     (b'{"prompt": "a\\ud800"}', "prompt"),  # a lone surrogate: valid JSON, not valid text
+    ({"prompt": "x", "structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}},
+     "structured_outputs"),
 ])
 def test_bad_requests_get_openai_errors(server, body, param):
     status, error, _ = _post("/v1/completions", body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
-from specserve.engine.sampling_params import SamplingParams
+from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 from specserve.spec.draft_model import VOCAB_FILE
 from specserve.spec.stats import SpecStats
 from specserve.spec.tree import TreeBudget
@@ -400,9 +401,12 @@ def test_hybrid_hint_is_a_matching_lookups_share_times_its_accuracy_learned_with
     assert not drafter._accuracy and not drafter._pending
 
 
-def _exact_joint(model, prompt: list[int], first: int, params: SamplingParams) -> dict[tuple[int, int], float]:
+def _exact_joint(
+    model, prompt: list[int], first: int, params: SamplingParams, allowed: list[int] | None = None
+) -> dict[tuple[int, int], float]:
     """P(t2, t3 | prompt, t1=first) of the target distribution under ``params``: its penalties
-    (repetition on prompt and output, then presence and frequency on the output), then top-k."""
+    (repetition on prompt and output, then presence and frequency on the output), only the
+    ``allowed`` tokens (if given), then top-k."""
     def dist(generated):
         logits = model(torch.tensor([prompt + generated])).logits[0, -1]
         seen = sorted(set(prompt + generated))
@@ -410,6 +414,9 @@ def _exact_joint(model, prompt: list[int], first: int, params: SamplingParams) -
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
         for token in set(generated):
             logits[token] -= params.presence_penalty + params.frequency_penalty * generated.count(token)
+        if allowed is not None:
+            refused = [t for t in range(logits.shape[0]) if t not in allowed]
+            logits[refused] = float("-inf")
         kth = logits.topk(params.top_k).values[-1]
         return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
 
@@ -426,17 +433,24 @@ def _exact_joint(model, prompt: list[int], first: int, params: SamplingParams) -
 @pytest.mark.parametrize("penalties", [
     {},
     {"repetition_penalty": 1.8, "presence_penalty": 0.5, "frequency_penalty": 0.7},
-], ids=["plain", "penalized"])
+    {"structured": "3 of the 9 text tokens refused"},
+], ids=["plain", "penalized", "constrained"])
 def test_speculative_sampling_matches_the_target_distribution(tmp_path, penalties):
     """Chi-square of (t2, t3) samples against the exact target distribution, on a 12-token
     vocabulary; t2 and t3 come from tree verification (t1 from the prefill step). With
-    penalties, a node's distribution depends on the nodes above it."""
+    penalties, a node's distribution depends on the nodes above it; with a constraint, only
+    the tokens it allows are drawn."""
     target = build_tiny_model(tmp_path / "target", vocab_size=12, seed=3)
     draft = build_tiny_model(tmp_path / "draft", vocab_size=12, num_hidden_layers=1, seed=4)
     spec = SpeculativeConfig(draft_model=str(draft), budget=TreeBudget(depth=2, width=2))
     engine = LLMEngine(
         EngineConfig(model=str(target), max_num_seqs=16, max_model_len=64, speculative=spec, control=ControlConfig(policy="fixed"))
     )
+    allowed = None
+    if "structured" in penalties:  # ids 3-11 are single characters: allow 6 of them, 5 in a row
+        allowed = [3, 4, 6, 8, 9, 11]
+        chars = "".join(re.escape(engine.tokenizer.decode([t])) for t in allowed)
+        penalties = {"structured": StructuredOutput(regex=f"[{chars}]{{5}}")}
     prompt, n = [5, 7, 3], 4000
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, ignore_eos=True, **penalties)
               for s in range(n)]
@@ -444,7 +458,7 @@ def test_speculative_sampling_matches_the_target_distribution(tmp_path, penaltie
     firsts = Counter(o.output.token_ids[0] for o in outputs)
     first = firsts.most_common(1)[0][0]
     observed = Counter(tuple(o.output.token_ids[1:]) for o in outputs if o.output.token_ids[0] == first)
-    exact = _exact_joint(AutoModelForCausalLM.from_pretrained(target).eval(), prompt, first, params[0])
+    exact = _exact_joint(AutoModelForCausalLM.from_pretrained(target).eval(), prompt, first, params[0], allowed)
     total = sum(observed.values())
     cells = sorted(exact)
     assert set(observed) <= set(cells)

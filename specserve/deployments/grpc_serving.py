@@ -31,6 +31,11 @@ def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRe
         fields["speculation"] = {"depth": s.depth, "width": s.width or 1}
         if s.HasField("max_nodes"):
             fields["speculation"]["max_nodes"] = s.max_nodes
+    if request.HasField("structured_outputs"):
+        s = request.structured_outputs
+        given = {"json": s.json or None, "json_object": s.json_object or None, "regex": s.regex or None,
+                 "choice": list(s.choice) or None, "grammar": s.grammar or None}
+        fields["structured_outputs"] = {name: value for name, value in given.items() if value is not None}
     fields["ignore_eos"] = request.ignore_eos
     fields["stream"] = stream
     try:

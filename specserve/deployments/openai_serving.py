@@ -46,7 +46,8 @@ from specserve.deployments.stats import choices_stats
 from specserve.deployments.streams import interleave, prepend
 from specserve.engine.async_engine import AsyncLLMEngine, RequestRejected
 from specserve.engine.request import RequestOutput
-from specserve.engine.sampling_params import SamplingParams
+from specserve.engine.sampling_params import SamplingParams, StructuredOutput
+from specserve.engine.structured import checked_grammar
 
 RECOVERY_RETRY_AFTER_S = 15  # about how long Serve takes to replace a replica
 
@@ -112,6 +113,33 @@ def request_choices(prompts: list[Prompt], params: SamplingParams, n: int) -> li
     return [(prompt, params.model_copy(update={"seed": params.seed ^ i})) for prompt in prompts for i in range(n)]
 
 
+def structured_output(request: GenerationFields) -> StructuredOutput | None:
+    """The constraint of ``response_format`` (OpenAI's) or ``structured_outputs`` (vLLM's), checked
+    as a grammar; a 400 naming the field if it is invalid."""
+    fmt, given = request.response_format, request.structured_outputs
+    asked_format = fmt is not None and fmt.type != "text"
+    if asked_format and given is not None:
+        raise bad_request("give response_format or structured_outputs, not both", "structured_outputs")
+    if not asked_format and given is None:
+        return None
+    field = "structured_outputs" if given is not None else "response_format"
+    try:
+        if given is not None:
+            schema = json.loads(given.json_) if isinstance(given.json_, str) else given.json_
+            spec = StructuredOutput(json_schema=schema, json_object=bool(given.json_object), regex=given.regex,
+                                    choice=given.choice, grammar=given.grammar)
+        elif fmt.type == "json_object":
+            spec = StructuredOutput(json_object=True)
+        else:
+            spec = StructuredOutput(json_schema=fmt.json_schema.schema_)
+        checked_grammar(spec)
+    except ValidationError as exc:
+        raise bad_request(f"{field}: {exc.errors()[0]['msg']}", field) from exc
+    except ValueError as exc:
+        raise bad_request(f"{field}: {str(exc).removeprefix('structured output: ')}", field) from exc
+    return spec
+
+
 async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """The events, ending with an OpenAI error event if generation fails after the stream began
     (its HTTP status is already sent)."""
@@ -173,6 +201,7 @@ class OpenAIServing:
     def _params(
         self, request: GenerationFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
+        structured = structured_output(request)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -187,6 +216,7 @@ class OpenAIServing:
                 frequency_penalty=request.frequency_penalty,
                 repetition_penalty=request.repetition_penalty,
                 ignore_eos=request.ignore_eos,
+                structured=structured,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 speculation=request.speculation,

@@ -32,6 +32,7 @@ from specserve.engine.request import FinishReason, Request, RequestOutput
 from specserve.engine.sampler import sample, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
+from specserve.engine.structured import Grammars
 from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
 from specserve.models.linear_kernel import cpu_name
@@ -78,6 +79,7 @@ class LLMEngine:
         self.executor = ModelExecutor(self.config, model_path)
         self.max_model_len = self.executor.max_model_len
         self.vocab_size = self.executor.runner.model.arch.vocab_size
+        self.grammars = Grammars(self.tokenizer)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.drafter: Drafter | None = None
         self.controller: SLOController | None = None
@@ -124,7 +126,8 @@ class LLMEngine:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output
         )
-        return Request(request_id, token_ids, params, detokenizer, generator, arrival_time, slo)
+        constraint = self.grammars.constraint(params.structured) if params.structured is not None else None
+        return Request(request_id, token_ids, params, detokenizer, generator, arrival_time, slo, constraint)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -245,7 +248,8 @@ class LLMEngine:
             plain_logits = torch.cat([rows[i] for i in plain])
             requests = [due[i] for i in plain]
             tokens = sample(plain_logits, [r.params for r in requests], [r.generator for r in requests],
-                            [(r.prompt_token_ids, r.output_token_ids) for r in requests])
+                            [(r.prompt_token_ids, r.output_token_ids) for r in requests],
+                            self._allowed(requests, plain_logits.shape[-1]))
             logprobs = self._logprobs(plain_logits, tokens, requests)
             for i, token, token_logprobs in zip(plain, tokens, logprobs):
                 picks[i] = Pick([token], [token_logprobs], [0])
@@ -276,6 +280,18 @@ class LLMEngine:
                 counts = [request.params.prompt_logprobs] * len(tokens)
                 request.prompt_logprobs.extend(top_logprobs(scores, tokens, counts))
         return torch.cat(parts[1::2])
+
+    @staticmethod
+    def _allowed(requests: list[Request], vocab: int) -> torch.Tensor | None:
+        """[B, vocab] bool: the next tokens each request's structured output allows (all, for a
+        request without one); None when no request has one."""
+        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
+        if not constrained:
+            return None
+        allowed = torch.ones(len(requests), vocab, dtype=torch.bool)
+        for i in constrained:
+            allowed[i] = requests[i].constraint.allowed([[]], vocab)[0]
+        return allowed
 
     # --------------------------------------------------------------- speculation
 
@@ -372,7 +388,8 @@ class LLMEngine:
         for request, logits in zip(requests, rows):
             tree = trees[request.request_id]
             verdict = verify(
-                tree, logits, request.params, request.generator, request.prompt_token_ids, request.output_token_ids
+                tree, logits, request.params, request.generator, request.prompt_token_ids, request.output_token_ids,
+                request.constraint,
             )
             accepted = len(verdict.accepted)
             root = request.num_computed_tokens - 1  # the root is now cached at its position
@@ -465,7 +482,11 @@ class LLMEngine:
         ) or token in params.stop_token_ids
         if not is_stop_token:
             request.detokenizer.add(token)
-        if is_stop_token or request.detokenizer.stopped_by:
+        complete = False  # the structured output allows nothing more
+        if request.constraint is not None:
+            request.constraint.accept(token)
+            complete = request.constraint.complete
+        if is_stop_token or request.detokenizer.stopped_by or complete:
             request.finish(FinishReason.STOP)
         elif len(request.output_token_ids) >= params.max_tokens:
             request.finish(FinishReason.LENGTH)

@@ -11,6 +11,7 @@ import torch
 from specserve.control.slo import SLO
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.sampling_params import SamplingParams
+from specserve.engine.structured import TokenConstraint
 from specserve.spec.stats import SpecStats
 
 
@@ -91,6 +92,7 @@ class Request:
         generator: torch.Generator | None,
         arrival_time: float | None = None,
         slo: SLO | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -98,6 +100,7 @@ class Request:
         self.slo = slo or SLO()
         self.detokenizer = detokenizer
         self.generator = generator
+        self.constraint = constraint  # structured output: what may follow its output so far
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
         self.prompt_logprobs: list[dict[int, float] | None] | None = (

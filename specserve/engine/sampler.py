@@ -1,5 +1,5 @@
-"""From logits to next tokens: logit bias and penalties, greedy, temperature, top-k, top-p,
-per-request seeds.
+"""From logits to next tokens: logit bias, penalties and structured-output constraints, greedy,
+temperature, top-k, top-p, per-request seeds.
 
 ``adjusted`` and ``target_probs`` define the distribution a request samples from; speculative
 verification uses the same functions so that accepting drafted tokens stays lossless.
@@ -40,11 +40,15 @@ class TokenCounts:
 
 
 def adjusted(
-    logits: torch.Tensor, params: list[SamplingParams], counts: Callable[[int], TokenCounts]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    counts: Callable[[int], TokenCounts],
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``logits`` [B, V] as each row's request chooses from them: its repetition penalty on the
     tokens ``counts(row)`` has seen (prompt and generated), its presence and frequency penalties
-    on the generated ones, then its ``logit_bias``. What plain sampling and speculative
+    on the generated ones, its ``logit_bias``, then -inf where ``allowed`` [B, V] (its
+    structured-output constraint) refuses the token. What plain sampling and speculative
     verification both choose from; a copy, made only where a row needs one."""
     rows = [row for row, p in enumerate(params) if p.adjusts_logits]
     if not rows:
@@ -63,6 +67,8 @@ def adjusted(
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits.device)
             logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    if allowed is not None:
+        logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
     return logits
 
 
@@ -95,11 +101,13 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
+    allowed: torch.Tensor | None = None,
 ) -> list[int]:
     """One next token per row of ``logits`` [B, V]; ``histories``: each row's request's prompt
-    and output so far (needed only by requests with penalties)."""
+    and output so far (needed only by requests with penalties); ``allowed``: the tokens each
+    row's constraint allows (needed only by requests with structured output)."""
     vocab, device = logits.shape[-1], logits.device
-    logits = adjusted(logits, params, lambda row: TokenCounts.of(*histories[row], vocab, device))
+    logits = adjusted(logits, params, lambda row: TokenCounts.of(*histories[row], vocab, device), allowed)
     greedy = [p.greedy for p in params]
     tokens = logits.argmax(dim=-1).tolist()
     if all(greedy):

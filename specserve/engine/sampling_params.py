@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specserve.spec.tree import TreeBudget
+
+
+class StructuredOutput(BaseModel):
+    """What the output must match: exactly one of a JSON schema, any JSON object, a regular
+    expression, one of given strings, or a Lark grammar (llguidance's dialect)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutput:
+        given = [self.json_schema is not None, self.json_object, self.regex is not None,
+                 self.choice is not None, self.grammar is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of json_schema, json_object, regex, choice, grammar")
+        return self
 
 
 class SamplingParams(BaseModel):
@@ -41,6 +62,12 @@ class SamplingParams(BaseModel):
         default_factory=dict,
         description="Token id -> value added to its logit before the token is chosen (-100 bans "
         "it, 100 all but forces it); speculative verification adds it too, so it stays lossless.",
+    )
+    structured: StructuredOutput | None = Field(
+        default=None,
+        description="Constrain the output (JSON schema, JSON object, regex, choice or grammar): only "
+        "tokens that keep it matchable are chosen, and it ends when complete; speculative "
+        "verification applies the same constraint, so it stays lossless.",
     )
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -99,8 +126,8 @@ class SamplingParams(BaseModel):
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether its logits are biased or penalized before a token is chosen."""
-        return bool(self.logit_bias) or self.penalized
+        """Whether its logits are biased, penalized or constrained before a token is chosen."""
+        return bool(self.logit_bias) or self.penalized or self.structured is not None
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ import torch
 
 from specserve.engine.sampler import TokenCounts, adjusted, draw, target_probs
 from specserve.engine.sampling_params import SamplingParams
+from specserve.engine.structured import TokenConstraint
 from specserve.spec.tree import TokenTree
 
 
@@ -38,15 +39,18 @@ def verify(
     generator: torch.Generator | None,
     prompt: Sequence[int] = (),
     generated: Sequence[int] = (),
+    constraint: TokenConstraint | None = None,
 ) -> Verdict:
     """``logits`` [len(tree)+1, V]: row 0 for the root, row i+1 for node i. ``prompt`` and
-    ``generated`` (the output so far, root included) are what penalties count; a node's row also
-    counts the nodes on its path, as plain decoding would have generated them."""
+    ``generated`` (the output so far, root included) are what penalties count, and
+    ``constraint`` (in the state ``generated`` left it) what structured output allows; a node's
+    row also counts the nodes on its path, as plain decoding would have generated them."""
     if params.adjusts_logits:
-        base = TokenCounts.of(prompt, generated, logits.shape[-1], logits.device) if params.penalized else None
-        logits = adjusted(
-            logits, [params] * logits.shape[0], lambda row: base.plus([tree.tokens[i] for i in tree.path(row - 1)])
-        )
+        vocab = logits.shape[-1]
+        paths = [[tree.tokens[i] for i in tree.path(row - 1)] for row in range(logits.shape[0])]
+        base = TokenCounts.of(prompt, generated, vocab, logits.device) if params.penalized else None
+        allowed = constraint.allowed(paths, vocab) if constraint is not None else None
+        logits = adjusted(logits, [params] * logits.shape[0], lambda row: base.plus(paths[row]), allowed)
     if params.greedy:
         choices = logits.argmax(dim=-1).tolist()
 

@@ -1,0 +1,107 @@
+"""Structured output on tiny random models: outputs match their constraint, speculation under a
+constraint equals plain decoding under it, and bad constraints are clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from specserve.engine.request import FinishReason
+from specserve.engine.sampling_params import SamplingParams, StructuredOutput
+from specserve.spec.tree import TokenTree, TreeBudget
+from specserve.spec.verifier import verify
+from test_engine import assert_all_slots_free, run
+from test_speculative import spec_engine
+from tiny_models import PROMPTS
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["color", "n"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},  # a random model would otherwise pad forever
+}
+CONSTRAINTS = {
+    "regex": (StructuredOutput(regex=r"[a-z ]{4,12}\."), lambda text: re.fullmatch(r"[a-z ]{4,12}\.", text)),
+    "choice": (StructuredOutput(choice=["quick fox", "lazy dog", "hello"]),
+               lambda text: text in ("quick fox", "lazy dog", "hello")),
+    "json_schema": (StructuredOutput(json_schema=SCHEMA),
+                    lambda text: json.loads(text)["color"] in ("red", "green", "blue")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+def test_outputs_match_their_constraint_and_speculation_under_it_is_exact(tiny_model, tiny_engine, name):
+    """Greedy and sampled: the plain engine's outputs match the constraint and end when it is
+    complete; an engine that speculates (the target drafting for itself, so its drafts often
+    break the constraint, beside unconstrained requests) gives the same tokens."""
+    constraint, matches = CONSTRAINTS[name]
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured=constraint, ignore_eos=True)
+              for i, t in enumerate([0.0, 0.0, 1.0, 1.0, 0.8])]
+    params[1] = params[1].model_copy(update={"structured": None})  # an unconstrained neighbour
+    plain = run(tiny_engine, PROMPTS, params)
+    for p, out in zip(params, plain):
+        if p.structured is not None:
+            assert out.output.finish_reason is FinishReason.STOP and matches(out.output.text), out.output.text
+    engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3, width=2))
+    speculated = run(engine, PROMPTS, params)
+    assert [o.output.token_ids for o in speculated] == [o.output.token_ids for o in plain]
+    assert engine.spec_stats.accepted > 0
+    assert_all_slots_free(engine)
+
+
+def test_the_tokens_allowed_after_each_path_are_those_allowed_after_emitting_it(tiny_engine):
+    """``allowed`` for every prefix of a valid output equals the mask of a constraint that
+    emitted the prefix, and leaves the constraint's own state as it was."""
+    spec = StructuredOutput(json_schema=SCHEMA)
+    tokens = tiny_engine.tokenizer.encode('{"color":"green","n":7}')
+    vocab = tiny_engine.vocab_size
+    constraint = tiny_engine.grammars.constraint(spec)
+    at_once = constraint.allowed([tokens[:i] for i in range(len(tokens) + 1)], vocab)
+    assert constraint.allowed([[]], vocab).equal(at_once[:1])
+    emitted = tiny_engine.grammars.constraint(spec)
+    for i, token in enumerate(tokens):
+        assert emitted.allowed([[]], vocab)[0].equal(at_once[i])
+        assert at_once[i, token]
+        emitted.accept(token)
+    assert emitted.complete and not constraint.complete
+    assert constraint.allowed([[tokens[0], tokens[0]]], vocab).all()  # a refused path allows anything
+
+
+def test_verification_masks_each_node_with_the_state_after_its_path(tiny_engine):
+    """A drafted chain that spells a choice, under logits whose favourite token the choice
+    refuses everywhere: greedy verification accepts the whole chain only if every row is
+    masked after its own path, then ends with the only token left, EOS."""
+    tokenizer = tiny_engine.tokenizer
+    path = tokenizer.encode("lazy dog")
+    junk = tokenizer.encode("Q")[0]
+    logits = torch.zeros(len(path) + 1, tiny_engine.vocab_size)
+    logits[:, junk] = 10.0
+    for row, token in enumerate(path):
+        logits[row, token] = 5.0
+    tree = TokenTree(tokens=path, parents=list(range(-1, len(path) - 1)), probs=[1.0] * len(path),
+                     path_probs=[1.0] * len(path), depths=list(range(1, len(path) + 1)))
+    params = SamplingParams(temperature=0.0, structured=StructuredOutput(choice=["quick fox", "lazy dog"]))
+    constraint = tiny_engine.grammars.constraint(params.structured)
+    verdict = verify(tree, logits, params, None, constraint=constraint)
+    assert verdict.tokens == path + [tokenizer.eos_token_id]
+    assert verify(tree, logits, params.model_copy(update={"structured": None}), None).tokens == [junk]
+
+
+@pytest.mark.parametrize("constraint, message", [
+    ({"regex": "(unclosed"}, "unclosed group"),
+    ({"json_schema": {"type": "nonsense"}}, "nonsense"),
+    ({"grammar": "start: undefined_rule"}, "undefined_rule"),
+])
+def test_an_invalid_constraint_is_a_clear_value_error(tiny_engine, constraint, message):
+    with pytest.raises(ValueError, match=f"(?s)structured output: .*{message}"):
+        tiny_engine.make_request("bad", "hi", SamplingParams(structured=StructuredOutput(**constraint)))
+
+
+@pytest.mark.parametrize("fields", [{}, {"regex": "a", "choice": ["b"]}, {"choice": []}])
+def test_a_constraint_names_exactly_one_kind(fields):
+    with pytest.raises(ValueError):
+        StructuredOutput(**fields)
