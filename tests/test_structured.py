@@ -53,6 +53,27 @@ def test_outputs_match_their_constraint_and_speculation_under_it_is_exact(tiny_m
     assert_all_slots_free(engine)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tokens_the_constraint_forces_are_drafted_and_always_accepted(tiny_engine, temperature):
+    """Without a drafter, the keys and punctuation a JSON schema forces are drafted from the
+    constraint and verified: every one is accepted, in fewer steps, and the output is the one
+    of a request that refuses speculation (depth 0)."""
+    def params(**extra):
+        return SamplingParams(max_tokens=60, temperature=temperature, seed=3, structured=CONSTRAINTS["json_schema"][0],
+                              **extra)
+
+    before = tiny_engine.spec_stats.to_dict()
+    jumped = run(tiny_engine, PROMPTS[:3], params())
+    after = tiny_engine.spec_stats.to_dict()
+    plain = run(tiny_engine, PROMPTS[:3], params(speculation=TreeBudget(depth=0)))
+    assert [o.output.token_ids for o in jumped] == [o.output.token_ids for o in plain]
+    assert all(o.spec_stats is None for o in plain)
+    for out in jumped:
+        stats = out.spec_stats
+        assert stats.accepted == stats.verified > 0
+    assert after["accepted"] - before["accepted"] == sum(o.spec_stats.accepted for o in jumped)
+
+
 def test_the_tokens_allowed_after_each_path_are_those_allowed_after_emitting_it(tiny_engine):
     """``allowed`` for every prefix of a valid output equals the mask of a constraint that
     emitted the prefix, and leaves the constraint's own state as it was."""

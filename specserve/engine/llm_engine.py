@@ -185,6 +185,8 @@ class LLMEngine:
         their final output) or finished."""
         outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
         views, budgets = self._plan() if self.controller is not None else ({}, {})
+        forced = self._forced_tokens()
+        budgets.update({request_id: TreeBudget(depth=len(tokens)) for request_id, tokens in forced.items()})
         scheduled = self.scheduler.schedule(budgets)
         if not scheduled:
             return outputs
@@ -194,7 +196,7 @@ class LLMEngine:
                 item.request.metrics.first_scheduled_time = now
         features_wanted = self.drafter is not None and self.drafter.needs_target_features
         try:
-            trees, guesses = self._draft(scheduled, views) if budgets else ({}, {})
+            trees, guesses = self._draft(scheduled, views, forced) if budgets else ({}, {})
             start = time.perf_counter()
             slices = [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
             if features_wanted:
@@ -211,7 +213,7 @@ class LLMEngine:
         scored = [item.request for item in scheduled if item.completes_context and not item.samples]
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
-        picks = self._next_tokens(due, logits, trees, verify_time)
+        picks = self._next_tokens(due, logits, trees, verify_time, forced)
         if self.controller is not None:
             fed = sum(item.num_new_tokens for item in scheduled) + sum(len(t) for t in trees.values())
             context = sum(item.request.num_tokens for item in scheduled) / len(scheduled)
@@ -238,7 +240,12 @@ class LLMEngine:
         return outputs
 
     def _next_tokens(
-        self, due: list[Request], logits: torch.Tensor, trees: dict[str, TokenTree], verify_time: float
+        self,
+        due: list[Request],
+        logits: torch.Tensor,
+        trees: dict[str, TokenTree],
+        verify_time: float,
+        forced: dict[str, list[int]],
     ) -> list[Pick]:
         """Each due request's new tokens (and logprobs): sampled, or verified from its tree."""
         rows = logits.split([len(trees.get(r.request_id, ())) + 1 for r in due])
@@ -256,7 +263,7 @@ class LLMEngine:
         speculated = [i for i, r in enumerate(due) if r.request_id in trees]
         if speculated:
             verified = self._verify(
-                [due[i] for i in speculated], [rows[i] for i in speculated], trees, verify_time
+                [due[i] for i in speculated], [rows[i] for i in speculated], trees, verify_time, forced
             )
             for i, pick in zip(speculated, verified):
                 picks[i] = pick
@@ -328,14 +335,43 @@ class LLMEngine:
         budgets = self.controller.plan(StepView(list(views.values())))
         return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}
 
+    def _forced_tokens(self) -> dict[str, list[int]]:
+        """For each decoding request whose structured output forces its next tokens (and that
+        does not refuse speculation), those tokens, as many as it may still emit: a draft the
+        target accepts for sure, verified like any other."""
+        forced = {}
+        for request in self.scheduler.running:
+            if request.constraint is None or not request.is_decoding:
+                continue
+            if request.params.speculation is not None and request.params.speculation.depth == 0:
+                continue
+            if tokens := request.constraint.forced():
+                remaining = request.params.max_tokens - len(request.output_token_ids)
+                budget = TreeBudget(depth=len(tokens)).fit(remaining, self.max_model_len - request.num_tokens)
+                if budget.depth > 0:
+                    forced[request.request_id] = tokens[: budget.depth]
+        return forced
+
     def _draft(
-        self, scheduled: list[ScheduledRequest], views: dict[str, RequestView]
+        self, scheduled: list[ScheduledRequest], views: dict[str, RequestView], forced: dict[str, list[int]]
     ) -> tuple[dict[str, TokenTree], dict[str, TokenTree]]:
-        """Token trees for the requests that reserved room for drafts, as the controller trims
-        them; and the first guess of each request whose tree was trimmed away."""
-        asked = [item for item in scheduled if item.num_draft_tokens > 0]
+        """Token trees for the requests that reserved room for drafts: the forced tokens of a
+        constrained request, or the drafter's trees as the controller trims them; and the first
+        guess of each request whose tree was trimmed away."""
+        trees: dict[str, TokenTree] = {}
+        asked = []
+        for item in scheduled:
+            if item.num_draft_tokens == 0:
+                continue
+            request_id = item.request.request_id
+            if request_id in forced:
+                tokens = forced[request_id][: item.draft_budget.depth]
+                trees[request_id] = TokenTree(tokens, list(range(-1, len(tokens) - 1)), [1.0] * len(tokens),
+                                              [1.0] * len(tokens), list(range(1, len(tokens) + 1)))
+            else:
+                asked.append(item)
         if not asked:
-            return {}, {}
+            return trees, {}
         asks = [
             DraftRequest(
                 i.request.request_id,
@@ -355,7 +391,7 @@ class LLMEngine:
         step.draft_ms = draft_time * 1e3
         chosen = self.controller.select(step, drafted)
         self.spec_stats.draft_time += draft_time
-        trees, guesses = {}, {}
+        guesses = {}
         for ask, tree, candidates in zip(asks, chosen, drafted):
             request = self.requests[ask.request_id]
             request.spec_stats.draft_time += draft_time
@@ -381,8 +417,10 @@ class LLMEngine:
         rows: list[torch.Tensor],
         trees: dict[str, TokenTree],
         verify_time: float,
+        forced: dict[str, list[int]],
     ) -> list[Pick]:
-        """Verify each request's tree; keep the accepted path's K/V in both caches."""
+        """Verify each request's tree; keep the accepted path's K/V in both caches (the
+        drafter's, and what the controller learns, only for trees the drafter made)."""
         self.spec_stats.verify_time += verify_time
         picks, moves = [], []
         for request, logits in zip(requests, rows):
@@ -397,8 +435,9 @@ class LLMEngine:
             if sources != list(range(root + 1, root + 1 + accepted)):
                 moves.append((request.slot, sources, root + 1))
             request.num_computed_tokens += accepted
-            self.drafter.accept(request.request_id, verdict.tokens[:-1])
-            self.controller.observe(request.request_id, tree, verdict.accepted)
+            if request.request_id not in forced:
+                self.drafter.accept(request.request_id, verdict.tokens[:-1])
+                self.controller.observe(request.request_id, tree, verdict.accepted)
             logprobs = self._logprobs(
                 logits[verdict.row_of_token], verdict.tokens, [request] * len(verdict.tokens)
             )

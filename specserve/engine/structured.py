@@ -4,7 +4,8 @@ llguidance compiles the constraint for the model's tokenizer and tells, in any s
 tokens may come next. The engine asks for the tokens allowed after a request's output so far
 and, when it speculates, after the path to every node of its token tree; the sampler refuses
 the others wherever a token is chosen, in plain decoding and in verification alike, so
-speculation stays lossless under a constraint.
+speculation stays lossless under a constraint. Where the constraint forces the next tokens (a
+JSON key, punctuation), the engine drafts them itself: the target accepts them for sure.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class TokenConstraint:
         if allowed.shape[1] < vocab:  # ids the tokenizer does not know are never allowed
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
         return allowed
+
+    def forced(self) -> list[int]:
+        """The tokens the constraint allows next, each the only one allowed after the ones
+        before it (none once the output is complete)."""
+        return [] if self._matcher.is_stopped() else self._matcher.compute_ff_tokens()
 
     def accept(self, token: int) -> None:
         """Advance past an emitted token."""
