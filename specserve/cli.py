@@ -51,6 +51,29 @@ def _speculative_config(args: argparse.Namespace):
     return SpeculativeConfig(method=args.speculative, draft_model=args.draft_model, budget=budget)
 
 
+def _structured_output(args: argparse.Namespace):
+    """The constraint of ``--json-schema`` (JSON text or a file holding it), ``--regex`` or
+    ``--choice``; None without one."""
+    import json
+    from pathlib import Path
+
+    from specserve.engine.sampling_params import StructuredOutput
+
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()  # FileNotFoundError: a CLI message
+        try:
+            return StructuredOutput(json_schema=json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json-schema is not valid JSON: {exc}") from None
+    if args.regex is not None:
+        return StructuredOutput(regex=args.regex)
+    if args.choice:
+        return StructuredOutput(choice=args.choice)
+    return None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from specserve.engine.llm_engine import LLMEngine
     from specserve.engine.sampling_params import SamplingParams
@@ -65,6 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
         frequency_penalty=args.frequency_penalty,
         seed=args.seed,
         stop=args.stop,
+        structured=_structured_output(args),
     )
     engine = LLMEngine(_engine_config(args, max_num_seqs=1))
     try:
@@ -268,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None,
+                            help="the output is JSON matching this schema (JSON text or a file)")
+    constraint.add_argument("--regex", default=None, help="the output matches this regular expression")
+    constraint.add_argument("--choice", action="append", default=[], help="the output is one of these (repeatable)")
     gen.add_argument("--stats", action="store_true", help="print token count, TTFT and TPOT to stderr")
     _add_engine_args(gen)
     gen.set_defaults(handler=_generate)

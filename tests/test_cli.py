@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from specserve.cli import main
@@ -20,6 +22,19 @@ def test_penalties_change_the_greedy_completion(tiny_model, capsys):
     plain = capsys.readouterr().out
     assert main(argv + ["--frequency-penalty", "2", "--repetition-penalty", "1.5"]) == 0
     assert capsys.readouterr().out != plain
+
+
+def test_generate_with_a_json_schema_a_regex_or_choices(tiny_model, tmp_path, capsys):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], '
+                      '"additionalProperties": false, "x-guidance": {"whitespace_flexible": false}}')
+    base = ["generate", "Hello", "--model", str(tiny_model), "--max-tokens", "32"]
+    assert main(base + ["--json-schema", str(schema)]) == 0
+    assert capsys.readouterr().out.strip() in ('{"ok":true}', '{"ok":false}')
+    assert main(base + ["--regex", "[a-z]{2,5}!"]) == 0
+    assert re.fullmatch("[a-z]{2,5}!", capsys.readouterr().out.strip())
+    assert main(base + ["--choice", "yes", "--choice", "no"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
 
 
 def test_chat_and_seeded_sampling_are_reproducible(tiny_model, capsys):
@@ -41,6 +56,9 @@ def test_chat_and_seeded_sampling_are_reproducible(tiny_model, capsys):
         (["generate", "hi", "--max-tokens", "100000"], "exceeds the model context"),
         (["generate", "hi", "--model", "/no/such/dir"], "not a directory"),
         (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty"),
+        (["generate", "hi", "--regex", "(unclosed"], "unclosed group"),
+        (["generate", "hi", "--json-schema", "{not json"], "--json-schema is not valid JSON"),
+        (["generate", "hi", "--json-schema", "/no/such/schema.json"], "No such file"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tiny_model, capsys, argv, message):
