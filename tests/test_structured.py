@@ -3,12 +3,15 @@ constraint equals plain decoding under it, and bad constraints are clear errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 
 import pytest
 import torch
 
+from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 from specserve.spec.tree import TokenTree, TreeBudget
@@ -126,3 +129,37 @@ def test_an_invalid_constraint_is_a_clear_value_error(tiny_engine, constraint, m
 def test_a_constraint_names_exactly_one_kind(fields):
     with pytest.raises(ValueError):
         StructuredOutput(**fields)
+
+
+def test_a_grammar_compiles_off_the_event_loop(tiny_engine, monkeypatch):
+    """A slow grammar (here 0.5 s) must not stall the other streams on the server's loop."""
+    compile_constraint = tiny_engine.grammars.constraint
+
+    def slow(spec):
+        time.sleep(0.5)
+        return compile_constraint(spec)
+
+    monkeypatch.setattr(tiny_engine.grammars, "constraint", slow)
+    engine = AsyncLLMEngine(engine=tiny_engine)
+
+    async def main() -> tuple[int, str]:
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        params = SamplingParams(max_tokens=8, temperature=0, structured=StructuredOutput(choice=["hello"]))
+        async for output in engine.generate("Hi", params):
+            pass
+        ticker.cancel()
+        return ticks, output.output.text
+
+    try:
+        ticks, text = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert text == "hello" and ticks >= 10

@@ -67,7 +67,10 @@ class AsyncLLMEngine:
         Leaving the iteration early (or cancelling the task) aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
-        request = self.engine.make_request(request_id, prompt, params)
+        if params.structured is not None:  # compiling a grammar may take a second: not on the loop
+            request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params)
+        else:
+            request = self.engine.make_request(request_id, prompt, params)
         if not self.is_alive():
             raise RuntimeError(f"the engine has stopped: {self._failure or 'shut down'}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
