@@ -20,6 +20,7 @@ from test_engine import assert_all_slots_free, run
 from test_speculative import spec_engine
 from tiny_models import PROMPTS
 
+GREEDY_SHORT = SamplingParams(max_tokens=8, temperature=0.0)
 SCHEMA = {
     "type": "object",
     "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -75,6 +76,17 @@ def test_tokens_the_constraint_forces_are_drafted_and_always_accepted(tiny_engin
         stats = out.spec_stats
         assert stats.accepted == stats.verified > 0
     assert after["accepted"] - before["accepted"] == sum(o.spec_stats.accepted for o in jumped)
+
+
+def test_a_forced_run_longer_than_a_tree_is_drafted_in_pieces(tiny_engine):
+    """A choice of one long string forces every token: the engine drafts at most the deepest
+    tree a step (a longer one failed the whole step) and the request still gets its string."""
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    assert len(tiny_engine.tokenizer.encode(text)) > 40
+    params = SamplingParams(max_tokens=200, temperature=0, structured=StructuredOutput(choice=[text]))
+    out = run(tiny_engine, ["Hi", "Hello"], [params, GREEDY_SHORT])[0]
+    assert out.output.text == text and out.output.finish_reason is FinishReason.STOP
+    assert out.spec_stats.steps >= 2
 
 
 def test_the_tokens_allowed_after_each_path_are_those_allowed_after_emitting_it(tiny_engine):

@@ -43,7 +43,7 @@ from specserve.spec.drafter import Drafter, DraftRequest
 from specserve.spec.hybrid import HybridDrafter
 from specserve.spec.remote_drafter import RemoteDrafter
 from specserve.spec.stats import SpecStats
-from specserve.spec.tree import TokenTree, TreeBudget
+from specserve.spec.tree import MAX_DEPTH, TokenTree, TreeBudget
 from specserve.spec.verifier import verify
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class LLMEngine:
                 continue
             if request.params.speculation is not None and request.params.speculation.depth == 0:
                 continue
-            if tokens := request.constraint.forced():
+            if tokens := request.constraint.forced()[:MAX_DEPTH]:
                 remaining = request.params.max_tokens - len(request.output_token_ids)
                 budget = TreeBudget(depth=len(tokens)).fit(remaining, self.max_model_len - request.num_tokens)
                 if budget.depth > 0:

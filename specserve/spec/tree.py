@@ -14,6 +14,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
+MAX_DEPTH = 32  # the longest path a tree may have
+
+
 class TreeBudget(BaseModel):
     """How much one request may speculate in one step.
 
@@ -23,7 +26,7 @@ class TreeBudget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    depth: int = Field(default=4, ge=0, le=32)
+    depth: int = Field(default=4, ge=0, le=MAX_DEPTH)
     width: int = Field(default=1, ge=1, le=16)
     max_nodes: int | None = Field(default=None, ge=1, le=256, description="None: depth * width")
 
