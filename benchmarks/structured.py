@@ -16,7 +16,7 @@ keys; the modes' outputs must be identical (they are lossless). What the constra
 costs a token (the allowed tokens and the forced ones, as the engine asks every step) is timed
 by replaying the outputs through a fresh constraint.
 
-    python benchmarks/structured.py --json OUT.json [--prompts N] [--rounds N] [--max-new-tokens N]
+    python benchmarks/structured.py --json OUT.json [--prompts N] [--rounds N] [--max-new-tokens N] [--compact]
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from specserve.spec.tree import TreeBudget
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "maxLength": 24},
         "age": {"type": "integer"},
-        "city": {"type": "string"},
-        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "city": {"type": "string", "maxLength": 24},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3},
     },
     "required": ["name", "age", "city", "hobbies"],
     "additionalProperties": False,
@@ -59,12 +59,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=len(PEOPLE))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--compact", action="store_true",
+                        help="JSON without optional whitespace (llguidance's whitespace_flexible off)")
     return parser.parse_args()
 
 
-def run_mode(engine: LLMEngine, mode: str, prompt: list[int], max_tokens: int) -> dict:
+def run_mode(engine: LLMEngine, mode: str, prompt: list[int], max_tokens: int, schema: dict) -> dict:
     drafting = {"speculation": TreeBudget(depth=0)} if mode == "constrained" else {}
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, structured=StructuredOutput(json_schema=SCHEMA),
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, structured=StructuredOutput(json_schema=schema),
                             output_kind="final_only", **drafting)
     engine.add_request(engine.make_request(f"{mode}-{time.monotonic_ns()}", prompt, params))
     start, steps = time.perf_counter(), 0
@@ -79,12 +81,12 @@ def run_mode(engine: LLMEngine, mode: str, prompt: list[int], max_tokens: int) -
             "drafted_accepted": spec.accepted if spec else 0, "text": output.output.text}
 
 
-def constraint_ms_per_token(engine: LLMEngine, outputs: list[list[int]]) -> float:
+def constraint_ms_per_token(engine: LLMEngine, outputs: list[list[int]], schema: dict) -> float:
     """Mean time the engine's constraint calls take per output token: the allowed tokens and
     the forced ones in the state before each token, replayed through fresh constraints."""
     seconds, tokens = 0.0, 0
     for token_ids in outputs:
-        constraint = engine.grammars.constraint(StructuredOutput(json_schema=SCHEMA))
+        constraint = engine.grammars.constraint(StructuredOutput(json_schema=schema))
         for token in token_ids:
             start = time.perf_counter()
             constraint.allowed([[]], engine.vocab_size)
@@ -105,6 +107,7 @@ def valid(text: str) -> bool:
 
 def main() -> int:
     args = parse_args()
+    schema = {**SCHEMA, "x-guidance": {"whitespace_flexible": False}} if args.compact else SCHEMA
     plain = LLM()
     speculative = LLM(speculative=SpeculativeConfig(method="hybrid"), control=ControlConfig(policy="auto"))
     engines = {"constrained": plain.engine, "forced": plain.engine, "forced+hybrid": speculative.engine}
@@ -115,7 +118,7 @@ def main() -> int:
         for round_ in range(args.rounds):
             for i, prompt in enumerate(prompts):
                 for mode in MODES if (round_ + i) % 2 == 0 else reversed(MODES):
-                    runs[mode].append({"prompt": i, **run_mode(engines[mode], mode, prompt, args.max_new_tokens)})
+                    runs[mode].append({"prompt": i, **run_mode(engines[mode], mode, prompt, args.max_new_tokens, schema)})
                     bar.update(1)
 
     summary = {}
@@ -133,7 +136,7 @@ def main() -> int:
     identical = all([r["token_ids"] for r in runs[mode]] == [r["token_ids"] for r in runs["constrained"]]
                     for mode in MODES)
     constrained = runs["constrained"]
-    mask_ms = constraint_ms_per_token(plain.engine, [r["token_ids"] for r in constrained])
+    mask_ms = constraint_ms_per_token(plain.engine, [r["token_ids"] for r in constrained], schema)
     token_ms = sum(r["seconds"] for r in constrained) / sum(r["tokens"] for r in constrained) * 1e3
 
     print("| mode | tokens/s | vs constrained | tokens/step | forced share | valid JSON |\n|---|---:|---:|---:|---:|---:|")
@@ -145,7 +148,7 @@ def main() -> int:
     print(f"\noutputs identical across modes: {identical}; the constraint costs {mask_ms:.3f} ms a token "
           f"({mask_ms / token_ms:.1%} of a constrained token's {token_ms:.1f} ms)")
     report = {"summary": summary, "identical_outputs": identical, "constraint_ms_per_token": mask_ms,
-              "constrained_ms_per_token": token_ms, "schema": SCHEMA, "runs": runs}
+              "constrained_ms_per_token": token_ms, "schema": schema, "runs": runs}
     Path(args.json).write_text(json.dumps(report, indent=2))
     plot(summary, Path(args.json).with_suffix(".png"))
     plain.shutdown()
