@@ -1,12 +1,13 @@
 """The synchronous engine: add requests, call ``step()``, read outputs.
 
 One step flows in one direction: reject the hopeless (if configured) -> the SLO controller plans
-each decoding request's draft budget -> schedule -> draft token trees -> the controller selects
-the nodes to verify -> build sequence slices -> one target forward -> score prompt tokens (for
-requests that asked for prompt log-probabilities) -> sample or verify (the controller learns from
-the outcome) -> keep the target's features of the cached positions for the next DraftRequest
-(EAGLE heads only) -> append tokens, detokenize, check stops -> report outputs and free finished
-requests' slots.
+each decoding request's draft budget (a request whose structured output forces its next tokens
+drafts those instead) -> schedule -> draft token trees -> the controller selects the nodes to
+verify -> build sequence slices -> one target forward -> score prompt tokens (for requests that
+asked for prompt log-probabilities) -> sample or verify, where constraints allow (the controller
+learns from the outcome) -> keep the target's features of the cached positions for the next
+DraftRequest (EAGLE heads only) -> append tokens, advance constraints, detokenize, check stops ->
+report outputs and free finished requests' slots.
 """
 
 from __future__ import annotations
