@@ -150,6 +150,22 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_the_engine_scores_them(clie
     assert streamed[0] is None
     assert streamed[1:] == pytest.approx(generated.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
 
+    # vLLM's prompt_logprobs beside echo's (the engine computes the larger count; each gets its own)
+    both = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                     extra_body={"prompt_logprobs": 3})
+    assert all(len(top) == 1 for top in both.choices[0].logprobs.top_logprobs[1:])
+    rows = both.choices[0].model_extra["prompt_logprobs"]
+    assert rows[0] is None and len(rows) == len(ids)
+    assert [row[str(token)]["logprob"] for row, token in zip(rows[1:], ids[1:])] == pytest.approx(expected, abs=1e-5)
+    assert all(3 <= len(row) <= 4 for row in rows[1:])
+    assert rows[1][str(ids[1])]["decoded_token"] == engine.tokenizer.decode([ids[1]])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == len(engine.apply_chat_template(
+        [{"role": "user", "content": prompt}]))
+    status, error, _ = _post("/v1/completions", {"prompt": prompt, "prompt_logprobs": 1, "stream": True})
+    assert status == 400 and error["error"]["param"] == "prompt_logprobs"
+
 
 def test_tokenizer_endpoints_tokenize_as_the_engine_does(server, reference):
     """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's remote tokenizer uses them)."""

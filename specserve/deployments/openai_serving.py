@@ -35,6 +35,7 @@ from specserve.deployments.protocol import (
     GenerationFields,
     ModelCard,
     ModelList,
+    PromptLogprobs,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
@@ -111,6 +112,13 @@ def request_choices(prompts: list[Prompt], params: SamplingParams, n: int) -> li
     if params.seed is None:
         return [(prompt, params) for prompt in prompts for _ in range(n)]  # each draws its own seed
     return [(prompt, params.model_copy(update={"seed": params.seed ^ i})) for prompt in prompts for i in range(n)]
+
+
+def _top(row: dict[int, float], token: int, count: int) -> dict[int, float]:
+    """A logprobs row cut to its ``count`` most likely entries, plus ``token``'s own."""
+    top = dict(sorted(row.items(), key=lambda item: -item[1])[:count])
+    top.setdefault(token, row[token])
+    return top
 
 
 def structured_output(request: GenerationFields) -> StructuredOutput | None:
@@ -199,9 +207,15 @@ class OpenAIServing:
             )
 
     def _params(
-        self, request: GenerationFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+        self, request: GenerationFields, max_tokens: int, logprobs: int | None, echo_logprobs: int | None = None
     ) -> SamplingParams:
+        """``echo_logprobs``: the alternatives an echoed prompt's tokens need, beside what
+        ``prompt_logprobs`` asks for (the engine computes the larger count)."""
         structured = structured_output(request)
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs is not available when streaming (completions: use echo)",
+                              "prompt_logprobs")
+        counts = [c for c in (echo_logprobs, request.prompt_logprobs) if c is not None]
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -218,7 +232,7 @@ class OpenAIServing:
                 ignore_eos=request.ignore_eos,
                 structured=structured,
                 logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=max(counts) if counts else None,
                 speculation=request.speculation,
                 slo_class=request.slo_class,
                 tpot_slo_ms=request.tpot_slo_ms,
@@ -355,8 +369,8 @@ class OpenAIServing:
         if len(prompts) * request.n > MAX_CHOICES:
             raise bad_request(f"at most {MAX_CHOICES} choices a request: {len(prompts)} prompts x n={request.n}", "n")
         max_tokens = 16 if request.max_tokens is None else request.max_tokens
-        prompt_logprobs = request.logprobs if request.echo else None
-        params = self._params(request, max_tokens, request.logprobs, prompt_logprobs)
+        echo_logprobs = request.logprobs if request.echo else None
+        params = self._params(request, max_tokens, request.logprobs, echo_logprobs)
         return request_choices(prompts, params, request.n)
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
@@ -368,7 +382,9 @@ class OpenAIServing:
                 index=index,
                 text=(self._echo(prompt, output) if request.echo else "") + output.output.text,
                 finish_reason=output.output.finish_reason.value,
-                logprobs=self._completion_logprobs(output, 0, request.echo) if request.logprobs is not None else None,
+                logprobs=(self._completion_logprobs(output, 0, request.logprobs if request.echo else None)
+                          if request.logprobs is not None else None),
+                prompt_logprobs=self._prompt_logprobs(output, request.prompt_logprobs),
             ) for index, ((prompt, _), output) in enumerate(zip(requested, outputs))],
             usage=self._usage(dict(enumerate(outputs)), request.n),
             specserve=choices_stats(outputs),
@@ -397,7 +413,8 @@ class OpenAIServing:
                     "text": (self._echo(requested[index][0], output) if echo else "") + output.output.delta_text,
                     "finish_reason": output.output.finish_reason.value if output.finished else None,
                     "logprobs": (
-                        self._completion_logprobs(output, start, echo) if request.logprobs is not None else None
+                        self._completion_logprobs(output, start, request.logprobs if echo else None)
+                        if request.logprobs is not None else None
                     ),
                 }
                 sent[index] = len(output.output.token_ids)
@@ -418,14 +435,16 @@ class OpenAIServing:
         """The prompt's text as echo returns it: as given, or decoded from its token ids."""
         return prompt if isinstance(prompt, str) else self.engine.engine.tokenizer.decode(output.prompt_token_ids)
 
-    def _completion_logprobs(self, output: RequestOutput, start: int, with_prompt: bool = False) -> dict:
-        """The logprobs of the output tokens from ``start``, after the prompt's if ``with_prompt``
-        (echo; its first token has none)."""
+    def _completion_logprobs(self, output: RequestOutput, start: int, prompt_alternatives: int | None = None) -> dict:
+        """The logprobs of the output tokens from ``start``, after the prompt's (with this many
+        alternatives; its first token has none) if ``prompt_alternatives`` is not None (echo)."""
         tokenizer = self.engine.engine.tokenizer
         ids = output.output.token_ids[start:]
         rows: list[dict[int, float] | None] = (output.output.logprobs or [])[start:]
-        if with_prompt:
-            ids, rows = output.prompt_token_ids + ids, output.prompt_logprobs + rows
+        if prompt_alternatives is not None:
+            prompt_rows = [None if row is None else _top(row, token, prompt_alternatives)
+                           for token, row in zip(output.prompt_token_ids, output.prompt_logprobs)]
+            ids, rows = output.prompt_token_ids + ids, prompt_rows + rows
         return {
             "tokens": [tokenizer.decode([t]) for t in ids],
             "token_logprobs": [None if row is None else row[t] for t, row in zip(ids, rows)],
@@ -433,6 +452,16 @@ class OpenAIServing:
                 None if row is None else {tokenizer.decode([k]): v for k, v in row.items()} for row in rows
             ],
         }
+
+    def _prompt_logprobs(self, output: RequestOutput, count: int | None) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs: per prompt token (None for the first), its own and the ``count``
+        most likely token ids with their log-probability and text."""
+        if count is None:
+            return None
+        decode = self.engine.engine.tokenizer.decode
+        return [None if row is None else {
+            str(k): {"logprob": v, "decoded_token": decode([k])} for k, v in _top(row, token, count).items()
+        } for token, row in zip(output.prompt_token_ids, output.prompt_logprobs)]
 
     # -------------------------------------------------------- chat completions
 
@@ -462,6 +491,7 @@ class OpenAIServing:
                 logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
             ) for index, output in enumerate(outputs)],
             usage=self._usage(dict(enumerate(outputs)), request.n),
+            prompt_logprobs=self._prompt_logprobs(outputs[0], request.prompt_logprobs),  # one prompt
             specserve=choices_stats(outputs),
         )
 

@@ -91,6 +91,10 @@ class GenerationFields(SLOFields):
     )
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=20,
+        description="vLLM's: the log-probability of every prompt token and this many alternatives (not streamed).",
+    )
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -229,11 +233,15 @@ def unix_now() -> int:
     return int(time.time())
 
 
+PromptLogprobs = list[dict[str, dict] | None]  # vLLM's: per prompt token, token id -> logprob, decoded_token
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
     logprobs: dict | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -265,6 +273,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
     specserve: RequestStats | None = None
 
 
