@@ -228,6 +228,55 @@ def test_structured_outputs_over_http_and_grpc_match_the_in_process_engine(clien
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}},
+]
+
+
+def test_tool_calls_of_a_named_or_required_tool_choice(client):
+    """A named function: its arguments match its schema, unary and streamed alike; 'required':
+    calls of the given functions (or, cut by the token limit, text)."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                           max_tokens=40, temperature=0)
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and reply.choices[0].finish_reason == "stop"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    assert reply.choices[0].message.content is None
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                                 max_tokens=40, temperature=0, stream=True))
+    streamed = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == [
+        (0, "get_weather", call.function.arguments)]
+
+    required = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
+                                              max_tokens=60, temperature=0)
+    choice = required.choices[0]
+    if choice.finish_reason == "tool_calls":
+        assert choice.message.tool_calls and {c.function.name for c in choice.message.tool_calls} <= {
+            "get_weather", "get_time"}
+    else:
+        assert choice.finish_reason == "length" and choice.message.content
+
+
+@pytest.mark.parametrize("body", [
+    {"tools": TOOLS},  # tool_choice "auto" (the default with tools) needs a tool-call parser
+    {"tools": TOOLS, "tool_choice": "auto"},
+    {"tool_choice": "required"},
+    {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+    {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+])
+def test_unservable_tool_choices_are_400s(server, body):
+    status, error, _ = _post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **body})
+    assert status == 400 and error["error"]["param"] == "tool_choice" and error["error"]["message"]
+
+
 def test_chat_streaming_and_not(client, reference):
     run, engine = reference
     messages = [{"role": "user", "content": "Hello"}]

@@ -27,6 +27,7 @@ from specserve.deployments.protocol import (
     CompletionChoice,
     CompletionRequest,
     ChatMessage,
+    ChatTool,
     CompletionResponse,
     DeltaMessage,
     DetokenizeRequest,
@@ -45,6 +46,7 @@ from specserve.deployments.protocol import (
 )
 from specserve.deployments.stats import choices_stats
 from specserve.deployments.streams import interleave, prepend
+from specserve.deployments.tools import ToolChoiceError, calls_tools, finish_reason, tool_calls, tool_constraint
 from specserve.engine.async_engine import AsyncLLMEngine, RequestRejected
 from specserve.engine.request import RequestOutput
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
@@ -207,11 +209,20 @@ class OpenAIServing:
             )
 
     def _params(
-        self, request: GenerationFields, max_tokens: int, logprobs: int | None, echo_logprobs: int | None = None
+        self,
+        request: GenerationFields,
+        max_tokens: int,
+        logprobs: int | None,
+        echo_logprobs: int | None = None,
+        tool_output: StructuredOutput | None = None,
     ) -> SamplingParams:
         """``echo_logprobs``: the alternatives an echoed prompt's tokens need, beside what
-        ``prompt_logprobs`` asks for (the engine computes the larger count)."""
+        ``prompt_logprobs`` asks for (the engine computes the larger count); ``tool_output``:
+        the constraint of the request's tool_choice."""
         structured = structured_output(request)
+        if tool_output is not None and structured is not None:
+            raise bad_request("tool calls and response_format / structured_outputs do not go together", "tool_choice")
+        structured = structured or tool_output
         if request.prompt_logprobs is not None and request.stream:
             raise bad_request("prompt_logprobs is not available when streaming (completions: use echo)",
                               "prompt_logprobs")
@@ -465,31 +476,46 @@ class OpenAIServing:
 
     # -------------------------------------------------------- chat completions
 
-    def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """The prompt token ids of a conversation (the chat template's layout)."""
+    def _chat_prompt(self, messages: list[ChatMessage], tools: list[ChatTool] | None = None) -> list[int]:
+        """The prompt token ids of a conversation (the chat template's layout, with the tools
+        if it shows them)."""
         try:
-            return self.engine.engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
+            return self.engine.engine.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in messages],
+                [tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+            )
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from exc
 
     def chat_choices(self, request: ChatCompletionRequest) -> list[Choice]:
         self._check_model(request.model)
-        prompt_ids = self._chat_prompt(request.messages)
+        try:
+            tool_output = tool_constraint(request)
+        except ToolChoiceError as exc:
+            raise bad_request(str(exc), "tool_choice") from exc
+        prompt_ids = self._chat_prompt(request.messages, request.tools)
         room = self._room(prompt_ids)
         max_tokens = request.max_completion_tokens or request.max_tokens or room
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        return request_choices([prompt_ids], self._params(request, max_tokens, logprobs), request.n)
+        params = self._params(request, max_tokens, logprobs, tool_output=tool_output)
+        return request_choices([prompt_ids], params, request.n)
+
+    def _chat_choice(self, request: ChatCompletionRequest, index: int, output: RequestOutput) -> ChatChoice:
+        """A finished choice: its message (text, or the tool calls it makes), finish reason and
+        logprobs."""
+        calls = tool_calls(request, output)
+        return ChatChoice(
+            index=index,
+            message=ChatMessageOut(content=None if calls else output.output.text, tool_calls=calls),
+            finish_reason=finish_reason(request, output, calls),
+            logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
+        )
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         outputs = await self.choice_outputs(self.chat_choices(request))
         return ChatCompletionResponse(
             model=self.model_name,
-            choices=[ChatChoice(
-                index=index,
-                message=ChatMessageOut(content=output.output.text),
-                finish_reason=output.output.finish_reason.value,
-                logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
-            ) for index, output in enumerate(outputs)],
+            choices=[self._chat_choice(request, index, output) for index, output in enumerate(outputs)],
             usage=self._usage(dict(enumerate(outputs)), request.n),
             prompt_logprobs=self._prompt_logprobs(outputs[0], request.prompt_logprobs),  # one prompt
             specserve=choices_stats(outputs),
@@ -514,22 +540,27 @@ class OpenAIServing:
                      for index in range(request.n)])
         sent = [0] * request.n
         finals: dict[int, RequestOutput] = {}
+        tools = calls_tools(request)  # tool calls go out whole, in the choice's last chunk
         async with aclosing(outputs):
             async for index, output in outputs:
-                text = output.output.delta_text
+                delta, reason = DeltaMessage(content=output.output.delta_text), None
                 logprobs = self._chat_logprobs(output, sent[index], request) if request.logprobs else None
                 sent[index] = len(output.output.token_ids)
                 if output.finished:
                     finals[index] = output
-                if text or output.finished or logprobs:
+                    reason = output.output.finish_reason.value
+                    if tools:
+                        whole = self._chat_choice(request, index, output)
+                        calls = whole.message.tool_calls or []
+                        delta = DeltaMessage(content=whole.message.content, tool_calls=[
+                            {"index": i, **call.model_dump()} for i, call in enumerate(calls)] or None)
+                        reason = whole.finish_reason
+                elif tools:
+                    delta = DeltaMessage()
+                if delta.content or delta.tool_calls or output.finished or logprobs:
                     last = len(finals) == request.n and output.finished  # carries the request's stats
                     yield chunk(
-                        [ChatChunkChoice(
-                            index=index,
-                            delta=DeltaMessage(content=text),
-                            finish_reason=output.output.finish_reason.value if output.finished else None,
-                            logprobs=logprobs,
-                        )],
+                        [ChatChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)],
                         specserve=choices_stats(list(finals.values())) if last else None,
                     )
         if request.stream_options is not None and request.stream_options.include_usage:

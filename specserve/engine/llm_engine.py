@@ -161,13 +161,14 @@ class LLMEngine:
             on_track=on_track / len(unfinished) if unfinished else 1.0,
         )
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt token ids of a conversation (the template supplies the special tokens)."""
+    def apply_chat_template(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
+        """Prompt token ids of a conversation (the template supplies the special tokens, and
+        shows the ``tools`` if it knows how)."""
         if not self.tokenizer.chat_template:
             raise ValueError("this model has no chat template")
         if not messages:
             raise ValueError("messages must not be empty")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return self.encode(text, "messages", add_special_tokens=False)
 
     def encode(self, text: str, what: str = "prompt", add_special_tokens: bool = True) -> list[int]:
