@@ -265,6 +265,18 @@ def test_tool_calls_of_a_named_or_required_tool_choice(client):
         assert choice.finish_reason == "length" and choice.message.content
 
 
+def test_a_conversation_with_a_tool_call_and_its_result_goes_on(client):
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call-1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city":"Paris","unit":"c"}'}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "18 C, sunny"},
+    ]
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="none",
+                                           max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+
+
 @pytest.mark.parametrize("body", [
     {"tools": TOOLS},  # tool_choice "auto" (the default with tools) needs a tool-call parser
     {"tools": TOOLS, "tool_choice": "auto"},

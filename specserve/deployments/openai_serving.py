@@ -481,7 +481,7 @@ class OpenAIServing:
         if it shows them)."""
         try:
             return self.engine.engine.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in messages],
+                [m.template_fields() for m in messages],
                 [tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
             )
         except ValueError as exc:

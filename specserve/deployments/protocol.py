@@ -133,6 +133,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
 
+    def template_fields(self) -> dict:
+        """What the chat template reads: role and text, and a tool turn's calls or call id."""
+        extra = {key: value for key, value in (self.model_extra or {}).items()
+                 if key in ("tool_calls", "tool_call_id", "name")}
+        return {"role": self.role, "content": self.text(), **extra}
+
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
         if self.content is None:

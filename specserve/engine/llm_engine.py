@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import jinja2
 import torch
 
 from specserve.config import EngineConfig
@@ -168,7 +169,10 @@ class LLMEngine:
             raise ValueError("this model has no chat template")
         if not messages:
             raise ValueError("messages must not be empty")
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:  # e.g. the template's own raise_exception on a role order
+            raise ValueError(f"the chat template refused the messages: {exc}") from None
         return self.encode(text, "messages", add_special_tokens=False)
 
     def encode(self, text: str, what: str = "prompt", add_special_tokens: bool = True) -> list[int]:
