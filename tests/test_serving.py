@@ -289,6 +289,13 @@ def test_unservable_tool_choices_are_400s(server, body):
     assert status == 400 and error["error"]["param"] == "tool_choice" and error["error"]["message"]
 
 
+def test_a_tool_whose_parameters_are_no_schema_is_a_400_naming_tools(server):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]
+    status, error, _ = _post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "tools": tools, "tool_choice": "required"})
+    assert status == 400 and error["error"]["param"] == "tools" and "bogus" in error["error"]["message"]
+
+
 def test_chat_streaming_and_not(client, reference):
     run, engine = reference
     messages = [{"role": "user", "content": "Hello"}]

@@ -493,6 +493,11 @@ class OpenAIServing:
             tool_output = tool_constraint(request)
         except ToolChoiceError as exc:
             raise bad_request(str(exc), "tool_choice") from exc
+        if tool_output is not None:
+            try:
+                checked_grammar(tool_output)
+            except ValueError as exc:  # a function's parameters are no usable JSON schema
+                raise bad_request(f"tools: {str(exc).removeprefix('structured output: ')}", "tools") from exc
         prompt_ids = self._chat_prompt(request.messages, request.tools)
         room = self._room(prompt_ids)
         max_tokens = request.max_completion_tokens or request.max_tokens or room
