@@ -7,7 +7,6 @@ and exports Prometheus metrics.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' body types at run time.
 
-import gc
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -35,6 +34,7 @@ from specserve.deployments.protocol import (
     TokenizeRequest,
 )
 from specserve.engine.async_engine import AsyncLLMEngine
+from specserve.engine.heap import freeze_startup_heap
 
 api = FastAPI(title="SpecServe", description="OpenAI-compatible API with per-request SLOs")
 
@@ -87,11 +87,7 @@ class SpecServeServer:
         self.serving = OpenAIServing(self.engine, name, config.max_waiting_requests, self.metrics.request_done)
         self._metrics_interval_s = config.metrics_interval_s
         threading.Thread(target=self._refresh_metrics, name="specserve-metrics", daemon=True).start()
-        # What the replica made to start (modules, model, tokenizer) lives as long as it: frozen,
-        # Python's full collections no longer walk it. Each would otherwise stall every stream
-        # for ~200 ms on a CPU (benchmarks/gc_pauses.py).
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()  # the replica's process serves: full collections skip what it made to start
 
     def _refresh_metrics(self) -> None:
         while not self._stop.wait(self._metrics_interval_s):

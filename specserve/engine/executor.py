@@ -23,6 +23,7 @@ from specserve.distributed.parallel_state import (
     destroy_tensor_parallel,
     init_tensor_parallel,
 )
+from specserve.engine.heap import freeze_startup_heap
 from specserve.engine.model_runner import ModelRunner
 
 _SHUTDOWN = "__shutdown__"
@@ -35,7 +36,9 @@ def _free_port() -> int:
 
 
 def _serve_calls(runner: ModelRunner, tp: TensorParallelGroup) -> None:
-    """A worker rank's loop: run every call rank 0 broadcasts, until the shutdown call."""
+    """A worker rank's loop: run every call rank 0 broadcasts, until the shutdown call. The
+    rank's process (or actor) exists for this loop, so its start-up heap is frozen."""
+    freeze_startup_heap()
     while True:
         method, args = tp.broadcast_object()
         if method == _SHUTDOWN:

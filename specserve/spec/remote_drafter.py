@@ -16,6 +16,7 @@ from pathlib import Path
 
 from specserve.config import EngineConfig
 from specserve.control.cost_model import LatencyTable
+from specserve.engine.heap import freeze_startup_heap
 from specserve.models.eagle import is_eagle_draft
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import DraftRequest, KeepGoing
@@ -31,6 +32,7 @@ class DraftWorker:
 
     def __init__(self, draft_path: Path, config: EngineConfig, target_vocab: int, max_len: int) -> None:
         self.drafter = ModelDrafter(draft_path, config, target_vocab, max_len)
+        freeze_startup_heap()  # the actor's process exists to draft
 
     def step(
         self, updates: list[Update], requests: list[DraftRequest], keep_going: KeepGoing | None
