@@ -505,22 +505,23 @@ class OpenAIServing:
         params = self._params(request, max_tokens, logprobs, tool_output=tool_output)
         return request_choices([prompt_ids], params, request.n)
 
-    def _chat_choice(self, request: ChatCompletionRequest, index: int, output: RequestOutput) -> ChatChoice:
-        """A finished choice: its message (text, or the tool calls it makes), finish reason and
-        logprobs."""
+    @staticmethod
+    def _chat_message(request: ChatCompletionRequest, output: RequestOutput) -> tuple[ChatMessageOut, str]:
+        """A finished choice's message (text, or the tool calls it makes) and finish reason."""
         calls = tool_calls(request, output)
-        return ChatChoice(
-            index=index,
-            message=ChatMessageOut(content=None if calls else output.output.text, tool_calls=calls),
-            finish_reason=finish_reason(request, output, calls),
-            logprobs=self._chat_logprobs(output, 0, request) if request.logprobs else None,
-        )
+        message = ChatMessageOut(content=None if calls else output.output.text, tool_calls=calls)
+        return message, finish_reason(request, output, calls)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         outputs = await self.choice_outputs(self.chat_choices(request))
+        choices = []
+        for index, output in enumerate(outputs):
+            message, reason = self._chat_message(request, output)
+            logprobs = self._chat_logprobs(output, 0, request) if request.logprobs else None
+            choices.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
         return ChatCompletionResponse(
             model=self.model_name,
-            choices=[self._chat_choice(request, index, output) for index, output in enumerate(outputs)],
+            choices=choices,
             usage=self._usage(dict(enumerate(outputs)), request.n),
             prompt_logprobs=self._prompt_logprobs(outputs[0], request.prompt_logprobs),  # one prompt
             specserve=choices_stats(outputs),
@@ -555,11 +556,10 @@ class OpenAIServing:
                     finals[index] = output
                     reason = output.output.finish_reason.value
                     if tools:
-                        whole = self._chat_choice(request, index, output)
-                        calls = whole.message.tool_calls or []
-                        delta = DeltaMessage(content=whole.message.content, tool_calls=[
-                            {"index": i, **call.model_dump()} for i, call in enumerate(calls)] or None)
-                        reason = whole.finish_reason
+                        message, reason = self._chat_message(request, output)
+                        delta = DeltaMessage(content=message.content, tool_calls=[
+                            {"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls or [])
+                        ] or None)
                 elif tools:
                     delta = DeltaMessage()
                 if delta.content or delta.tool_calls or output.finished or logprobs:

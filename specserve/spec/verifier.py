@@ -47,7 +47,9 @@ def verify(
     row also counts the nodes on its path, as plain decoding would have generated them."""
     if params.adjusts_logits:
         vocab = logits.shape[-1]
-        paths = [[tree.tokens[i] for i in tree.path(row - 1)] for row in range(logits.shape[0])]
+        # What each row's request generated beyond the root: only penalties and constraints read it.
+        reads_paths = params.penalized or constraint is not None
+        paths = [[tree.tokens[i] for i in tree.path(row - 1)] for row in range(logits.shape[0])] if reads_paths else []
         base = TokenCounts.of(prompt, generated, vocab, logits.device) if params.penalized else None
         allowed = constraint.allowed(paths, vocab) if constraint is not None else None
         logits = adjusted(logits, [params] * logits.shape[0], lambda row: base.plus(paths[row]), allowed)
