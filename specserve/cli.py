@@ -163,7 +163,9 @@ def _distill(args: argparse.Namespace) -> int:
         print("error: --out is required unless --stage data", file=sys.stderr)
         return 2
     work = Path(args.work).expanduser()
-    engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch_size)
+    # A step's token budget leaves room for prefill chunks beside a full batch of decodes.
+    engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch_size,
+                                 max_num_batched_tokens=max(512, 2 * args.batch_size))
     if args.stage != "train":
         engine = LLMEngine(engine_config)
         try:
@@ -199,9 +201,11 @@ def _distill(args: argparse.Namespace) -> int:
             layers=tuple(args.layers),
             vocab_size=args.draft_vocab,
             epochs=args.epochs or TrainConfig.epochs,
+            batch_tokens=args.batch_tokens,
             lr=args.lr,
             seed=args.seed,
             device=str(engine_config.torch_device()),
+            max_seconds=args.max_train_seconds,
         )
         summary = train_draft(samples, target_path, out, train)
     for key, value in summary.items():
@@ -335,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (incl. the unknown row)")
     distill.add_argument("--epochs", type=int, default=None, help="training epochs (default: 4 for eagle, 8 for model)")
     distill.add_argument("--lr", type=float, default=1e-3)
+    distill.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per training batch (model)")
+    distill.add_argument("--max-train-seconds", type=float, default=None,
+                         help="stop training after this long (model); the learning-rate schedule ends with it")
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(handler=_distill)
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from specserve.cli import main
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
-from specserve.distill.data import SAMPLES_FILE, read_samples, user_turn_prefix
+from specserve.distill.data import (
+    DOCUMENT_TEMPERATURE,
+    SAMPLES_FILE,
+    DataConfig,
+    _request,
+    read_samples,
+    user_turn_prefix,
+)
 from specserve.distill.eagle import FEATURES_FILE
-from specserve.distill.prompts import SELF_PROMPT, chat_prompts, self_written_prompts
+from specserve.distill.prompts import SELF_PROMPT, Prompt, chat_prompts, self_written_prompts
+from specserve.distill.train import optimize, with_distributions
 from specserve.engine.llm_engine import LLMEngine
 from specserve.spec.tree import TreeBudget
 from test_engine import GREEDY, run
@@ -89,3 +98,31 @@ def test_a_run_killed_mid_write_loses_only_its_unfinished_sample(tiny_model, tmp
     assert main(args) == 0  # answers the lost prompt again, on a line of its own
     again = path.read_text().splitlines()
     assert len(again) == len(lines) and all(json.loads(line) for line in again)
+
+
+def test_documents_are_sampled_with_distributions_and_each_seed_writes_new_ones(tiny_engine):
+    document = Prompt("document-s0-3", "document", "Write a detailed news article about glaciers.")
+    _, first = _request(tiny_engine, document, DataConfig(seed=0), [])
+    _, second = _request(tiny_engine, document, DataConfig(seed=1), [])
+    assert first.temperature == DOCUMENT_TEMPERATURE > 0 and first.logprobs == DataConfig.top_logprobs
+    assert first.seed != second.seed
+    _, answer = _request(tiny_engine, Prompt("qa-s0-3", "qa", "Who wrote Hamlet?"), DataConfig(seed=0), [])
+    assert answer.temperature == 0.0
+
+
+def test_repeated_answers_are_trained_on_once():
+    sample = {"prompt_ids": [1, 2], "output_ids": [3, 4], "top_ids": [[3], [4]], "top_logprobs": [[0.0], [0.0]]}
+    other_answer = {**sample, "output_ids": [3, 5], "top_ids": [[3], [5]]}
+    turn = {**sample, "prompt_ids": [7], "top_ids": []}  # a user turn the target wrote: no distributions
+    assert with_distributions([sample, dict(sample), other_answer, turn]) == [sample, other_answer]
+
+
+def test_training_stops_when_its_time_is_up():
+    model = torch.nn.Linear(2, 1)
+    plan = [[[torch.ones(2)]] * 5] * 2  # two epochs of five batches
+
+    def batch_loss(batch):
+        return model(batch[0]).sum(), {}
+
+    assert optimize(model, plan, 1e-3, batch_loss, "test") == 10
+    assert optimize(model, plan, 1e-3, batch_loss, "test", max_seconds=0.0) == 0

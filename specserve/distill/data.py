@@ -1,7 +1,7 @@
 """Distillation data: the target's own answers, with its top-k log-probabilities per token.
 
-Two rounds: the first answers template prompts, writes documents and samples user turns the
-target writes itself (``SELF_PROMPT`` samples, kept without log-probabilities: they are
+Two rounds: the first answers template prompts, writes documents (sampled, so that every seed
+writes new ones) and samples user turns the target writes itself (``SELF_PROMPT`` samples, kept without log-probabilities: they are
 prompts, not answers to learn); the second asks about the documents and answers those turns.
 Samples are appended to ``samples.jsonl`` in the work directory as requests finish, so an
 interrupted run resumes where it stopped (prompts already answered are skipped).
@@ -29,6 +29,7 @@ from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams
 
 SAMPLES_FILE = "samples.jsonl"
+DOCUMENT_TEMPERATURE = 0.8
 
 
 @dataclass(frozen=True)
@@ -113,17 +114,27 @@ def user_turn_prefix(engine: LLMEngine) -> list[int]:
 def _request(
     engine: LLMEngine, prompt: Prompt, config: DataConfig, user_prefix: list[int]
 ) -> tuple[list[int], SamplingParams]:
-    """Prompt ids and sampling parameters: template and document prompts are answered greedily with
-    the target's top-k log-probabilities; a self-prompt request samples a user turn after
-    ``user_prefix`` (``user_turn_prefix``)."""
+    """Prompt ids and sampling parameters. Template prompts are answered greedily with the
+    target's top-k log-probabilities; documents are sampled with them (at
+    ``DOCUMENT_TEMPERATURE``, so that every seed writes new ones); a self-prompt request samples
+    a user turn after ``user_prefix`` (``user_turn_prefix``)."""
     if prompt.category == SELF_PROMPT:
-        seed = int(prompt.prompt_id.rsplit("-", 1)[1])
         params = SamplingParams(max_tokens=config.self_prompt_tokens, temperature=1.0,
-                                seed=config.seed * 1_000_003 + seed, output_kind="final_only")
+                                seed=_sampling_seed(prompt, config), output_kind="final_only")
         return user_prefix, params
-    max_tokens = config.document_tokens if prompt.category == "document" else config.max_new_tokens
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=config.top_logprobs, output_kind="final_only")
+    if prompt.category == "document":
+        params = SamplingParams(max_tokens=config.document_tokens, temperature=DOCUMENT_TEMPERATURE,
+                                seed=_sampling_seed(prompt, config), logprobs=config.top_logprobs,
+                                output_kind="final_only")
+    else:
+        params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0, logprobs=config.top_logprobs,
+                                output_kind="final_only")
     return engine.apply_chat_template([{"role": "user", "content": prompt.text}]), params
+
+
+def _sampling_seed(prompt: Prompt, config: DataConfig) -> int:
+    """A sampled request's own seed, from the run's seed and the prompt's index."""
+    return config.seed * 1_000_003 + int(prompt.prompt_id.rsplit("-", 1)[1])
 
 
 def _answer(

@@ -9,9 +9,11 @@ target's (renormalized top-k) distribution at each answer position and the draft
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ class TrainConfig:
     validation_share: float = 0.05
     seed: int = 0
     device: str = "cpu"  # training runs in bfloat16 autocast on CUDA
+    max_seconds: float | None = None  # stop early, the schedule ending with the time
 
 
 @dataclass
@@ -167,8 +170,10 @@ def _loss(draft: LlamaForCausalLM, batch: list[Example], vocab: int) -> tuple[to
 
 
 def with_distributions(samples: list[dict]) -> list[dict]:
-    """The samples that carry the target's distributions (user turns it wrote itself carry none)."""
-    return [s for s in samples if s["top_ids"]]
+    """The distinct samples that carry the target's distributions (user turns it wrote itself
+    carry none). Seeds draw some template prompts again, and their greedy answers repeat."""
+    distinct = {(tuple(s["prompt_ids"]), tuple(s["output_ids"])): s for s in samples if s["top_ids"]}
+    return list(distinct.values())
 
 
 def split_samples(
@@ -191,28 +196,43 @@ def optimize(
     lr: float,
     batch_loss: Callable[[list[Example]], tuple[torch.Tensor, dict[str, str]]],
     desc: str,
-) -> None:
+    max_seconds: float | None = None,
+) -> int:
     """AdamW over ``model``'s trainable parameters, one step per batch of the epochs' ``plan``,
     with a 50-step warm-up, a cosine decay and gradient clipping; ``batch_loss`` returns the
-    loss and what the progress bar shows."""
+    loss and what the progress bar shows. With ``max_seconds`` the run stops when that time is
+    up, the schedule following whichever of steps or time runs out first. Returns the steps run."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = sum(len(p) for p in plan)
+    start = time.monotonic()
+
+    def progress(step: int) -> float:
+        done = step / total
+        if max_seconds is not None:
+            elapsed = time.monotonic() - start
+            done = max(done, elapsed / max_seconds if elapsed < max_seconds else 1.0)
+        return min(done, 1.0)
+
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
+        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress(step)))
     )
     model.train()
+    steps = 0
     with tqdm(total=total, desc=desc) as bar:
-        for epoch_batches in plan:
-            for batch in epoch_batches:
-                loss, shown = batch_loss(batch)
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                schedule.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
-                bar.update()
+        for batch in itertools.chain.from_iterable(plan):
+            if progress(steps) >= 1.0:
+                break
+            loss, shown = batch_loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+            bar.update()
+            steps += 1
+    return steps
 
 
 def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: TrainConfig) -> dict:
@@ -231,7 +251,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
         return loss, {"top1": f"{agree / count:.2f}"}
 
     plan = [batches(train, config.batch_tokens, rng) for _ in range(config.epochs)]
-    optimize(draft, plan, config.lr, batch_loss, "training draft")
+    steps = optimize(draft, plan, config.lr, batch_loss, "training draft", config.max_seconds)
     after = evaluate(draft, val, vocab, config.batch_tokens)
     summary = {
         "train_samples": len(train),
@@ -241,6 +261,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
         "draft_vocab": vocab,
         "target_layers": list(config.layers),
         "epochs": config.epochs,
+        "training_steps": f"{steps} of {sum(map(len, plan))}",
         "validation_top1_agreement_before": before["top1"],
         "validation_top1_agreement": after["top1"],
         "validation_loss": after["loss"],
