@@ -76,12 +76,12 @@ def test_policy_reads_replica_stats():
 
 
 def test_engine_failures_are_500_or_503_when_the_engine_stopped():
-    failure = RuntimeError("forward failed: Connection closed by peer")
+    failure = RuntimeError("step failed: Connection closed by peer")
     running = SimpleNamespace(engine=SimpleNamespace(is_alive=lambda: True))
     stopped = SimpleNamespace(engine=SimpleNamespace(is_alive=lambda: False))
     error = OpenAIServing._server_error(running, failure)
     assert (error.status, error.type, error.retry_after_s) == (500, "server_error", None)
-    assert "forward failed" in error.message
+    assert "step failed" in error.message
     error = OpenAIServing._server_error(stopped, failure)
     assert (error.status, error.type) == (503, "server_error") and error.retry_after_s > 0
 

@@ -462,6 +462,36 @@ def test_grpc_unary_and_stream_match_http(client):
         assert chat.usage.completion_tokens == 3
 
 
+def test_grpc_logprobs_match_http(client):
+    http = client.completions.create(model="tiny", prompt="Serving large", max_tokens=6, temperature=0, logprobs=2,
+                                     extra_body={"prompt_logprobs": 1})
+    expected = http.choices[0].logprobs
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        reply = grpc_client.generate("Serving large", max_tokens=6, temperature=0, logprobs=2, prompt_logprobs=1)
+        assert [lp.token_id for lp in reply.logprobs] == list(reply.token_ids)
+        assert [lp.logprob for lp in reply.logprobs] == pytest.approx(expected.token_logprobs, abs=1e-5)
+        for entry, top in zip(reply.logprobs, expected.top_logprobs):
+            assert [t.logprob for t in entry.top] == pytest.approx(sorted(top.values(), reverse=True)[:2], abs=1e-5)
+        prompt_rows = http.choices[0].model_extra["prompt_logprobs"][1:]
+        assert [lp.logprob for lp in reply.prompt_logprobs] == pytest.approx(
+            [row[str(lp.token_id)]["logprob"] for row, lp in zip(prompt_rows, reply.prompt_logprobs)], abs=1e-5)
+        assert len(reply.prompt_logprobs) == len(prompt_rows) and all(len(lp.top) == 1 for lp in reply.prompt_logprobs)
+        parts = list(grpc_client.stream("Serving large", max_tokens=6, temperature=0, logprobs=0))
+        streamed = [lp for part in parts for lp in part.logprobs]
+        assert [lp.token_id for lp in streamed] == list(reply.token_ids) and all(not lp.top for lp in streamed)
+        assert [lp.logprob for lp in streamed] == pytest.approx([lp.logprob for lp in reply.logprobs], abs=1e-5)
+        chat = grpc_client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0,
+                                    logprobs=1)
+        assert len(chat.logprobs) == 3 and all(len(lp.top) == 1 for lp in chat.logprobs)
+        assert not grpc_client.generate("Serving large", max_tokens=3).logprobs  # not asked for
+        with pytest.raises(grpc.RpcError) as info:
+            list(grpc_client.stream("Serving large", max_tokens=3, prompt_logprobs=1))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_client.generate("Serving large", logprobs=21)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in info.value.details()
+
+
 @pytest.mark.parametrize("call", ["generate", "stream"])
 def test_grpc_bad_request_is_invalid_argument(server, call):
     with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:

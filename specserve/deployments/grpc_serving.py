@@ -14,7 +14,7 @@ from specserve.deployments.stats import request_stats
 from specserve.engine.request import RequestOutput
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms",
-             "presence_penalty", "frequency_penalty", "repetition_penalty")
+             "presence_penalty", "frequency_penalty", "repetition_penalty", "prompt_logprobs")
 
 
 def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRequest | ChatCompletionRequest:
@@ -38,11 +38,14 @@ def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRe
         fields["structured_outputs"] = {name: value for name, value in given.items() if value is not None}
     fields["ignore_eos"] = request.ignore_eos
     fields["stream"] = stream
+    logprobs = request.logprobs if request.HasField("logprobs") else None
     try:
         if request.messages:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if logprobs is not None:
+                fields |= {"logprobs": True, "top_logprobs": logprobs}
             return ChatCompletionRequest(messages=messages, **fields)
-        return CompletionRequest(prompt=request.prompt, **fields)
+        return CompletionRequest(prompt=request.prompt, logprobs=logprobs, **fields)
     except ValidationError as exc:
         raise invalid_fields(exc.errors()) from exc
 
@@ -51,6 +54,31 @@ def _choices(serving: OpenAIServing, request: pb.GenerateRequest, stream: bool) 
     """The request's one choice (the proto has one prompt and no ``n``)."""
     body = to_openai(request, stream)
     return serving.chat_choices(body) if isinstance(body, ChatCompletionRequest) else serving.completion_choices(body)
+
+
+def _token_logprobs(tokens: list[int], rows: list[dict[int, float] | None], count: int) -> list[pb.TokenLogprob]:
+    """Each token's log-probability and the ``count`` most likely tokens of its row (rows that
+    are None, a prompt's first token's, are left out)."""
+    return [
+        pb.TokenLogprob(token_id=token, logprob=row[token], top=[
+            pb.TopLogprob(token_id=k, logprob=v) for k, v in sorted(row.items(), key=lambda kv: -kv[1])[:count]
+        ])
+        for token, row in zip(tokens, rows) if row is not None
+    ]
+
+
+def _logprob_fields(request: pb.GenerateRequest, output: RequestOutput, new_tokens: int) -> dict:
+    """The response's logprobs of the last ``new_tokens`` output tokens, and its prompt's once
+    the request has finished, where the request asked for them."""
+    fields = {}
+    if request.HasField("logprobs"):
+        end = len(output.output.token_ids)
+        rows = (output.output.logprobs or [])[end - new_tokens : end]
+        fields["logprobs"] = _token_logprobs(output.output.token_ids[end - new_tokens :], rows, request.logprobs)
+    if request.HasField("prompt_logprobs") and output.finished:
+        fields["prompt_logprobs"] = _token_logprobs(output.prompt_token_ids, output.prompt_logprobs,
+                                                    request.prompt_logprobs)
+    return fields
 
 
 def _final_fields(output: RequestOutput) -> dict:
@@ -70,19 +98,23 @@ def _final_fields(output: RequestOutput) -> dict:
 
 async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.GenerateResponse:
     (output,) = await serving.choice_outputs(_choices(serving, request, stream=False))
-    return pb.GenerateResponse(text=output.output.text, token_ids=output.output.token_ids, **_final_fields(output))
+    tokens = output.output.token_ids
+    return pb.GenerateResponse(text=output.output.text, token_ids=tokens, **_final_fields(output),
+                               **_logprob_fields(request, output, len(tokens)))
 
 
 async def generate_stream(serving: OpenAIServing, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
     """Responses with the new text and tokens; input errors raise before the first one."""
-    return _stream(await serving.choice_streams(_choices(serving, request, stream=True)))
+    return _stream(request, await serving.choice_streams(_choices(serving, request, stream=True)))
 
 
-async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[pb.GenerateResponse]:
+async def _stream(
+    request: pb.GenerateRequest, outputs: AsyncIterator[tuple[int, RequestOutput]]
+) -> AsyncIterator[pb.GenerateResponse]:
     async with aclosing(outputs):
         async for _, output in outputs:
-            if output.output.delta_token_ids or output.finished:
+            new_tokens = output.output.delta_token_ids
+            if new_tokens or output.finished:
                 extra = _final_fields(output) if output.finished else {}
-                yield pb.GenerateResponse(
-                    text=output.output.delta_text, token_ids=output.output.delta_token_ids, **extra
-                )
+                yield pb.GenerateResponse(text=output.output.delta_text, token_ids=new_tokens, **extra,
+                                          **_logprob_fields(request, output, len(new_tokens)))

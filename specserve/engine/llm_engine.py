@@ -188,9 +188,15 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of requests that advanced (unless they want only
-        their final output) or finished."""
+        their final output) or finished.
+
+        Failures stay as small as they can: a plan that fails makes the step decode without
+        speculation; a failed forward, or a failure while picking the batch's tokens, fails the
+        requests of the step (never the waiting ones, never the engine); a failure while one
+        request takes its tokens (its structured output, say) fails that request alone.
+        """
         outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
-        views, budgets = self._plan() if self.controller is not None else ({}, {})
+        views, budgets = self._plan_or_nothing()
         forced = self._forced_tokens()
         budgets.update({request_id: TreeBudget(depth=len(tokens)) for request_id, tokens in forced.items()})
         scheduled = self.scheduler.schedule(budgets)
@@ -200,19 +206,58 @@ class LLMEngine:
         for item in scheduled:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
-        features_wanted = self.drafter is not None and self.drafter.needs_target_features
         try:
-            trees, guesses = self._draft(scheduled, views, forced) if budgets else ({}, {})
-            start = time.perf_counter()
-            slices = [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
-            if features_wanted:
-                logits, hidden = self.executor.call("forward_with_hidden", slices)
-            else:
-                logits = self.executor.call("forward", slices, None, False)  # logits stay on the device
-            verify_time = time.perf_counter() - start
+            due, scored, picks = self._run_batch(scheduled, views, forced)
         except Exception as exc:  # a failed step fails its batch, never the engine
-            logger.exception("forward step failed")
-            return [self._fail(item.request, f"forward failed: {exc}") for item in scheduled]
+            logger.exception("step failed")
+            return outputs + [self._fail(item.request, f"step failed: {exc}") for item in scheduled]
+        now = time.monotonic()
+        for request in scored:  # max_tokens 0: done once the prompt is read
+            request.metrics.first_token_time = now
+            request.finish(FinishReason.LENGTH)
+            outputs.append(request.take_output())
+            self._retire(request)
+        for request, pick in zip(due, picks):
+            try:
+                for token, token_logprobs in zip(pick.tokens, pick.logprobs):
+                    self._append_token(request, token, now, token_logprobs)
+                    if request.finished:
+                        break
+            except Exception as exc:
+                logger.exception("request %s failed to take its tokens", request.request_id)
+                outputs.append(self._fail(request, f"request failed: {exc}"))
+                continue
+            if request.finished or request.params.output_kind == "cumulative":
+                outputs.append(request.take_output())
+            if request.finished:
+                self._retire(request)
+        return outputs
+
+    def _plan_or_nothing(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget]]:
+        """The controller's plan (``_plan``); none, so that the step decodes without speculation,
+        when there is no controller or planning fails."""
+        if self.controller is None:
+            return {}, {}
+        try:
+            return self._plan()
+        except Exception:  # speculation only saves time: a step without it is still right
+            logger.exception("speculation planning failed; this step decodes without it")
+            return {}, {}
+
+    def _run_batch(
+        self, scheduled: list[ScheduledRequest], views: dict[str, RequestView], forced: dict[str, list[int]]
+    ) -> tuple[list[Request], list[Request], list[Pick]]:
+        """Draft, run the forward and pick the new tokens: the requests due a token and their
+        picks, and the requests that only scored their prompt (``max_tokens`` 0)."""
+        features_wanted = self.drafter is not None and self.drafter.needs_target_features
+        trees, guesses = self._draft(scheduled, views, forced)
+        start = time.perf_counter()
+        slices = [self._slice(item, trees.get(item.request.request_id)) for item in scheduled]
+        if features_wanted:
+            logits, hidden = self.executor.call("forward_with_hidden", slices)
+        else:
+            logits = self.executor.call("forward", slices, None, False)  # logits stay on the device
+        verify_time = time.perf_counter() - start
         if any(item.num_prompt_logits for item in scheduled):
             logits = self._score_prompts(scheduled, logits, trees)
         due = [item.request for item in scheduled if item.samples]
@@ -228,22 +273,7 @@ class LLMEngine:
             self._score_guesses(due, picks, guesses)
         if features_wanted:
             self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
-        now = time.monotonic()
-        for request in scored:  # max_tokens 0: done once the prompt is read
-            request.metrics.first_token_time = now
-            request.finish(FinishReason.LENGTH)
-            outputs.append(request.take_output())
-            self._retire(request)
-        for request, pick in zip(due, picks):
-            for token, token_logprobs in zip(pick.tokens, pick.logprobs):
-                self._append_token(request, token, now, token_logprobs)
-                if request.finished:
-                    break
-            if request.finished or request.params.output_kind == "cumulative":
-                outputs.append(request.take_output())
-            if request.finished:
-                self._retire(request)
-        return outputs
+        return due, scored, picks
 
     def _next_tokens(
         self,
