@@ -288,7 +288,8 @@ class LLMEngine:
         picks: list[Pick] = [Pick([], [], [])] * len(due)
         plain = [i for i, r in enumerate(due) if r.request_id not in trees]
         if plain:
-            plain_logits = torch.cat([rows[i] for i in plain])
+            # Without trees every row is plain, in order: no copy of the batch's logits.
+            plain_logits = logits if not trees else torch.cat([rows[i] for i in plain])
             requests = [due[i] for i in plain]
             tokens = sample(plain_logits, [r.params for r in requests], [r.generator for r in requests],
                             [(r.prompt_token_ids, r.output_token_ids) for r in requests],
@@ -535,7 +536,8 @@ class LLMEngine:
         rows: list[dict[int, float] | None] = [None] * len(requests)
         if wanted:
             counts = [requests[i].params.logprobs for i in wanted]
-            found = top_logprobs(logits[wanted], [tokens[i] for i in wanted], counts)
+            wanted_logits = logits if len(wanted) == len(requests) else logits[wanted]
+            found = top_logprobs(wanted_logits, [tokens[i] for i in wanted], counts)
             for i, row in zip(wanted, found):
                 rows[i] = row
         return rows
