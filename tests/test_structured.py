@@ -57,6 +57,35 @@ def test_outputs_match_their_constraint_and_speculation_under_it_is_exact(tiny_m
     assert_all_slots_free(engine)
 
 
+def test_drafted_nodes_the_constraint_refuses_are_never_verified(tiny_model, tiny_engine, monkeypatch):
+    """The target drafting for itself breaks the pattern on many paths; what the controller gets
+    to verify holds only the paths the constraint allows, and the output stays exact."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, structured=CONSTRAINTS["regex"][0], ignore_eos=True)
+    engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3, width=2))
+    select, verdicts = engine.controller.select, []
+
+    def checked_select(step, trees):
+        for view, tree in zip(step.requests, trees):
+            paths = [[tree.tokens[i] for i in tree.path(node)] for node in range(len(tree))]
+            verdicts.extend(engine.requests[view.request_id].constraint.accepts(paths))
+        return select(step, trees)
+
+    monkeypatch.setattr(engine.controller, "select", checked_select)
+    speculated = run(engine, PROMPTS, params)
+    assert verdicts and all(verdicts)
+    assert engine.spec_stats.drafted > engine.spec_stats.verified
+    assert [o.output.token_ids for o in speculated] == [o.output.token_ids for o in run(tiny_engine, PROMPTS, params)]
+
+
+def test_a_tree_keeps_the_nodes_it_is_told_to_and_counts_what_was_drafted():
+    tree = TokenTree()
+    for token, parent in [(5, -1), (6, -1), (7, 0), (8, 1), (9, 2)]:
+        tree.add(token, parent, 0.5)
+    kept = tree.keep([True, False, True, False, True])
+    assert (kept.tokens, kept.parents, kept.depths) == ([5, 7, 9], [-1, 0, 1], [1, 2, 3])
+    assert kept.num_drafted == 5 and tree.keep([True] * 5) is tree
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_tokens_the_constraint_forces_are_drafted_and_always_accepted(tiny_engine, temperature):
     """Without a drafter, the keys and punctuation a JSON schema forces are drafted from the

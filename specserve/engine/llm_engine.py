@@ -423,6 +423,7 @@ class LLMEngine:
         step = StepView([views[item.request.request_id] for item in asked], step_tokens - len(asked))
         start = time.perf_counter()
         drafted = self.drafter.propose(asks, self.controller.drafting_rule(step))
+        drafted = [self._allowed_nodes(self.requests[ask.request_id], tree) for ask, tree in zip(asks, drafted)]
         draft_time = time.perf_counter() - start
         self.controller.observe_draft(self.drafter.forwards, step.mean_context, draft_time)
         step.draft_ms = draft_time * 1e3
@@ -441,6 +442,14 @@ class LLMEngine:
             for stats in (request.spec_stats, self.spec_stats):
                 stats.record(candidates.num_drafted, 0, 0)
         return trees, guesses
+
+    @staticmethod
+    def _allowed_nodes(request: Request, tree: TokenTree) -> TokenTree:
+        """The drafted nodes whose paths the request's structured output allows: the others
+        could never be accepted, so verifying them would only spend the step's budget."""
+        if request.constraint is None or not len(tree):
+            return tree
+        return tree.keep(request.constraint.accepts([[tree.tokens[i] for i in tree.path(n)] for n in range(len(tree))]))
 
     def _score_guesses(self, due: list[Request], picks: list[Pick], guesses: dict[str, TokenTree]) -> None:
         """Tell the controller whether each trimmed tree's first guess was the token the target chose."""

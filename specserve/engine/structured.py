@@ -88,6 +88,16 @@ class TokenConstraint:
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
         return allowed
 
+    def accepts(self, paths: Sequence[Sequence[int]]) -> list[bool]:
+        """Whether the constraint allows each whole path after the output so far."""
+        verdicts = []
+        for path in paths:
+            consumed = self._matcher.try_consume_tokens(list(path))
+            if consumed:
+                self._matcher.rollback(consumed)
+            verdicts.append(consumed == len(path))
+        return verdicts
+
     def forced(self) -> list[int]:
         """The tokens the constraint allows next, each the only one allowed after the ones
         before it (none once the output is complete)."""

@@ -8,6 +8,7 @@ root, the drafter's estimate that the target accepts the whole path).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +94,14 @@ class TokenTree:
             return self
         values = self.path_probs if values is None else values
         order = sorted(range(len(self)), key=lambda i: (-values[i], self.depths[i], i))
-        chosen = sorted(order[:max_nodes], key=lambda i: (self.depths[i], i))
+        return self._subtree(sorted(order[:max_nodes], key=lambda i: (self.depths[i], i)))
+
+    def keep(self, kept: Sequence[bool]) -> TokenTree:
+        """The nodes marked in ``kept``, which must mark every kept node's parent too."""
+        return self if all(kept) else self._subtree([i for i, keep in enumerate(kept) if keep])
+
+    def _subtree(self, chosen: list[int]) -> TokenTree:
+        """The ``chosen`` nodes (parents before children, every ancestor among them), re-indexed."""
         new_index = {old: new for new, old in enumerate(chosen)}
         new_index[-1] = -1
         return TokenTree(
@@ -102,7 +110,7 @@ class TokenTree:
             probs=[self.probs[i] for i in chosen],
             path_probs=[self.path_probs[i] for i in chosen],  # every ancestor came along
             depths=[self.depths[i] for i in chosen],
-            num_candidates=len(self),
+            num_candidates=self.num_drafted,
         )
 
     def merge(self, other: TokenTree) -> TokenTree:
