@@ -34,7 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--batch", type=int, default=64, help="requests decoding together")
-    parser.add_argument("--prompt-tokens", type=int, default=200, help="mean prompt length (each drawn from half to one and a half times it)")
+    parser.add_argument("--prompt-tokens", type=int, default=200,
+                        help="mean prompt length (each drawn from half to one and a half times it)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps")
     parser.add_argument("--profiled-steps", type=int, default=3)
     parser.add_argument("--logprobs", type=int, default=20, help="top log-probabilities per token (-1: none)")

@@ -12,7 +12,8 @@ from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.models import forward_batch
 from specserve.models.forward_batch import SequenceSlice, attention_groups, build_step_inputs
 from specserve.models.kv_cache import KVCache
-from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, measure_plan
+from specserve.models import linear_kernel
+from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, fastest_plan, measure_plan
 from specserve.models.loader import ModelFiles, load_model
 
 from tiny_models import build_tiny_model
@@ -92,6 +93,22 @@ def test_planned_weight_multiplies_each_row_count_in_its_layout():
         x = torch.randn(rows, 4)
         torch.testing.assert_close(planned(x, bias), x @ weight.t() + bias)
     assert list(PlannedWeight(weight, KernelPlan.single(INPUT)).stored) == [INPUT]
+
+
+def test_each_weight_shape_gets_its_own_plan(tiny_model, tmp_path, monkeypatch):
+    def by_shape(shape):  # the vocabulary head one way, every other weight the other
+        return PLANS["input_major"] if shape[0] == 384 else PLANS["output_major"]
+
+    model, _ = _ours(tiny_model, by_shape)
+    head = model.lm_head.kernel.stored
+    assert list(head) == [INPUT] and head[INPUT].shape[1] == 384
+    assert all(list(m.kernel.stored) == [OUTPUT] for m in model.modules()
+               if getattr(m, "kernel", None) is not None and m is not model.lm_head)
+
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(linear_kernel, "measure_plan", lambda shape: (PLANS["mixed"], {}))
+    assert fastest_plan("cpu", (12, 5)) == PLANS["mixed"]
+    assert any(key.endswith("|12x5") for key in json.loads((tmp_path / "kernel_plans.json").read_text()))
 
 
 def test_kernel_plan_is_measured_for_one_row_and_several():

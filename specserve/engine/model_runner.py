@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -26,13 +27,13 @@ class ModelRunner:
             # cuDNN attention builds a plan per new key length (~50 ms on an H100), and an eager
             # decode step has a new one every step; the other SDPA kernels need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        plan = (
-            fastest_plan(self.device.type)
+        plans = (
+            functools.partial(fastest_plan, self.device.type)
             if config.weight_layout == "auto"
             else KernelPlan.single(WeightLayout(config.weight_layout))
         )
         self.model, self.max_model_len = load_model(
-            model_path, tp, self.dtype, self.device, config.max_model_len, plan
+            model_path, tp, self.dtype, self.device, config.max_model_len, plans
         )
         arch = self.model.arch
         use_graphs = self.device.type == "cuda" and tp.size == 1 and not config.enforce_eager

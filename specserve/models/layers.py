@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.distributed.parallel_state import TensorParallelGroup
-from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, linear
+from specserve.models.linear_kernel import KernelPlan, PlannedWeight, PlanSource, WeightLayout, linear
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -165,11 +165,12 @@ class ParallelLMHead(_VocabShard, PlannedLinear):
         self.weight.copy_(self.shard_rows(tensor))
 
 
-def apply_kernel_plan(module: nn.Module, plan: KernelPlan) -> None:
-    """Store every linear weight under ``module`` (just loaded) as ``plan`` multiplies it."""
+def apply_kernel_plan(module: nn.Module, plans: PlanSource) -> None:
+    """Store every linear weight under ``module`` (just loaded) as the plan for its shape
+    multiplies it."""
     for child in module.modules():
         if isinstance(child, PlannedLinear):
-            child.apply_plan(plan)
+            child.apply_plan(plans(tuple(child.weight.shape)))
 
 
 class RotaryEmbedding(nn.Module):

@@ -6,8 +6,8 @@ the step time. Which formulation is fast depends on the CPU's BLAS kernels and d
 between machines and between one row and several: ``(W @ x^T)^T`` against the checkpoint's
 output-major ``W [out, in]``, or ``x @ W`` against an input-major ``W [in, out]``. A
 :class:`KernelPlan` names the layout for single-row steps and for multi-row steps;
-``fastest_plan`` measures it once per machine (cached on disk), and each linear keeps its weight
-in the layouts its plan uses (both, at twice the memory, when they differ).
+``fastest_plan`` measures it once per machine and weight shape (cached on disk), and each linear
+keeps its weight in the layouts its plan uses (both, at twice the memory, when they differ).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import enum
 import functools
 import json
 import logging
+import math
 import platform
-import statistics
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,13 @@ class KernelPlan(NamedTuple):
     def layout_for(self, rows: int) -> WeightLayout:
         return self.one_row if rows == 1 else self.many_rows
 
+    def __call__(self, shape: tuple[int, int]) -> KernelPlan:
+        """A plan is its own ``PlanSource``: the same plan for weights of every shape."""
+        return self
+
+
+PlanSource = Callable[[tuple[int, int]], KernelPlan]  # a weight's (out, in) shape -> its plan
+
 
 class PlannedWeight:
     """One linear's weight, stored in each layout its plan multiplies with."""
@@ -76,28 +84,28 @@ class PlannedWeight:
         return linear(x, self.stored[layout], bias, layout)
 
 
-def _pass_seconds(weights: list[torch.Tensor], layout: WeightLayout, rows: int, repeats: int) -> float:
-    x = torch.randn(rows, weights[0].shape[1])
-    times = []
-    for _ in range(repeats + 1):  # the first pass warms up
-        start = time.perf_counter()
-        for w in weights:
-            linear(x, w, None, layout)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-def measure_plan(megabytes: int = 128, repeats: int = 3) -> tuple[KernelPlan, dict[str, float]]:
-    """The fastest plan, timed over ``megabytes`` of fp32 weights (more than a CPU cache holds,
-    so they stream from memory as a model's do), and the seconds per pass it was chosen from."""
-    side = 1024
-    count = max(1, megabytes * 2**20 // (side * side * 4))
-    output_major = [torch.randn(side, side) for _ in range(count)]
-    seconds: dict[str, float] = {}
-    for layout in WeightLayout:
-        weights = [to_layout(w, layout) for w in output_major]
-        for rows in (1, 4, 16):
-            seconds[f"{layout.value}/{rows}"] = _pass_seconds(weights, layout, rows, repeats)
+def measure_plan(shape: tuple[int, int] = (1024, 1024), megabytes: int = 128,
+                 repeats: int = 3) -> tuple[KernelPlan, dict[str, float]]:
+    """The fastest plan for weights of ``shape`` (out, in), and the seconds per pass it was
+    chosen from. A pass multiplies about ``megabytes`` of fp32 copies (more than a CPU cache
+    holds, so they stream from memory as a model's do; at most 256 copies of a small one); the
+    layouts and row counts take turns for ``repeats`` rounds after a warm-up one, and each keeps
+    its least time, as the machine's noise only ever adds time."""
+    out_features, in_features = shape
+    count = min(256, max(1, megabytes * 2**20 // (out_features * in_features * 4)))
+    output_major = [torch.randn(out_features, in_features) for _ in range(count)]
+    weights = {layout: [to_layout(w, layout) for w in output_major] for layout in WeightLayout}
+    inputs = {rows: torch.randn(rows, in_features) for rows in (1, 4, 16)}
+    seconds = {f"{layout.value}/{rows}": math.inf for layout in WeightLayout for rows in inputs}
+    for round_ in range(repeats + 1):
+        for layout, stored in weights.items():
+            for rows, x in inputs.items():
+                start = time.perf_counter()
+                for w in stored:
+                    linear(x, w, None, layout)
+                if round_:  # the first round warms up
+                    key = f"{layout.value}/{rows}"
+                    seconds[key] = min(seconds[key], time.perf_counter() - start)
 
     def fastest(rows: tuple[int, ...]) -> WeightLayout:
         return min(WeightLayout, key=lambda layout: sum(seconds[f"{layout.value}/{n}"] for n in rows))
@@ -118,16 +126,18 @@ def cpu_name() -> str:
 
 
 @functools.cache
-def fastest_plan(device_type: str) -> KernelPlan:
-    """The kernel plan for ``device_type``; a CPU is measured once, then read from the cache."""
+def fastest_plan(device_type: str, shape: tuple[int, int]) -> KernelPlan:
+    """The kernel plan for weights of ``shape`` on ``device_type``; a CPU measures each shape once,
+    then reads it from the cache. Shapes differ: a tall vocabulary head can take another kernel
+    path for one row than the square matrices of a layer."""
     if device_type != "cpu":
         return KernelPlan.single(WeightLayout.OUTPUT_MAJOR)  # cuBLAS runs either at full speed
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{shape[0]}x{shape[1]}"
     path = cache_root() / "kernel_plans.json"
     with FileLock(f"{path}.lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
         if key not in known:
-            plan, seconds = measure_plan()
+            plan, seconds = measure_plan(shape)
             logger.info("kernel plan on %s: %s (seconds per pass: %s)", key, plan, seconds)
             known[key] = list(plan)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from specserve.models.architecture import ModelArchitecture
 from specserve.models.eagle import EAGLE_ARCHITECTURE, EagleDraftModel
 from specserve.models.kv_cache import DEFAULT_MAX_MODEL_LEN
 from specserve.models.layers import apply_kernel_plan
-from specserve.models.linear_kernel import KernelPlan, WeightLayout
+from specserve.models.linear_kernel import KernelPlan, PlanSource, WeightLayout
 from specserve.models.llama import LlamaForCausalLM
 
 
@@ -74,10 +74,11 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_model_len: int | None,
-    plan: KernelPlan = KernelPlan.single(WeightLayout.OUTPUT_MAJOR),
+    plans: PlanSource = KernelPlan.single(WeightLayout.OUTPUT_MAJOR),
 ) -> tuple[LlamaForCausalLM | EagleDraftModel, int]:
-    """Build the model, load this rank's weight shards and store its linear weights as ``plan``
-    says; returns (model, effective max_model_len)."""
+    """Build the model, load this rank's weight shards and store each linear weight as the plan
+    for its shape says (``plans``: one ``KernelPlan`` for all, or a plan per shape); returns
+    (model, effective max_model_len)."""
     files = ModelFiles.check(path, tokenizer=False)
     hf_config = AutoConfig.from_pretrained(str(files.path))
     arch = ModelArchitecture.from_hf_config(hf_config)
@@ -90,5 +91,5 @@ def load_model(
         model = model_class(arch, tp, max_len)
     model.load_weights(files.weights())
     model = model.to(dtype=dtype).eval()
-    apply_kernel_plan(model, plan)
+    apply_kernel_plan(model, plans)
     return model, max_len
