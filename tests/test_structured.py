@@ -66,8 +66,7 @@ def test_drafted_nodes_the_constraint_refuses_are_never_verified(tiny_model, tin
 
     def checked_select(step, trees):
         for view, tree in zip(step.requests, trees):
-            paths = [[tree.tokens[i] for i in tree.path(node)] for node in range(len(tree))]
-            verdicts.extend(engine.requests[view.request_id].constraint.accepts(paths))
+            verdicts.extend(engine.requests[view.request_id].constraint.accepts(tree.token_paths()))
         return select(step, trees)
 
     monkeypatch.setattr(engine.controller, "select", checked_select)

@@ -8,7 +8,7 @@ from contextlib import aclosing
 from pydantic import ValidationError
 
 from specserve.deployments.grpc import specserve_pb2 as pb
-from specserve.deployments.openai_serving import Choice, OpenAIServing, bad_request, invalid_fields
+from specserve.deployments.openai_serving import Choice, OpenAIServing, bad_request, invalid_fields, most_likely
 from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
 from specserve.deployments.stats import request_stats
 from specserve.engine.request import RequestOutput
@@ -61,7 +61,7 @@ def _token_logprobs(tokens: list[int], rows: list[dict[int, float] | None], coun
     are None, a prompt's first token's, are left out)."""
     return [
         pb.TokenLogprob(token_id=token, logprob=row[token], top=[
-            pb.TopLogprob(token_id=k, logprob=v) for k, v in sorted(row.items(), key=lambda kv: -kv[1])[:count]
+            pb.TopLogprob(token_id=k, logprob=v) for k, v in most_likely(row, count)
         ])
         for token, row in zip(tokens, rows) if row is not None
     ]

@@ -116,9 +116,14 @@ def request_choices(prompts: list[Prompt], params: SamplingParams, n: int) -> li
     return [(prompt, params.model_copy(update={"seed": params.seed ^ i})) for prompt in prompts for i in range(n)]
 
 
+def most_likely(row: dict[int, float], count: int) -> list[tuple[int, float]]:
+    """A logprobs row's ``count`` most likely (token, logprob) entries, most likely first."""
+    return sorted(row.items(), key=lambda item: -item[1])[:count]
+
+
 def _top(row: dict[int, float], token: int, count: int) -> dict[int, float]:
     """A logprobs row cut to its ``count`` most likely entries, plus ``token``'s own."""
-    top = dict(sorted(row.items(), key=lambda item: -item[1])[:count])
+    top = dict(most_likely(row, count))
     top.setdefault(token, row[token])
     return top
 
@@ -578,7 +583,7 @@ class OpenAIServing:
         content = []
         for token, row in zip(output.output.token_ids[start:], (output.output.logprobs or [])[start:]):
             text = tokenizer.decode([token])
-            top = sorted(row.items(), key=lambda kv: -kv[1])[:count]
+            top = most_likely(row, count)
             content.append({
                 "token": text,
                 "logprob": row[token],

@@ -449,7 +449,7 @@ class LLMEngine:
         could never be accepted, so verifying them would only spend the step's budget."""
         if request.constraint is None or not len(tree):
             return tree
-        return tree.keep(request.constraint.accepts([[tree.tokens[i] for i in tree.path(n)] for n in range(len(tree))]))
+        return tree.keep(request.constraint.accepts(tree.token_paths()))
 
     def _score_guesses(self, due: list[Request], picks: list[Pick], guesses: dict[str, TokenTree]) -> None:
         """Tell the controller whether each trimmed tree's first guess was the token the target chose."""

@@ -11,7 +11,8 @@ JSON key, punctuation), the engine drafts them itself: the target accepts them f
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import llguidance
 import llguidance.hf
@@ -77,11 +78,9 @@ class TokenConstraint:
         token leading to it is refused one row up."""
         bitmask = llguidance.torch.allocate_token_bitmask(len(paths), self._tokenizer_vocab)
         for row, path in enumerate(paths):
-            consumed = self._matcher.try_consume_tokens(list(path)) if path else 0
-            if consumed == len(path):
-                llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
-            if consumed:
-                self._matcher.rollback(consumed)
+            with self._after(path) as allowed_path:
+                if allowed_path:
+                    llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
         bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
         allowed = bits.flatten(1).bool()[:, :vocab]
         if allowed.shape[1] < vocab:  # ids the tokenizer does not know are never allowed
@@ -92,11 +91,20 @@ class TokenConstraint:
         """Whether the constraint allows each whole path after the output so far."""
         verdicts = []
         for path in paths:
-            consumed = self._matcher.try_consume_tokens(list(path))
+            with self._after(path) as allowed_path:
+                verdicts.append(allowed_path)
+        return verdicts
+
+    @contextmanager
+    def _after(self, path: Sequence[int]) -> Iterator[bool]:
+        """The matcher moved past as much of ``path`` as it allows, and whether that was all of it;
+        back where it was afterwards."""
+        consumed = self._matcher.try_consume_tokens(list(path)) if path else 0
+        try:
+            yield consumed == len(path)
+        finally:
             if consumed:
                 self._matcher.rollback(consumed)
-            verdicts.append(consumed == len(path))
-        return verdicts
 
     def forced(self) -> list[int]:
         """The tokens the constraint allows next, each the only one allowed after the ones

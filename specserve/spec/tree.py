@@ -144,6 +144,10 @@ class TokenTree:
             node = self.parents[node]
         return path[::-1]
 
+    def token_paths(self) -> list[list[int]]:
+        """Each node's tokens from the root's child down to it."""
+        return [[self.tokens[i] for i in self.path(node)] for node in range(len(self))]
+
     def attention_mask(self) -> torch.Tensor:
         """[n+1, n+1] bool over (root, nodes...): each entry sees itself and its ancestors."""
         n = len(self)

@@ -49,7 +49,7 @@ def verify(
         vocab = logits.shape[-1]
         # What each row's request generated beyond the root: only penalties and constraints read it.
         reads_paths = params.penalized or constraint is not None
-        paths = [[tree.tokens[i] for i in tree.path(row - 1)] for row in range(logits.shape[0])] if reads_paths else []
+        paths = [[], *tree.token_paths()] if reads_paths else []  # row 0 is the root
         base = TokenCounts.of(prompt, generated, vocab, logits.device) if params.penalized else None
         allowed = constraint.allowed(paths, vocab) if constraint is not None else None
         logits = adjusted(logits, [params] * logits.shape[0], lambda row: base.plus(paths[row]), allowed)
