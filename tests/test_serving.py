@@ -23,6 +23,7 @@ from tiny_models import build_tiny_model  # noqa: E402
 from specserve.config import EngineConfig  # noqa: E402
 from specserve.deployments.app import build_app  # noqa: E402
 from specserve.deployments.client import SpecServeClient  # noqa: E402
+from specserve.deployments.grpc import specserve_pb2 as pb  # noqa: E402
 from specserve.engine.llm_engine import LLMEngine  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -490,6 +491,59 @@ def test_grpc_logprobs_match_http(client):
         with pytest.raises(grpc.RpcError) as info:
             grpc_client.generate("Serving large", logprobs=21)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in info.value.details()
+
+
+def test_grpc_tool_calls_match_http(client):
+    """Tools over gRPC: the same calls as over HTTP for a named function, unary and streamed (no
+    text, the calls on the last response); a tool turn's result goes on; what HTTP refuses with
+    a 400 is INVALID_ARGUMENT naming the field."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    http = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                          max_tokens=40, temperature=0)
+    (expected,) = http.choices[0].message.tool_calls
+    with SpecServeClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        reply = grpc_client.generate(messages=messages, tools=TOOLS, tool_choice="get_weather", max_tokens=40,
+                                     temperature=0)
+        (call,) = reply.tool_calls
+        assert (call.name, call.arguments) == ("get_weather", expected.function.arguments) and call.id
+        assert reply.text == "" and reply.finish_reason == "stop"
+        parts = list(grpc_client.stream(messages=messages, tools=TOOLS, tool_choice=named, max_tokens=40,
+                                        temperature=0))
+        assert all(not p.text and not p.tool_calls for p in parts[:-1]) and not parts[-1].text
+        assert [(c.name, c.arguments) for c in parts[-1].tool_calls] == [(call.name, call.arguments)]
+        assert [t for p in parts for t in p.token_ids] == list(reply.token_ids)
+
+        required = grpc_client.generate(messages=messages, tools=TOOLS, tool_choice="required", max_tokens=60,
+                                        temperature=0)
+        if required.finish_reason == "tool_calls":
+            assert required.tool_calls and {c.name for c in required.tool_calls} <= {"get_weather", "get_time"}
+        else:
+            assert required.finish_reason == "length" and required.text and not required.tool_calls
+
+        turns = messages + [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call-1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city":"Paris","unit":"c"}'}}]},
+            {"role": "tool", "tool_call_id": "call-1", "content": "18 C, sunny"},
+        ]
+        text = client.chat.completions.create(model="tiny", messages=turns, tools=TOOLS, tool_choice="none",
+                                              max_tokens=8, temperature=0).choices[0].message.content
+        assert grpc_client.generate(messages=turns, tools=TOOLS, tool_choice="none", max_tokens=8,
+                                    temperature=0).text == text
+
+        for fields, param in [({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
+                              ({"tool_choice": "nope", "tools": TOOLS}, "tool_choice"),
+                              ({"tools": [{"function": {"name": "f", "parameters": {"type": "bogus"}}}],
+                                "tool_choice": "required"}, "tools")]:
+            with pytest.raises(grpc.RpcError) as info:
+                grpc_client.generate(messages=messages, **fields)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and param in info.value.details()
+        for request in [pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")],
+                                           tools=[pb.Tool(name="f", parameters="{not json")], tool_choice="f"),
+                        pb.GenerateRequest(prompt="x", tools=[pb.Tool(name="f")], tool_choice="f")]:
+            with pytest.raises(grpc.RpcError) as info:
+                grpc_client._stub.Generate(request, metadata=grpc_client._metadata)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools" in info.value.details()
 
 
 @pytest.mark.parametrize("call", ["generate", "stream"])

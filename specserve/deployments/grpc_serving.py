@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -11,6 +12,8 @@ from specserve.deployments.grpc import specserve_pb2 as pb
 from specserve.deployments.openai_serving import Choice, OpenAIServing, bad_request, invalid_fields, most_likely
 from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
 from specserve.deployments.stats import request_stats
+from specserve.deployments.tools import calls_tools, tool_calls
+from specserve.deployments.tools import finish_reason as tool_finish_reason
 from specserve.engine.request import RequestOutput
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms",
@@ -39,20 +42,52 @@ def to_openai(request: pb.GenerateRequest, stream: bool = False) -> CompletionRe
     fields["ignore_eos"] = request.ignore_eos
     fields["stream"] = stream
     logprobs = request.logprobs if request.HasField("logprobs") else None
+    if request.prompt and (request.tools or request.HasField("tool_choice")):
+        raise bad_request("tools and tool_choice need messages, not a prompt", "tools")
     try:
         if request.messages:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
             if logprobs is not None:
                 fields |= {"logprobs": True, "top_logprobs": logprobs}
-            return ChatCompletionRequest(messages=messages, **fields)
+            return ChatCompletionRequest(messages=[_message(m) for m in request.messages], **_tool_fields(request),
+                                         **fields)
         return CompletionRequest(prompt=request.prompt, logprobs=logprobs, **fields)
     except ValidationError as exc:
         raise invalid_fields(exc.errors()) from exc
 
 
-def _choices(serving: OpenAIServing, request: pb.GenerateRequest, stream: bool) -> list[Choice]:
+def _message(message: pb.ChatMessage) -> dict:
+    """An OpenAI chat message: role and content, and a tool turn's calls, call id or name."""
+    fields = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        fields["tool_calls"] = [{"id": call.id, "type": "function",
+                                 "function": {"name": call.name, "arguments": call.arguments}}
+                                for call in message.tool_calls]
+    return fields | {name: getattr(message, name) for name in ("tool_call_id", "name") if getattr(message, name)}
+
+
+def _tool_fields(request: pb.GenerateRequest) -> dict:
+    """OpenAI's tools and tool_choice of a request (a choice that is no keyword names a function)."""
+    fields = {}
+    if request.tools:
+        tools = []
+        for index, tool in enumerate(request.tools):
+            function = {"name": tool.name, "description": tool.description or None}
+            if tool.parameters:
+                try:
+                    function["parameters"] = json.loads(tool.parameters)
+                except ValueError as exc:
+                    raise bad_request(f"tools[{index}].parameters is not JSON: {exc}", "tools") from exc
+            tools.append({"type": "function", "function": function})
+        fields["tools"] = tools
+    if request.HasField("tool_choice"):
+        choice = request.tool_choice
+        keyword = choice in ("none", "auto", "required")
+        fields["tool_choice"] = choice if keyword else {"type": "function", "function": {"name": choice}}
+    return fields
+
+
+def _choices(serving: OpenAIServing, body: CompletionRequest | ChatCompletionRequest) -> list[Choice]:
     """The request's one choice (the proto has one prompt and no ``n``)."""
-    body = to_openai(request, stream)
     return serving.chat_choices(body) if isinstance(body, ChatCompletionRequest) else serving.completion_choices(body)
 
 
@@ -81,11 +116,23 @@ def _logprob_fields(request: pb.GenerateRequest, output: RequestOutput, new_toke
     return fields
 
 
+def _answer(body: CompletionRequest | ChatCompletionRequest, output: RequestOutput) -> dict:
+    """A finished request's answer: its text, or (where the request has tools and the answer
+    came whole) its tool calls and no text; and its finish reason."""
+    if not (isinstance(body, ChatCompletionRequest) and calls_tools(body)):
+        return {"text": output.output.text, "finish_reason": output.output.finish_reason.value}
+    calls = tool_calls(body, output)
+    return {
+        "text": "" if calls else output.output.text,
+        "tool_calls": [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in calls or []],
+        "finish_reason": tool_finish_reason(body, output, calls),
+    }
+
+
 def _final_fields(output: RequestOutput) -> dict:
     stats = request_stats(output)
     spec = stats.speculation
     return {
-        "finish_reason": output.output.finish_reason.value,
         "usage": pb.Usage(prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.output.token_ids)),
         "stats": pb.RequestStats(
             **{k: v for k, v in stats.model_dump(exclude={"speculation"}).items() if v is not None},
@@ -97,24 +144,33 @@ def _final_fields(output: RequestOutput) -> dict:
 
 
 async def generate(serving: OpenAIServing, request: pb.GenerateRequest) -> pb.GenerateResponse:
-    (output,) = await serving.choice_outputs(_choices(serving, request, stream=False))
+    body = to_openai(request)
+    (output,) = await serving.choice_outputs(_choices(serving, body))
     tokens = output.output.token_ids
-    return pb.GenerateResponse(text=output.output.text, token_ids=tokens, **_final_fields(output),
+    return pb.GenerateResponse(token_ids=tokens, **_answer(body, output), **_final_fields(output),
                                **_logprob_fields(request, output, len(tokens)))
 
 
 async def generate_stream(serving: OpenAIServing, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
     """Responses with the new text and tokens; input errors raise before the first one."""
-    return _stream(request, await serving.choice_streams(_choices(serving, request, stream=True)))
+    body = to_openai(request, stream=True)
+    return _stream(request, body, await serving.choice_streams(_choices(serving, body)))
 
 
 async def _stream(
-    request: pb.GenerateRequest, outputs: AsyncIterator[tuple[int, RequestOutput]]
+    request: pb.GenerateRequest,
+    body: CompletionRequest | ChatCompletionRequest,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
 ) -> AsyncIterator[pb.GenerateResponse]:
+    # A request with tools gets its answer whole in the last response, as text or as calls.
+    whole = isinstance(body, ChatCompletionRequest) and calls_tools(body)
     async with aclosing(outputs):
         async for _, output in outputs:
             new_tokens = output.output.delta_token_ids
             if new_tokens or output.finished:
-                extra = _final_fields(output) if output.finished else {}
-                yield pb.GenerateResponse(text=output.output.delta_text, token_ids=new_tokens, **extra,
+                fields = {"text": "" if whole else output.output.delta_text}
+                if output.finished:
+                    answer = _answer(body, output) if whole else {"finish_reason": output.output.finish_reason.value}
+                    fields |= answer | _final_fields(output)
+                yield pb.GenerateResponse(token_ids=new_tokens, **fields,
                                           **_logprob_fields(request, output, len(new_tokens)))
