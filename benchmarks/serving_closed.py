@@ -15,9 +15,9 @@ round each:
 
 For each path it reports the client's TPOT, the engine's time in drafting and verifying (the
 replica reports it in ``stats``), and the CPU time that every process on the machine used per
-generated token, in all and by process (this benchmark's, Serve's replica, proxy and controller,
-the rest), so the served paths' extra CPU per token can be set against what stolen CPU costs
-the engine.
+generated token, in all and by process (this benchmark's, Serve's replica with its engine
+process, proxy and controller, the rest), so the served paths' extra CPU per token can be set
+against what stolen CPU costs the engine.
 
     python benchmarks/serving_closed.py --json OUT.json [--requests N] [--concurrency C]
         [--rounds N] [--max-new-tokens N] [--torch-threads N] [--policy P] [--config configs/default.yaml]
@@ -76,7 +76,7 @@ def cpu_seconds_by_role() -> Counter[str]:
     benchmark's process (the clients, and the in-process engine), Serve's replica, proxy and
     controller, and the rest (Ray's daemons, the busy neighbour, anything else)."""
     usage: Counter[str] = Counter()
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
             usage[_role(process)] += times.user + times.system
@@ -86,7 +86,14 @@ def cpu_seconds_by_role() -> Counter[str]:
 def _role(process: psutil.Process) -> str:
     if process.pid == os.getpid():
         return "benchmark"
-    title = " ".join(process.info["cmdline"] or [])
+    role = _title_role(process)
+    if role == "other" and (parent := process.parent()) is not None and _title_role(parent) == "replica":
+        return "replica"  # the replica's engine process
+    return role
+
+
+def _title_role(process: psutil.Process) -> str:
+    title = " ".join(process.cmdline() or [])
     return next((role for prefix, role in SERVE_ROLES.items() if title.startswith(prefix)), "other")
 
 
@@ -178,11 +185,11 @@ def main() -> int:
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     neighbour = start_neighbour()
     engine = AsyncLLMEngine(config.engine)
-    model_name = config.model_name or engine.engine.model_path.name
+    model_name = config.model_name or engine.inputs.model_path.name
 
     async def send_local(messages: list[dict]) -> list[float]:
         times = []
-        async for _ in engine.generate(engine.engine.apply_chat_template(messages), params):
+        async for _ in engine.generate(engine.inputs.apply_chat_template(messages), params):
             times.append(time.monotonic())
         return times
 
@@ -237,9 +244,9 @@ def main() -> int:
                 return local_round()
 
         paths: dict[str, tuple[Callable[[], list[float]], Callable[[], dict]]] = {
-            "in_process": (local_alone, engine.engine.spec_stats.to_dict),
-            "in_process_neighbour": (local_beside_neighbour, engine.engine.spec_stats.to_dict),
-            "in_process_ray_idle": (local_round, engine.engine.spec_stats.to_dict),
+            "in_process": (local_alone, lambda: engine.spec_stats().to_dict()),
+            "in_process_neighbour": (local_beside_neighbour, lambda: engine.spec_stats().to_dict()),
+            "in_process_ray_idle": (local_round, lambda: engine.spec_stats().to_dict()),
             "http": (lambda: asyncio.run(http_round(http_port)), replica_stats),
             "grpc": (lambda: asyncio.run(grpc_round(grpc_port)), replica_stats),
         }

@@ -42,6 +42,18 @@ def test_app_config_rejects_unknown_fields():
         AppConfig.model_validate({"bogus": 1})
 
 
+def test_the_engine_runs_in_its_own_process_wherever_it_reaches_no_ray_actor():
+    assert AppConfig().own_engine_process  # the default: a co-located draft
+    actor_draft = {"speculative": {"method": "draft", "draft_placement": "actor"}}
+    ray_tp = {"tensor_parallel_size": 2, "worker_backend": "ray"}
+    for engine in (actor_draft, ray_tp):
+        assert not AppConfig.model_validate({"engine": engine}).own_engine_process
+        with pytest.raises(ValueError, match="engine_process needs"):
+            AppConfig.model_validate({"engine": engine, "engine_process": True})
+    assert not AppConfig.model_validate({"engine_process": False}).own_engine_process
+    assert AppConfig.model_validate({"engine": {"tensor_parallel_size": 2}}).own_engine_process
+
+
 def test_autoscaling_settings_name_the_slo_policy():
     config = AppConfig.model_validate({"autoscaling": {"max_replicas": 3, "waiting_per_replica": 2}})
     serve_config = config.autoscaling.serve_config()

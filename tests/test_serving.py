@@ -34,10 +34,11 @@ SERVICER = "specserve.deployments.grpc.specserve_pb2_grpc.add_SpecServeServicer_
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """Three applications on one local Ray: 'specserve' (the tiny model), 'busy' (a slower
-    model with one KV slot and room for one waiting request, so that requests overlap and a
-    third concurrent one is refused) and 'tp' (TP=2 with rank 1 a Ray actor in the replica's
-    placement group). Yields the handles of the first two."""
+    """Three applications on one local Ray: 'specserve' (the tiny model, its engine in a process
+    of its own, the default), 'busy' (a slower model with one KV slot and room for one waiting
+    request, so that requests overlap and a third concurrent one is refused; its engine in a
+    thread of the replica) and 'tp' (TP=2 with rank 1 a Ray actor in the replica's placement
+    group, so its engine is in the replica). Yields the handles of the first two."""
     # A loaded CI machine can take longer than Serve's 5 s to start its proxy.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # export metrics within a second
@@ -51,7 +52,8 @@ def server(tiny_model, tmp_path_factory):
     slow_model = build_tiny_model(tmp_path_factory.mktemp("slow-llama"), hidden_size=256, intermediate_size=1024,
                                   num_hidden_layers=8, max_position_embeddings=1024)
     busy = {"model": str(slow_model), "max_num_seqs": 1, "max_model_len": 1024}
-    serve.run(build_app({"engine": busy, "model_name": "slow", "max_waiting_requests": 1, "num_cpus": 0}),
+    serve.run(build_app({"engine": busy, "model_name": "slow", "max_waiting_requests": 1, "num_cpus": 0,
+                         "engine_process": False}),
               name="busy", route_prefix="/busy")
     tp = {"model": str(tiny_model), "max_num_seqs": 2, "max_model_len": 256, "tensor_parallel_size": 2,
           "worker_backend": "ray", "collective_timeout_s": 10}

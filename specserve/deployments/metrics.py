@@ -9,8 +9,9 @@ from __future__ import annotations
 from ray.serve import metrics
 
 from specserve.deployments.stats import request_stats
-from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.llm_engine import EngineLoad
 from specserve.engine.request import RequestOutput
+from specserve.spec.stats import SpecStats
 
 _LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 25, 50, 100]
 
@@ -67,13 +68,11 @@ class ServingMetrics:
         if output.output.token_ids:  # Ray's counters refuse an increment of 0
             self.tokens.inc(len(output.output.token_ids))
 
-    def refresh(self, engine: LLMEngine) -> None:
-        load = engine.load()
+    def refresh(self, load: EngineLoad, spec: SpecStats) -> None:
         self.waiting.set(load.waiting)
         self.running.set(load.running)
         self.kv_usage.set(load.kv_usage)
         self.on_track.set(load.on_track)
-        spec = engine.spec_stats
         if spec.steps:
             self.acceptance.set(spec.accepted / max(spec.verified, 1))
             self.speculation_length.set(spec.verified / spec.steps)

@@ -195,7 +195,7 @@ class OpenAIServing:
 
     def check_capacity(self) -> None:
         """Refuse new work (429 with Retry-After) while the queue is past its limit."""
-        slots = self.engine.engine.config.max_num_seqs
+        slots = self.engine.inputs.config.max_num_seqs
         waiting = self.engine.num_requests - slots
         if waiting >= self.max_waiting_requests:
             wait = self._mean_e2e_s * (1 + waiting / slots)
@@ -259,11 +259,11 @@ class OpenAIServing:
             raise invalid_fields(exc.errors()) from exc
 
     def _room(self, prompt_ids: list[int]) -> int:
-        room = self.engine.engine.max_model_len - len(prompt_ids)
+        room = self.engine.inputs.max_model_len - len(prompt_ids)
         if room < 1:
             raise bad_request(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                f"{self.engine.engine.max_model_len}", "messages",
+                f"{self.engine.inputs.max_model_len}", "messages",
             )
         return room
 
@@ -348,33 +348,32 @@ class OpenAIServing:
 
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self._check_model(request.model)
-        engine = self.engine.engine
+        inputs = self.engine.inputs
         if request.messages is not None:
             tokens = self._chat_prompt(request.messages)
         else:
             try:
-                tokens = engine.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+                tokens = inputs.encode(request.prompt, add_special_tokens=request.add_special_tokens)
             except ValueError as exc:
                 raise bad_request(str(exc), "prompt") from exc
-        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=inputs.max_model_len, tokens=tokens)
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self._check_model(request.model)
-        vocab = self.engine.engine.vocab_size
+        vocab = self.engine.inputs.vocab_size
         if bad := [t for t in request.tokens if not 0 <= t < vocab]:
             raise bad_request(f"tokens {bad[:5]} are outside [0, {vocab})", "tokens")
-        return DetokenizeResponse(prompt=self.engine.engine.tokenizer.decode(request.tokens))
+        return DetokenizeResponse(prompt=self.engine.inputs.tokenizer.decode(request.tokens))
 
     def tokenizer_info(self) -> TokenizerInfo:
-        engine = self.engine.engine
-        tokenizer = engine.tokenizer
+        tokenizer = self.engine.inputs.tokenizer
         return TokenizerInfo(
             tokenizer_class=type(tokenizer).__name__,
             eos_token=tokenizer.eos_token,
             bos_token=tokenizer.bos_token,
             pad_token=tokenizer.pad_token,
             chat_template=tokenizer.chat_template,
-            model_max_length=engine.max_model_len,
+            model_max_length=self.engine.inputs.max_model_len,
         )
 
     # ------------------------------------------------------------- completions
@@ -449,12 +448,12 @@ class OpenAIServing:
 
     def _echo(self, prompt: Prompt, output: RequestOutput) -> str:
         """The prompt's text as echo returns it: as given, or decoded from its token ids."""
-        return prompt if isinstance(prompt, str) else self.engine.engine.tokenizer.decode(output.prompt_token_ids)
+        return prompt if isinstance(prompt, str) else self.engine.inputs.tokenizer.decode(output.prompt_token_ids)
 
     def _completion_logprobs(self, output: RequestOutput, start: int, prompt_alternatives: int | None = None) -> dict:
         """The logprobs of the output tokens from ``start``, after the prompt's (with this many
         alternatives; its first token has none) if ``prompt_alternatives`` is not None (echo)."""
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.inputs.tokenizer
         ids = output.output.token_ids[start:]
         rows: list[dict[int, float] | None] = (output.output.logprobs or [])[start:]
         if prompt_alternatives is not None:
@@ -474,7 +473,7 @@ class OpenAIServing:
         most likely token ids with their log-probability and text."""
         if count is None:
             return None
-        decode = self.engine.engine.tokenizer.decode
+        decode = self.engine.inputs.tokenizer.decode
         return [None if row is None else {
             str(k): {"logprob": v, "decoded_token": decode([k])} for k, v in _top(row, token, count).items()
         } for token, row in zip(output.prompt_token_ids, output.prompt_logprobs)]
@@ -485,7 +484,7 @@ class OpenAIServing:
         """The prompt token ids of a conversation (the chat template's layout, with the tools
         if it shows them)."""
         try:
-            return self.engine.engine.apply_chat_template(
+            return self.engine.inputs.apply_chat_template(
                 [m.template_fields() for m in messages],
                 [tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
             )
@@ -578,7 +577,7 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     def _chat_logprobs(self, output: RequestOutput, start: int, request: ChatCompletionRequest) -> dict:
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.inputs.tokenizer
         count = request.top_logprobs or 0
         content = []
         for token, row in zip(output.output.token_ids[start:], (output.output.logprobs or [])[start:]):

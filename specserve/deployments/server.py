@@ -80,9 +80,10 @@ class SpecServeServer:
     def __init__(self, config: ServerConfig | dict) -> None:
         self._stop = threading.Event()
         config = ServerConfig.model_validate(config)
-        torch.set_num_threads(config.torch_threads or _usable_cores())
-        self.engine = AsyncLLMEngine(config.engine)
-        name = config.model_name or Path(self.engine.engine.model_path).name
+        threads = config.torch_threads or _usable_cores()
+        torch.set_num_threads(threads)
+        self.engine = AsyncLLMEngine(config.engine, own_process=config.own_engine_process, torch_threads=threads)
+        name = config.model_name or Path(self.engine.inputs.model_path).name
         self.metrics = ServingMetrics(name)
         self.serving = OpenAIServing(self.engine, name, config.max_waiting_requests, self.metrics.request_done)
         self._metrics_interval_s = config.metrics_interval_s
@@ -91,7 +92,7 @@ class SpecServeServer:
 
     def _refresh_metrics(self) -> None:
         while not self._stop.wait(self._metrics_interval_s):
-            self.metrics.refresh(self.engine.engine)
+            self.metrics.refresh(self.engine.load(), self.engine.spec_stats())
 
     # ---------------------------------------------------------------- HTTP
 
@@ -165,12 +166,11 @@ class SpecServeServer:
     def stats(self) -> dict:
         """This replica's load, its requests by outcome, and its speculation totals (for operators
         and tests)."""
-        load = self.engine.engine.load()
-        return {"load": asdict(load), "outcomes": dict(self.serving.outcomes),
-                "speculation": self.engine.engine.spec_stats.to_dict()}
+        return {"load": asdict(self.engine.load()), "outcomes": dict(self.serving.outcomes),
+                "speculation": self.engine.spec_stats().to_dict()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        load = self.engine.engine.load()
+        load = self.engine.load()
         return {WAITING: float(load.waiting), KV_USAGE: load.kv_usage, ON_TRACK: load.on_track}
 
     def __del__(self) -> None:

@@ -1,25 +1,29 @@
 """Asyncio front of the engine: token streaming, abort on cancellation.
 
-The engine is driven by one background thread that owns it; callers on any event loop hand it
-requests and aborts through a queue, and receive outputs through per-request asyncio queues.
+The engine is driven by one ``EngineLoop`` that owns it: in a background thread of this process
+(the default), or in a process of its own (``own_process``, see ``engine_process.py``). Callers
+on any event loop hand it requests and aborts, and receive outputs through per-request asyncio
+queues.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from specserve.config import EngineConfig
-from specserve.engine.llm_engine import LLMEngine, Prompt
-from specserve.engine.request import FinishReason, Request, RequestOutput
+from specserve.engine.engine_loop import Command, EngineLoop, NewRequest, Outbox
+from specserve.engine.engine_process import EngineProcess
+from specserve.engine.inputs import InputProcessor
+from specserve.engine.llm_engine import EngineLoad, LLMEngine, Prompt
+from specserve.engine.request import FinishReason, RequestOutput
 from specserve.engine.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
+from specserve.spec.stats import SpecStats
 
 
 @dataclass
@@ -44,16 +48,69 @@ def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         queue_.put_nowait(output)
 
 
-class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
-        self.engine = engine or LLMEngine(config)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+class EngineThread:
+    """The engine loop in a background thread of this process."""
+
+    def __init__(self, engine: LLMEngine, outbox: Outbox) -> None:
+        self.engine = engine
+        self.inputs = engine.inputs
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._stopped = False
-        self._failure: str | None = None  # why the loop stopped on its own
-        self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
+        self._thread = threading.Thread(target=EngineLoop(engine, self, outbox).run, name="specserve-engine",
+                                        daemon=True)
         self._thread.start()
+
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def take(self, wait: bool) -> list[Command]:
+        if wait:
+            self._wakeup.wait()
+            self._wakeup.clear()
+        commands = []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def load(self) -> EngineLoad:
+        return self.engine.load()
+
+    def spec_stats(self) -> SpecStats:
+        return self.engine.spec_stats
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        self.send(("stop", None))
+        self._thread.join(timeout=timeout_s)
+
+
+class AsyncLLMEngine:
+    """Streams of engine outputs for asyncio callers.
+
+    ``engine``: drive this LLMEngine (in a thread); otherwise one is made from ``config``, in a
+    thread or, with ``own_process``, in a process of its own with ``torch_threads`` threads.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
+                 own_process: bool = False, torch_threads: int | None = None) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._failure: str | None = None  # why the loop stopped on its own
+        self._stopped = False
+        self._core: EngineThread | EngineProcess
+        if own_process:
+            if engine is not None:
+                raise ValueError("an engine of its own process is made there, from the config")
+            self._core = EngineProcess(config or EngineConfig(), self, torch_threads)
+            self.engine: LLMEngine | None = None
+        else:
+            self._core = EngineThread(engine or LLMEngine(config), self)
+            self.engine = self._core.engine
+        self.inputs: InputProcessor = self._core.inputs
 
     async def generate(
         self,
@@ -67,15 +124,18 @@ class AsyncLLMEngine:
         Leaving the iteration early (or cancelling the task) aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
-        if params.structured is not None:  # compiling a grammar may take a second: not on the loop
+        if self.engine is None:
+            request = NewRequest(request_id, self.inputs.prompt_ids(prompt, params), params, time.monotonic())
+        elif params.structured is not None:  # compiling a grammar may take a second: not on the loop
             request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params)
         else:
             request = self.engine.make_request(request_id, prompt, params)
-        if not self.is_alive():
-            raise RuntimeError(f"the engine has stopped: {self._failure or 'shut down'}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
-        self._send(("add", request))
+        self._streams[request_id] = stream  # before the check: a loop that stops from now on fails it
+        if not self.is_alive():
+            self._streams.pop(request_id, None)
+            raise RuntimeError(f"the engine has stopped: {self._failure or 'shut down'}")
+        self._core.send(("add", request))
         finished = False
         try:
             while not finished:
@@ -89,7 +149,7 @@ class AsyncLLMEngine:
                 yield item
         finally:
             if not finished:
-                self._send(("abort", request_id))
+                self._core.send(("abort", request_id))
             self._streams.pop(request_id, None)
 
     @property
@@ -97,80 +157,34 @@ class AsyncLLMEngine:
         """Requests handed to this engine and not yet ended (queued commands included)."""
         return len(self._streams)
 
+    def load(self) -> EngineLoad:
+        """How busy the engine is (after its last step, where it runs in another process)."""
+        return self._core.load()
+
+    def spec_stats(self) -> SpecStats:
+        """The engine's speculation totals."""
+        return self._core.spec_stats()
+
     def is_alive(self) -> bool:
         """Whether the engine loop is still running."""
-        return self._thread.is_alive() and not self._stopped
+        return self._core.is_alive() and not self._stopped
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        self._core.send(("abort", request_id))
 
     def stop(self) -> None:
-        """Stop the engine loop; the LLMEngine stays usable by whoever else holds it."""
-        self._send(("stop", None))
-        self._thread.join(timeout=60)
+        """Stop the engine loop; an LLMEngine given to this front stays usable by whoever else
+        holds it."""
+        self._core.stop()
 
     def shutdown(self) -> None:
         self.stop()
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
 
-    def _send(self, command: tuple[str, Request | str | None]) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
+    # -------------------------------------------------- the loop's outbox
 
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                kind, arg = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                try:
-                    self.engine.add_request(arg)
-                except ValueError as exc:
-                    self._deliver_error(arg.request_id, exc)
-            elif kind == "abort":
-                self.engine.abort_request(arg)
-            else:
-                self._stopped = True
-
-    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put(exc)
-
-    def _fail_everything(self, reason: str) -> None:
-        """Stop the loop for good and fail every request still waiting on it (the owner, e.g.
-        a Serve replica's health check, replaces the engine)."""
-        self._failure = reason
-        self._stopped = True
-        self._apply_commands()  # adds that raced in are failed below
-        for request_id in list(self._streams):
-            self.engine.abort_request(request_id)
-            self._deliver_error(request_id, RuntimeError(f"the engine has stopped: {reason}"))
-
-    def _run(self) -> None:
-        while not self._stopped:
-            self._apply_commands()
-            if self._stopped:
-                break
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait()
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # fail what was in flight; go on unless a TP worker died
-                logger.exception("engine step failed")
-                for request_id in list(self.engine.requests):
-                    self.engine.abort_request(request_id)
-                    self._deliver_error(request_id, RuntimeError(f"engine step failed: {exc}"))
-                self._stop_if_workers_died()
-                continue
-            self._deliver(outputs)
-            if any(output.error for output in outputs):
-                self._stop_if_workers_died()
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def outputs(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams with one wake-up per event loop (a wake-up
         takes the GIL from the engine thread, so one per request would slow the next step)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
@@ -184,8 +198,17 @@ class AsyncLLMEngine:
             except RuntimeError:  # the loop was closed under its streams: nobody is listening
                 for _, output in deliveries:
                     self._streams.pop(output.request_id, None)
-                    self.engine.abort_request(output.request_id)
+                    self._core.send(("abort", output.request_id))
 
-    def _stop_if_workers_died(self) -> None:
-        if not self.engine.executor.healthy(wait_s=5.0):
-            self._fail_everything("the tensor-parallel group failed (a worker died or stopped answering)")
+    def error(self, request_id: str, exc: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(exc)
+
+    def stopped(self, reason: str | None) -> None:
+        """The loop ended (for good after a failure, ``reason``): every request still waiting on
+        it fails (the owner, e.g. a Serve replica's health check, replaces a failed engine)."""
+        self._stopped = True
+        self._failure = reason
+        for request_id in list(self._streams):
+            self.error(request_id, RuntimeError(f"the engine has stopped: {reason or 'shut down'}"))

@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import jinja2
 import torch
 
 from specserve.config import EngineConfig
@@ -30,6 +28,7 @@ from specserve.control.policies import POLICIES, RequestView, StepView
 from specserve.control.profiler import profile_forward
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.executor import ModelExecutor
+from specserve.engine.inputs import InputProcessor, Prompt
 from specserve.engine.request import FinishReason, Request, RequestOutput
 from specserve.engine.sampler import sample, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
@@ -38,7 +37,7 @@ from specserve.engine.structured import Grammars
 from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
 from specserve.models.linear_kernel import cpu_name
-from specserve.models.loader import ModelFiles, eos_token_ids, load_tokenizer
+from specserve.models.loader import ModelFiles
 from specserve.spec.build import build_drafter
 from specserve.spec.draft_model import ModelDrafter
 from specserve.spec.drafter import Drafter, DraftRequest
@@ -49,9 +48,6 @@ from specserve.spec.tree import MAX_DEPTH, TokenTree, TreeBudget
 from specserve.spec.verifier import verify
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | Sequence[int]
-
 
 class Pick(NamedTuple):
     """A due request's new tokens in one step."""
@@ -75,12 +71,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         model_path = ModelFiles.check(self.config.model or default_model_dir()).path
-        self.model_path = model_path
-        self.tokenizer = load_tokenizer(model_path)
-        self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         self.executor = ModelExecutor(self.config, model_path)
-        self.max_model_len = self.executor.max_model_len
-        self.vocab_size = self.executor.runner.model.arch.vocab_size
+        self.inputs = InputProcessor(self.config, model_path, self.executor.runner.model.arch.vocab_size,
+                                     self.executor.max_model_len)
+        # The processor's, under the names the engine's callers know.
+        self.model_path, self.tokenizer = model_path, self.inputs.tokenizer
+        self.eos_token_ids = self.inputs.eos_token_ids
+        self.vocab_size, self.max_model_len = self.inputs.vocab_size, self.inputs.max_model_len
+        self.apply_chat_template, self.encode = self.inputs.apply_chat_template, self.inputs.encode
         self.grammars = Grammars(self.tokenizer)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.drafter: Drafter | None = None
@@ -104,24 +102,7 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         """Tokenize and validate; raises ValueError with a clear message on bad input."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            token_ids = self.encode(prompt, "prompt")
-        else:
-            token_ids = [int(t) for t in prompt]
-            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside [0, {self.vocab_size})")
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        if bad := [t for t in params.logit_bias if t >= self.vocab_size]:
-            raise ValueError(f"logit_bias token ids {bad[:5]} are outside [0, {self.vocab_size})")
-        if len(token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the model context of {self.max_model_len} tokens"
-            )
+        token_ids = self.inputs.prompt_ids(prompt, params)
         slo = self.config.control.slo.resolve(params.slo_class, params.tpot_slo_ms, params.ttft_slo_ms)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
@@ -161,28 +142,6 @@ class LLMEngine:
             kv_usage=len(running) / self.config.max_num_seqs,
             on_track=on_track / len(unfinished) if unfinished else 1.0,
         )
-
-    def apply_chat_template(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
-        """Prompt token ids of a conversation (the template supplies the special tokens, and
-        shows the ``tools`` if it knows how)."""
-        if not self.tokenizer.chat_template:
-            raise ValueError("this model has no chat template")
-        if not messages:
-            raise ValueError("messages must not be empty")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        except jinja2.TemplateError as exc:  # e.g. the template's own raise_exception on a role order
-            raise ValueError(f"the chat template refused the messages: {exc}") from None
-        return self.encode(text, "messages", add_special_tokens=False)
-
-    def encode(self, text: str, what: str = "prompt", add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; text that is not Unicode (a lone surrogate, which JSON's
-        ``"\\ud800"`` decodes to) is a ValueError naming ``what``, not a tokenizer's TypeError."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"{what} is not valid Unicode text: {exc.reason}") from None
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # -------------------------------------------------------------------- steps
 
