@@ -12,6 +12,7 @@ import pytest
 
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.engine.async_engine import AsyncLLMEngine
+from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 
 PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time, in a land", "A"]
@@ -49,9 +50,10 @@ def test_outputs_equal_those_of_the_engine_in_a_thread(engines):
     requests.append((PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0,
                                                 structured=StructuredOutput(regex="[a-z]{2,8}!"))))
     threaded, separate = (_run_all(engine, requests) for engine in engines)
-    for mine, theirs in zip(separate, threaded, strict=True):
+    for mine, theirs in zip(separate, threaded, strict=True):  # rebuilt from the first output and deltas
         assert mine.finished and mine.output.token_ids == theirs.output.token_ids
         assert mine.output.text == theirs.output.text and mine.output.finish_reason == theirs.output.finish_reason
+        assert len(mine.metrics.token_times) == len(mine.output.token_ids) == len(theirs.metrics.token_times)
     assert separate[-2].output.logprobs is not None and len(separate[-2].output.logprobs) == 16
     assert separate[-1].output.text.endswith("!")
     assert engines[1].spec_stats().steps > 0  # the ngram drafter ran there, and its totals came back
@@ -80,6 +82,22 @@ def test_leaving_a_stream_aborts_its_request(engines):
     while separate.load().running and time.monotonic() < deadline:  # the idle engine reports its load
         time.sleep(0.05)
     assert separate.load().running == 0 and separate.num_requests == 0
+
+
+def test_abort_ends_the_stream_with_an_abort_output(engines):
+    for engine in engines:
+        async def aborted():
+            outputs = []
+            async for output in engine.generate(PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True),
+                                                request_id="to-abort"):
+                outputs.append(output)
+                if len(outputs) == 1:
+                    engine.abort("to-abort")
+            return outputs
+
+        outputs = asyncio.run(asyncio.wait_for(aborted(), 60))
+        assert outputs[-1].finished and outputs[-1].output.finish_reason is FinishReason.ABORT
+        assert len(outputs[-1].output.token_ids) < 200
 
 
 def test_a_dead_engine_process_fails_its_requests_clearly(config):

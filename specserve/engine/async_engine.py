@@ -170,6 +170,7 @@ class AsyncLLMEngine:
         return self._core.is_alive() and not self._stopped
 
     def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with an output whose finish reason is abort."""
         self._core.send(("abort", request_id))
 
     def stop(self) -> None:

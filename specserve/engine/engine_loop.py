@@ -90,8 +90,9 @@ class EngineLoop:
                     self.engine.add_request(request)
                 except ValueError as exc:
                     self.outbox.error(arg.request_id, exc)
-            elif kind == "abort":
-                self.engine.abort_request(arg)
+            elif kind == "abort":  # its final output ends its stream, if anyone still reads it
+                if (output := self.engine.abort_request(arg)) is not None:
+                    self.outbox.outputs([output])
             else:
                 self._stopped = True
 

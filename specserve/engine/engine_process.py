@@ -8,8 +8,11 @@ and aborts and receives each step's outputs over one pipe (one message a step), 
 and tokenizes requests itself with an ``InputProcessor`` of the same model.
 
 Requests travel as ``NewRequest`` (token ids and sampling parameters); the engine process makes
-them, compiling any structured-output grammar there. Both ends stop when the pipe closes: the
-engine process when its owner goes away, the owner's streams when the engine process dies.
+them, compiling any structured-output grammar there. A request's first output crosses whole and
+every later one as an ``OutputDelta`` (its new tokens, text and times), from which the serving
+side rebuilds the cumulative output, so a step's message stays small however long the outputs
+grow. Both ends stop when the pipe closes: the engine process when its owner goes away, the
+owner's streams when the engine process dies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +31,91 @@ from specserve.engine.engine_loop import Command, EngineLoop, Outbox
 from specserve.engine.heap import freeze_startup_heap
 from specserve.engine.inputs import InputProcessor
 from specserve.engine.llm_engine import EngineLoad, LLMEngine
-from specserve.engine.request import RequestOutput
+from specserve.engine.request import CompletionOutput, FinishReason, RequestOutput
 from specserve.spec.stats import SpecStats
 
 Connection = multiprocessing.connection.Connection
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """What a request's output adds to its previous one."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    token_times: list[float]
+    finish_reason: FinishReason | None
+    finished: bool
+    error: str | None
+    spec_stats: SpecStats | None
+    first_token_time: float | None
+    finished_time: float | None
+
+
+def output_delta(output: RequestOutput) -> OutputDelta:
+    """``output`` less what the request's previous outputs reported."""
+    new = len(output.output.delta_token_ids)
+    logprobs = output.output.logprobs
+    return OutputDelta(
+        request_id=output.request_id,
+        text=output.output.delta_text,
+        token_ids=output.output.delta_token_ids,
+        logprobs=None if logprobs is None else logprobs[len(logprobs) - new :],
+        token_times=output.metrics.token_times[len(output.metrics.token_times) - new :],
+        finish_reason=output.output.finish_reason,
+        finished=output.finished,
+        error=output.error,
+        spec_stats=output.spec_stats,
+        first_token_time=output.metrics.first_token_time,
+        finished_time=output.metrics.finished_time,
+    )
+
+
+class OutputAssembler:
+    """Rebuilds each request's cumulative outputs from its first output and later deltas."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, RequestOutput] = {}
+
+    def add(self, item: RequestOutput | OutputDelta) -> RequestOutput | None:
+        """The request's output now; None for a request this side has forgotten (aborted)."""
+        if isinstance(item, RequestOutput):
+            output = item
+        elif (last := self._last.get(item.request_id)) is None:
+            return None
+        else:
+            metrics = last.metrics
+            metrics.token_times.extend(item.token_times)
+            metrics.first_token_time, metrics.finished_time = item.first_token_time, item.finished_time
+            logprobs = None if item.logprobs is None else (last.output.logprobs or []) + item.logprobs
+            output = RequestOutput(
+                request_id=item.request_id,
+                prompt_token_ids=last.prompt_token_ids,
+                output=CompletionOutput(
+                    text=last.output.text + item.text,
+                    token_ids=last.output.token_ids + item.token_ids,
+                    delta_text=item.text,
+                    delta_token_ids=item.token_ids,
+                    finish_reason=item.finish_reason,
+                    logprobs=logprobs,
+                ),
+                finished=item.finished,
+                metrics=metrics,
+                error=item.error,
+                spec_stats=item.spec_stats,
+                slo=last.slo,
+                prompt_logprobs=last.prompt_logprobs,
+            )
+        if output.finished:
+            self._last.pop(output.request_id, None)
+        else:
+            self._last[output.request_id] = output
+        return output
+
+    def forget(self, request_id: str) -> None:
+        self._last.pop(request_id, None)
 
 
 class EngineProcess:
@@ -60,6 +145,7 @@ class EngineProcess:
         self._load = EngineLoad(waiting=0, running=0, kv_usage=0.0, on_track=1.0)
         self._spec_stats = SpecStats()
         self._outbox = outbox
+        self._assembler = OutputAssembler()  # used by the reader thread only
         self._send_lock = threading.Lock()  # commands come from any thread
         self._reader = threading.Thread(target=self._read, name="specserve-engine-outputs", daemon=True)
         self._reader.start()
@@ -95,10 +181,13 @@ class EngineProcess:
             while True:
                 kind, *rest = self._conn.recv()
                 if kind == "outputs":
-                    outputs, self._load, self._spec_stats = rest
-                    self._outbox.outputs(outputs)
+                    items, self._load, self._spec_stats = rest
+                    outputs = [self._assembler.add(item) for item in items]
+                    self._outbox.outputs([output for output in outputs if output is not None])
                 elif kind == "error":
-                    self._outbox.error(*rest)
+                    request_id, exc = rest
+                    self._assembler.forget(request_id)
+                    self._outbox.error(request_id, exc)
                 else:
                     self._outbox.stopped(rest[0])
                     return
@@ -113,6 +202,7 @@ class _PipeEnds:
     def __init__(self, conn: Connection, engine: LLMEngine) -> None:
         self.conn = conn
         self.engine = engine
+        self._reported: set[str] = set()  # requests whose first output has crossed
 
     def take(self, wait: bool) -> list[Command]:
         commands = []
@@ -126,9 +216,17 @@ class _PipeEnds:
         return commands
 
     def outputs(self, outputs: list[RequestOutput]) -> None:
-        self._send(("outputs", outputs, self.engine.load(), self.engine.spec_stats))
+        items = []
+        for output in outputs:
+            items.append(output_delta(output) if output.request_id in self._reported else output)
+            if output.finished:
+                self._reported.discard(output.request_id)
+            else:
+                self._reported.add(output.request_id)
+        self._send(("outputs", items, self.engine.load(), self.engine.spec_stats))
 
     def error(self, request_id: str, exc: BaseException) -> None:
+        self._reported.discard(request_id)
         self._send(("error", request_id, exc))
 
     def stopped(self, reason: str | None) -> None:
