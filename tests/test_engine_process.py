@@ -12,6 +12,7 @@ import pytest
 
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.engine.async_engine import AsyncLLMEngine
+from specserve.engine.engine_loop import EngineLoop, NewRequest
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -68,6 +69,36 @@ def test_bad_input_raises_at_once_and_a_bad_grammar_from_the_engine_process(engi
     with pytest.raises(ValueError):  # compiled in the engine process, failed back to its caller
         _run_all(separate, [(PROMPTS[0], SamplingParams(max_tokens=4, structured=StructuredOutput(regex="(open")))])
     assert separate.is_alive() and separate.inputs.max_model_len == 256
+
+
+def test_a_request_that_cannot_be_made_fails_alone(tiny_engine, monkeypatch):
+    """Whatever making a request raises in the engine loop fails that request, not the loop."""
+    class Ends:
+        def __init__(self, commands):
+            self.commands, self.errors, self.reason = commands, [], "running"
+
+        def take(self, wait):
+            commands, self.commands = self.commands, [("stop", None)]
+            return commands
+
+        def outputs(self, outputs):
+            pass
+
+        def error(self, request_id, exc):
+            self.errors.append((request_id, exc))
+
+        def stopped(self, reason):
+            self.reason = reason
+
+    def broken(*args):
+        raise TypeError("compiler crashed")
+
+    monkeypatch.setattr(tiny_engine, "make_request", broken)
+    ends = Ends([("add", NewRequest("r", [1, 2], SamplingParams(max_tokens=2), time.monotonic()))])
+    EngineLoop(tiny_engine, ends, ends).run()
+    [(request_id, exc)] = ends.errors
+    assert request_id == "r" and isinstance(exc, RuntimeError) and "compiler crashed" in str(exc)
+    assert ends.reason is None and not tiny_engine.has_unfinished_requests()
 
 
 def test_leaving_a_stream_aborts_its_request(engines):

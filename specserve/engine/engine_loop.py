@@ -90,6 +90,9 @@ class EngineLoop:
                     self.engine.add_request(request)
                 except ValueError as exc:
                     self.outbox.error(arg.request_id, exc)
+                except Exception as exc:  # e.g. a grammar compiler's own failure: this request's alone
+                    logger.exception("making request %s failed", arg.request_id)
+                    self.outbox.error(arg.request_id, RuntimeError(f"request failed: {exc}"))
             elif kind == "abort":  # its final output ends its stream, if anyone still reads it
                 if (output := self.engine.abort_request(arg)) is not None:
                     self.outbox.outputs([output])
