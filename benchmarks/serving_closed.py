@@ -4,8 +4,10 @@ Runs the same chat requests (Spec-Bench questions, greedy, a fixed number of new
 number at a time) through five paths, which take turns for ``--rounds`` rounds after a warm-up
 round each:
 
-- ``in_process``: an ``AsyncLLMEngine`` in this process with every Ray process paused (SIGSTOP),
-  so that the engine has the machine to itself, as it would without Serve;
+- ``in_process``: an ``AsyncLLMEngine`` of this process, its loop in a process of its own as the
+  replica runs it (``own_process``; a loop in a thread other than its process's main one runs
+  two torch threads a quarter slower here), with every Ray process paused (SIGSTOP), so that
+  the engine has the machine to itself, as it would without Serve;
 - ``in_process_neighbour``: the same beside a process that keeps a tenth of one core busy in
   short bursts (Ray still paused): how much a little stolen CPU slows this engine;
 - ``in_process_ray_idle``: the same engine with Ray's processes running but serving nothing (the
@@ -71,21 +73,19 @@ async def closed_loop(conversations: list[list[dict]], concurrency: int, send: S
     return tpots
 
 
-def cpu_seconds_by_role() -> Counter[str]:
-    """CPU seconds used so far by every running process of the machine, by its role: this
-    benchmark's process (the clients, and the in-process engine), Serve's replica, proxy and
-    controller, and the rest (Ray's daemons, the busy neighbour, anything else)."""
+def cpu_seconds_by_role(ours: set[int]) -> Counter[str]:
+    """CPU seconds used so far by every running process of the machine, by its role: the
+    benchmark's processes ``ours`` (the clients, and the in-process engine's), Serve's replica,
+    proxy and controller, and the rest (Ray's daemons, the busy neighbour, anything else)."""
     usage: Counter[str] = Counter()
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
-            usage[_role(process)] += times.user + times.system
+            usage["benchmark" if process.pid in ours else _role(process)] += times.user + times.system
     return usage
 
 
 def _role(process: psutil.Process) -> str:
-    if process.pid == os.getpid():
-        return "benchmark"
     role = _title_role(process)
     if role == "other" and (parent := process.parent()) is not None and _title_role(parent) == "replica":
         return "replica"  # the replica's engine process
@@ -135,12 +135,12 @@ def start_neighbour() -> psutil.Process:
     return neighbour
 
 
-def measure(run: Callable[[], list[float]], engine_stats: Callable[[], dict], tokens: int) -> dict:
+def measure(run: Callable[[], list[float]], engine_stats: Callable[[], dict], tokens: int, ours: set[int]) -> dict:
     """One round of ``run``: the client's TPOT, the engine's time and the machine's CPU per
     token, in all and by process role."""
-    before, cpu_before, start = engine_stats(), cpu_seconds_by_role(), time.perf_counter()
+    before, cpu_before, start = engine_stats(), cpu_seconds_by_role(ours), time.perf_counter()
     tpots = run()
-    wall, cpu = time.perf_counter() - start, cpu_seconds_by_role()
+    wall, cpu = time.perf_counter() - start, cpu_seconds_by_role(ours)
     cpu.subtract(cpu_before)
     after = engine_stats()
     spent = {key: after[key] - before[key] for key in SPEC_KEYS}
@@ -184,7 +184,7 @@ def main() -> int:
     tokens = args.max_new_tokens
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     neighbour = start_neighbour()
-    engine = AsyncLLMEngine(config.engine)
+    engine = AsyncLLMEngine(config.engine, own_process=True, torch_threads=args.torch_threads)
     model_name = config.model_name or engine.inputs.model_path.name
 
     async def send_local(messages: list[dict]) -> list[float]:
@@ -230,7 +230,8 @@ def main() -> int:
     start_app(serve_config, http_port, grpc_port)
     try:
         replica = serve.get_app_handle(serve_config.applications[0].name)
-        ray_processes = [p for p in psutil.Process().children(recursive=True) if p.pid != neighbour.pid]
+        ours = {neighbour.pid, engine.pid}
+        ray_processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in ours]
 
         def replica_stats() -> dict:
             return replica.stats.remote().result()["speculation"]
@@ -256,7 +257,7 @@ def main() -> int:
         with tqdm(total=args.rounds * len(paths), desc="rounds") as bar:
             for _ in range(args.rounds):
                 for path, (run, stats) in paths.items():
-                    rounds[path].append(measure(run, stats, tokens))
+                    rounds[path].append(measure(run, stats, tokens, {os.getpid(), engine.pid}))
                     bar.update()
     finally:
         stop_app()

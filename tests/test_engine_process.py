@@ -137,7 +137,7 @@ def test_a_dead_engine_process_fails_its_requests_clearly(config):
     async def killed_mid_stream() -> str:
         try:
             async for _ in engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True)):
-                os.kill(engine._core.pid, signal.SIGKILL)
+                os.kill(engine.pid, signal.SIGKILL)
         except RuntimeError as exc:
             return str(exc)
         return "finished"

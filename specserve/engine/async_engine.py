@@ -153,6 +153,11 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
 
     @property
+    def pid(self) -> int | None:
+        """The engine process's id; None where the engine runs in a thread of this process."""
+        return self._core.pid if isinstance(self._core, EngineProcess) else None
+
+    @property
     def num_requests(self) -> int:
         """Requests handed to this engine and not yet ended (queued commands included)."""
         return len(self._streams)
