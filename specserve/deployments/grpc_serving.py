@@ -12,8 +12,7 @@ from specserve.deployments.grpc import specserve_pb2 as pb
 from specserve.deployments.openai_serving import Choice, OpenAIServing, bad_request, invalid_fields, most_likely
 from specserve.deployments.protocol import ChatCompletionRequest, CompletionRequest
 from specserve.deployments.stats import request_stats
-from specserve.deployments.tools import calls_tools, tool_calls
-from specserve.deployments.tools import finish_reason as tool_finish_reason
+from specserve.deployments.tools import calls_tools
 from specserve.engine.request import RequestOutput
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "slo_class", "tpot_slo_ms", "ttft_slo_ms",
@@ -117,16 +116,14 @@ def _logprob_fields(request: pb.GenerateRequest, output: RequestOutput, new_toke
 
 
 def _answer(body: CompletionRequest | ChatCompletionRequest, output: RequestOutput) -> dict:
-    """A finished request's answer: its text, or (where the request has tools and the answer
-    came whole) its tool calls and no text; and its finish reason."""
-    if not (isinstance(body, ChatCompletionRequest) and calls_tools(body)):
+    """A finished request's answer: its text, or (where a chat request's tools were called) its
+    tool calls and no text; and its finish reason, as over HTTP."""
+    if not isinstance(body, ChatCompletionRequest):
         return {"text": output.output.text, "finish_reason": output.output.finish_reason.value}
-    calls = tool_calls(body, output)
-    return {
-        "text": "" if calls else output.output.text,
-        "tool_calls": [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in calls or []],
-        "finish_reason": tool_finish_reason(body, output, calls),
-    }
+    message, reason = OpenAIServing.chat_message(body, output)
+    calls = [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+             for c in message.tool_calls or []]
+    return {"text": message.content or "", "tool_calls": calls, "finish_reason": reason}
 
 
 def _final_fields(output: RequestOutput) -> dict:

@@ -510,7 +510,7 @@ class OpenAIServing:
         return request_choices([prompt_ids], params, request.n)
 
     @staticmethod
-    def _chat_message(request: ChatCompletionRequest, output: RequestOutput) -> tuple[ChatMessageOut, str]:
+    def chat_message(request: ChatCompletionRequest, output: RequestOutput) -> tuple[ChatMessageOut, str]:
         """A finished choice's message (text, or the tool calls it makes) and finish reason."""
         calls = tool_calls(request, output)
         message = ChatMessageOut(content=None if calls else output.output.text, tool_calls=calls)
@@ -520,7 +520,7 @@ class OpenAIServing:
         outputs = await self.choice_outputs(self.chat_choices(request))
         choices = []
         for index, output in enumerate(outputs):
-            message, reason = self._chat_message(request, output)
+            message, reason = self.chat_message(request, output)
             logprobs = self._chat_logprobs(output, 0, request) if request.logprobs else None
             choices.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
         return ChatCompletionResponse(
@@ -560,7 +560,7 @@ class OpenAIServing:
                     finals[index] = output
                     reason = output.output.finish_reason.value
                     if tools:
-                        message, reason = self._chat_message(request, output)
+                        message, reason = self.chat_message(request, output)
                         delta = DeltaMessage(content=message.content, tool_calls=[
                             {"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls or [])
                         ] or None)
