@@ -156,6 +156,12 @@ class EngineConfig(BaseModel):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}")
         return value
 
+    @property
+    def uses_ray(self) -> bool:
+        """Whether the engine starts Ray actors: a draft actor, or tensor-parallel ranks."""
+        draft_actor = self.speculative is not None and self.speculative.draft_placement == "actor"
+        return draft_actor or (self.tensor_parallel_size > 1 and self.worker_backend == "ray")
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,27 +43,43 @@ def test_cluster_launcher_yaml_matches_rays_schema():
     assert config["head_node_type"] in config["available_node_types"]
 
 
-def test_replicas_spread_over_the_nodes_of_a_multi_node_cluster(tiny_model):
-    """A head without CPUs and two one-CPU workers: two one-CPU replicas must land on the two
-    workers, and requests reach both through the head's proxy."""
+def _complete(port: int, prefix: str, prompt: str) -> dict:
+    body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{prefix}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def test_replicas_and_a_draft_actor_spread_over_the_nodes_of_a_multi_node_cluster(tiny_model):
+    """A head without CPUs and three one-CPU workers: two one-CPU replicas must land on two of
+    them and requests reach both through the head's proxy; a third app's engine process starts
+    its one-CPU draft actor on the last free worker, and its greedy answers equal the others'."""
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": 18100})
         engine = {"model": str(tiny_model), "max_num_seqs": 2, "max_model_len": 256}
         serve.run(build_app({"engine": engine, "num_replicas": 2, "num_cpus": 1, "torch_threads": 1}),
                   name="specserve", route_prefix="/")
+        speculative = {"method": "draft", "draft_model": str(tiny_model), "draft_placement": "actor",
+                       "draft_num_cpus": 1}
+        drafting = {**engine, "speculative": speculative, "control": {"policy": "fixed"}}
+        serve.run(build_app({"engine": drafting, "num_cpus": 0, "torch_threads": 1}),
+                  name="drafted", route_prefix="/drafted")
         actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        replica_nodes = {a.node_id for a in actors if a.class_name.startswith("ServeReplica")}
-        assert replica_nodes == {w.node_id for w in workers}
-        body = json.dumps({"prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
+        replica_nodes = {a.node_id for a in actors if a.class_name.startswith("ServeReplica:specserve")}
+        assert len(replica_nodes) == 2 and replica_nodes < {w.node_id for w in workers}
         for _ in range(4):
-            request = urllib.request.Request("http://127.0.0.1:18100/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request) as response:
-                assert json.loads(response.read())["usage"]["completion_tokens"] == 4
+            assert _complete(18100, "", "Hello")["usage"]["completion_tokens"] == 8
+        drafted = _complete(18100, "/drafted", "Hello")
+        assert drafted["choices"][0]["text"] == _complete(18100, "", "Hello")["choices"][0]["text"]
+        assert drafted["specserve"]["speculation"]["accepted"] > 0  # the target drafting for itself
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        draft_nodes = [a.node_id for a in actors if a.class_name == "DraftWorker"]
+        assert draft_nodes == [w.node_id for w in workers if w.node_id not in replica_nodes]
     finally:
         serve.shutdown()
         ray.shutdown()

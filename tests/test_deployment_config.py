@@ -42,16 +42,17 @@ def test_app_config_rejects_unknown_fields():
         AppConfig.model_validate({"bogus": 1})
 
 
-def test_the_engine_runs_in_its_own_process_wherever_it_reaches_no_ray_actor():
-    assert AppConfig().own_engine_process  # the default: a co-located draft
+def test_the_engine_runs_in_its_own_process_unless_told_otherwise():
+    assert AppConfig().engine_process
+    assert not AppConfig.model_validate({"engine_process": False}).engine_process
+
+
+def test_an_engine_uses_ray_for_a_draft_actor_or_ray_tensor_parallel_ranks():
+    assert not AppConfig().engine.uses_ray
+    assert not AppConfig.model_validate({"engine": {"tensor_parallel_size": 2}}).engine.uses_ray
     actor_draft = {"speculative": {"method": "draft", "draft_placement": "actor"}}
     ray_tp = {"tensor_parallel_size": 2, "worker_backend": "ray"}
-    for engine in (actor_draft, ray_tp):
-        assert not AppConfig.model_validate({"engine": engine}).own_engine_process
-        with pytest.raises(ValueError, match="engine_process needs"):
-            AppConfig.model_validate({"engine": engine, "engine_process": True})
-    assert not AppConfig.model_validate({"engine_process": False}).own_engine_process
-    assert AppConfig.model_validate({"engine": {"tensor_parallel_size": 2}}).own_engine_process
+    assert all(AppConfig.model_validate({"engine": engine}).engine.uses_ray for engine in (actor_draft, ray_tp))
 
 
 def test_autoscaling_settings_name_the_slo_policy():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import psutil
 import pytest
 
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
+from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.sampling_params import SamplingParams
 from specserve.llm import LLM
 from specserve.spec.draft_model import ModelDrafter
@@ -23,18 +28,23 @@ def local_ray():
     ray.shutdown()
 
 
-def _llm(path: str, placement: str, control: ControlConfig = ControlConfig(policy="fixed"), draft: str | None = None) -> LLM:
+def _spec(path: str, placement: str, draft: str | None = None) -> SpeculativeConfig:
     """The target drafting for itself, unless another ``draft`` is given."""
-    spec = SpeculativeConfig(draft_model=draft or path, budget=TreeBudget(depth=3, width=2), draft_placement=placement,
+    return SpeculativeConfig(draft_model=draft or path, budget=TreeBudget(depth=3, width=2), draft_placement=placement,
                              draft_num_cpus=0)
-    return LLM(path, max_num_seqs=4, speculative=spec, control=control)
+
+
+def _llm(path: str, placement: str, control: ControlConfig = ControlConfig(policy="fixed"), draft: str | None = None) -> LLM:
+    return LLM(path, max_num_seqs=4, speculative=_spec(path, placement, draft), control=control)
+
+
+PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def _run(llm: LLM) -> tuple[list[list[int]], tuple[int, int]]:
     """Greedy outputs of the prompts and the drafted/accepted totals."""
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     try:
-        outputs = [o.output.token_ids for o in llm.generate(PROMPTS, params)]
+        outputs = [o.output.token_ids for o in llm.generate(PROMPTS, PARAMS)]
         stats = llm.engine.spec_stats
         return outputs, (stats.drafted, stats.accepted)
     finally:
@@ -131,3 +141,40 @@ def test_a_draft_actor_is_profiled_on_the_actor(tmp_path, local_ray):
     finally:
         llm.shutdown()
         colocated.shutdown()
+
+
+def _draft_actor_pids() -> set[int]:
+    # Ray titles an actor's process "ray::<class>[.<method>]".
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if any(part.startswith("ray::DraftWorker") for part in p.info["cmdline"] or ())}
+
+
+def _ray_clusters() -> int:
+    return sum(p.info["name"] == "gcs_server" for p in psutil.process_iter(["name"]))
+
+
+def test_an_engine_process_starts_its_draft_actor_on_the_callers_ray_and_takes_it_along(tmp_path, local_ray):
+    """How a Serve replica runs an engine whose draft is an actor: the engine's own process joins
+    the caller's Ray cluster, drafts there as a co-located draft does, and its actor ends with it."""
+    path = str(build_tiny_model(tmp_path))
+    colocated, colocated_stats = _run(_llm(path, "colocated"))
+    before = _draft_actor_pids()
+    config = EngineConfig(model=path, max_num_seqs=4, speculative=_spec(path, "actor"),
+                          control=ControlConfig(policy="fixed"))
+    engine = AsyncLLMEngine(config, own_process=True, torch_threads=1)
+    try:
+        async def final(prompt):
+            return [o async for o in engine.generate(prompt, PARAMS)][-1].output.token_ids
+        async def run_all():
+            return await asyncio.gather(*(final(p) for p in PROMPTS))
+        assert asyncio.run(asyncio.wait_for(run_all(), 120)) == colocated
+        stats = engine.spec_stats()
+        assert (stats.drafted, stats.accepted) == colocated_stats
+        started = _draft_actor_pids() - before
+        assert len(started) == 1 and _ray_clusters() == 1  # the caller's, no second one
+    finally:
+        engine.shutdown()
+    deadline = time.monotonic() + 60
+    while started & _draft_actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not started & _draft_actor_pids()

@@ -38,7 +38,7 @@ def server(tiny_model, tmp_path_factory):
     of its own, the default), 'busy' (a slower model with one KV slot and room for one waiting
     request, so that requests overlap and a third concurrent one is refused; its engine in a
     thread of the replica) and 'tp' (TP=2 with rank 1 a Ray actor in the replica's placement
-    group, so its engine is in the replica). Yields the handles of the first two."""
+    group, started from the replica's engine process). Yields the handles of the first two."""
     # A loaded CI machine can take longer than Serve's 5 s to start its proxy.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # export metrics within a second
@@ -651,11 +651,12 @@ def test_prometheus_metrics_are_exported(client):
     assert 'finish_reason="length"' in text and 'model="tiny"' in text
 
 
-def test_dead_tp_worker_fails_requests_and_the_replica_recovers(server):
+def test_dead_tp_worker_fails_requests_and_the_replica_recovers(server, reference):
     body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0}
     status, reply, _ = _post("/tp/v1/completions", body)
     assert status == 200
     expected = reply["choices"][0]["text"]
+    assert expected == reference[0]("Hello", 6)  # TP=2 with a Ray rank, as TP=1
     # Ray titles an actor's process "ray::<class>" (the state API would need the dashboard).
     workers = [p for p in psutil.process_iter(["cmdline"])
                if any("ray::TensorParallelWorker" in part for part in p.info["cmdline"] or ())]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from specserve.config import EngineConfig
 
@@ -20,37 +20,17 @@ class ServerConfig(BaseModel):
         default=64, ge=1, description="Queue length at which new requests get 429 with Retry-After."
     )
     metrics_interval_s: float = Field(default=1.0, gt=0, description="How often engine gauges are exported.")
-    engine_process: bool | None = Field(
-        default=None,
+    engine_process: bool = Field(
+        default=True,
         description="Run the engine loop in a process of its own, so that serving's Python never takes the "
-        "GIL from the forward. None: wherever the engine allows it (that process is no Ray worker, so the "
-        "draft must be co-located and tensor-parallel workers processes).",
+        "GIL from the forward (that process joins the replica's Ray cluster where the engine starts draft or "
+        "tensor-parallel actors); False: in a thread of the replica.",
     )
     torch_threads: int | None = Field(
         default=None, ge=1,
         description="CPU threads of the replica's torch; None: every core of its node (Ray would "
         "otherwise limit a replica to its num_cpus threads).",
     )
-
-
-    @model_validator(mode="after")
-    def _engine_process_runs_locally(self) -> ServerConfig:
-        if self.engine_process and not self._engine_is_local():
-            raise ValueError("engine_process needs a co-located draft (speculative.draft_placement: colocated) "
-                             "and process tensor-parallel workers (worker_backend: process)")
-        return self
-
-    def _engine_is_local(self) -> bool:
-        """Whether the engine reaches no Ray actor (its own process could not)."""
-        speculative = self.engine.speculative
-        if speculative is not None and speculative.draft_placement == "actor":
-            return False
-        return self.engine.tensor_parallel_size == 1 or self.engine.worker_backend == "process"
-
-    @property
-    def own_engine_process(self) -> bool:
-        """Whether the replica runs its engine in a process of its own."""
-        return self._engine_is_local() if self.engine_process is None else self.engine_process
 
 
 class AutoscalingSettings(BaseModel):

@@ -82,7 +82,7 @@ class SpecServeServer:
         config = ServerConfig.model_validate(config)
         threads = config.torch_threads or _usable_cores()
         torch.set_num_threads(threads)
-        self.engine = AsyncLLMEngine(config.engine, own_process=config.own_engine_process, torch_threads=threads)
+        self.engine = AsyncLLMEngine(config.engine, own_process=config.engine_process, torch_threads=threads)
         name = config.model_name or Path(self.engine.inputs.model_path).name
         self.metrics = ServingMetrics(name)
         self.serving = OpenAIServing(self.engine, name, config.max_waiting_requests, self.metrics.request_done)

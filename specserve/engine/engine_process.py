@@ -13,6 +13,9 @@ every later one as an ``OutputDelta`` (its new tokens, text and times), from whi
 side rebuilds the cumulative output, so a step's message stays small however long the outputs
 grow. Both ends stop when the pipe closes: the engine process when its owner goes away, the
 owner's streams when the engine process dies.
+
+An engine that starts Ray actors (a draft actor, tensor-parallel ranks) joins its owner's Ray
+cluster from the engine process (``RayContext``); the actors end with that process.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 from specserve.config import EngineConfig
+from specserve.distributed.ray_context import RayContext
 from specserve.engine.engine_loop import Command, EngineLoop, Outbox
 from specserve.engine.heap import freeze_startup_heap
 from specserve.engine.inputs import InputProcessor
@@ -126,7 +130,8 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         # Not daemonic: a daemonic process may not start the tensor-parallel workers it owns.
-        self._process = context.Process(target=_engine_main, args=(config, child, torch_threads),
+        ray_context = RayContext.of_this_process() if config.uses_ray else None
+        self._process = context.Process(target=_engine_main, args=(config, child, torch_threads, ray_context),
                                         name="specserve-engine")
         self._process.start()
         child.close()
@@ -239,10 +244,13 @@ class _PipeEnds:
             pass
 
 
-def _engine_main(config: EngineConfig, conn: Connection, torch_threads: int | None) -> None:
+def _engine_main(config: EngineConfig, conn: Connection, torch_threads: int | None,
+                 ray_context: RayContext | None) -> None:
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
+        if ray_context is not None:
+            ray_context.join()
         engine = LLMEngine(config)
     except Exception as exc:  # reported to the owner, which raises it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

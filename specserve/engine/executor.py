@@ -23,6 +23,7 @@ from specserve.distributed.parallel_state import (
     destroy_tensor_parallel,
     init_tensor_parallel,
 )
+from specserve.distributed.ray_context import current_placement_group
 from specserve.engine.heap import freeze_startup_heap
 from specserve.engine.model_runner import ModelRunner
 
@@ -110,17 +111,18 @@ class TensorParallelWorker:
 
 class _RayWorkers:
     """Ranks 1..N-1 as Ray actors in a STRICT_PACK placement group: the replica's own when it
-    has one (Serve's ``placement_group_bundles``, rank r in bundle r), else one made here."""
+    has one (Serve's ``placement_group_bundles``, rank r in bundle r; also from the replica's
+    engine process), else one made here."""
 
     def __init__(self, config: EngineConfig, model_path: Path, init_method: str) -> None:
         import ray
-        from ray.util.placement_group import get_current_placement_group, placement_group
+        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         size = config.tensor_parallel_size
         gpu = config.torch_device().type == "cuda"
         resources = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-        group = get_current_placement_group()
+        group = current_placement_group()
         self._owned_group = None
         first_bundle = 1
         if group is None:
