@@ -5,9 +5,8 @@ number at a time) through five paths, which take turns for ``--rounds`` rounds a
 round each:
 
 - ``in_process``: an ``AsyncLLMEngine`` of this process, its loop in a process of its own as the
-  replica runs it (``own_process``; a loop in a thread other than its process's main one runs
-  two torch threads a quarter slower here), with every Ray process paused (SIGSTOP), so that
-  the engine has the machine to itself, as it would without Serve;
+  replica runs it (``own_process``), with every Ray process paused (SIGSTOP), so that the
+  engine has the machine to itself, as it would without Serve;
 - ``in_process_neighbour``: the same beside a process that keeps a tenth of one core busy in
   short bursts (Ray still paused): how much a little stolen CPU slows this engine;
 - ``in_process_ray_idle``: the same engine with Ray's processes running but serving nothing (the

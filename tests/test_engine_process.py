@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
 
 from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.engine import async_engine
 from specserve.engine.async_engine import AsyncLLMEngine
 from specserve.engine.engine_loop import EngineLoop, NewRequest
+from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -154,3 +157,27 @@ def test_a_dead_engine_process_fails_its_requests_clearly(config):
 def test_an_engine_process_that_cannot_start_says_why(tmp_path):
     with pytest.raises(RuntimeError, match="failed to start"):
         AsyncLLMEngine(EngineConfig(model=str(tmp_path)), own_process=True)
+
+
+def test_an_engine_made_for_a_thread_is_made_in_it(config, monkeypatch, tmp_path):
+    """All of the engine's torch work on one thread: a second thread running OpenMP regions makes
+    libgomp stop spinning its idle threads (see EngineThread). A failure to make it still raises
+    to the caller."""
+    made_on = []
+
+    class RecordingEngine(LLMEngine):
+        def __init__(self, *args, **kwargs):
+            made_on.append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(async_engine, "LLMEngine", RecordingEngine)
+    engine = AsyncLLMEngine(config)
+    try:
+        assert made_on == ["specserve-engine"]
+        final = _run_all(engine, [(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))])[0]
+        assert len(final.output.token_ids) == 4
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="no config.json"):
+        AsyncLLMEngine(EngineConfig(model=str(tmp_path)))
+    assert made_on[-1] == "specserve-engine"
