@@ -15,6 +15,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from specserve.deployments.autoscaling import KV_USAGE, ON_TRACK, WAITING, SLOAutoscalingPolicy  # noqa: E402
 from specserve.deployments.config import AppConfig  # noqa: E402
+from specserve.deployments.launch import APPLIED_FIELDS, deploy  # noqa: E402
 from specserve.config import ControlConfig, EngineConfig, SLOConfig  # noqa: E402
 from specserve.deployments.metrics import ServingMetrics  # noqa: E402
 from specserve.deployments.openai_serving import OpenAIServing, ServingError, error_events  # noqa: E402
@@ -30,7 +31,17 @@ def test_serve_configs_are_valid(path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     for app in schema.applications:
         assert app.import_path == "specserve.deployments.app:build_app"
+        assert app.model_fields_set <= APPLIED_FIELDS  # deploy() (the benchmarks, the cluster script) applies all
         AppConfig.model_validate(app.args)  # raises on any unknown or invalid field
+
+
+def test_deploy_refuses_what_it_would_not_apply(tmp_path):
+    config = yaml.safe_load(CONFIGS[0].read_text())
+    config["applications"][0]["runtime_env"] = {"env_vars": {"X": "1"}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="sets runtime_env, which only `serve run"):
+        deploy(path)
 
 
 def test_configs_cover_default_autoscaling_and_gpu():

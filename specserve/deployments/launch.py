@@ -11,6 +11,10 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 
+# What ``deploy`` applies of an application; ``serve run`` / ``serve deploy`` apply the rest.
+APPLIED_FIELDS = {"name", "route_prefix", "import_path", "args"}
+
+
 def load_config(path: Path) -> ServeDeploySchema:
     """The validated Serve config of ``path``."""
     return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
@@ -19,8 +23,15 @@ def load_config(path: Path) -> ServeDeploySchema:
 def deploy(path: Path, http_port: int | None = None, grpc_port: int | None = None,
            host: str | None = None) -> list[str]:
     """Start Serve with the file's proxy options (ports optionally overridden) and run each of
-    its applications; returns the application names. Ray must already be initialised."""
+    its applications; returns the application names. Ray must already be initialised.
+
+    Raises ValueError for an application field this does not apply (e.g. ``runtime_env``)
+    rather than deploying without it."""
     config = load_config(path)
+    for app in config.applications:
+        if unapplied := sorted(app.model_fields_set - APPLIED_FIELDS):
+            raise ValueError(f"application {app.name!r} sets {', '.join(unapplied)}, which only `serve run {path}` "
+                             "or `serve deploy` apply")
     # A loaded machine can take longer than Serve's default 5 s to start a proxy.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     http = config.http_options.model_dump(exclude_unset=True)
