@@ -204,7 +204,8 @@ def train_eagle(samples: list[dict], target_path: Path, work_dir: Path, out_dir:
     """Train and save an EAGLE head as an HF-style directory; returns a summary."""
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    features = target_features(with_distributions(samples), target_path, work_dir, config.max_len, config.device)
+    samples = with_distributions(samples)
+    features = target_features(samples, target_path, work_dir, config.max_len, config.device)
     vocabulary, train, val = split_samples(
         samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
     )

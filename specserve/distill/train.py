@@ -179,9 +179,8 @@ def with_distributions(samples: list[dict]) -> list[dict]:
 def split_samples(
     samples: list[dict], target_path: Path, vocab_size: int, max_len: int, validation_share: float, rng: random.Random
 ) -> tuple[list[int], list[Example], list[Example]]:
-    """The draft vocabulary (target ids), and shuffled training and validation examples of the
-    samples that carry the target's distributions."""
-    samples = with_distributions(samples)
+    """The draft vocabulary (target ids), and training and validation examples of ``samples``
+    (``with_distributions``' output; shuffled in place)."""
     vocabulary = choose_vocabulary(samples, vocab_size)
     to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
     to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
@@ -239,6 +238,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
     """Train and save the draft as an HF directory; returns a summary (also in the model card)."""
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
+    samples = with_distributions(samples)
     vocabulary, train, val = split_samples(
         samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
     )
@@ -256,7 +256,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
     summary = {
         "train_samples": len(train),
         "train_answer_tokens": sum(len(e.top_ids) for e in train),
-        "samples_by_category": dict(Counter(s["category"] for s in with_distributions(samples))),
+        "samples_by_category": dict(Counter(s["category"] for s in samples)),
         "validation_samples": len(val),
         "draft_vocab": vocab,
         "target_layers": list(config.layers),
