@@ -110,8 +110,8 @@ class EngineThread:
 class AsyncLLMEngine:
     """Streams of engine outputs for asyncio callers.
 
-    ``engine``: drive this LLMEngine (in a thread); otherwise one is made from ``config``, in a
-    thread or, with ``own_process``, in a process of its own with ``torch_threads`` threads.
+    ``engine``: drive this LLMEngine (in a thread); otherwise one is made from ``config``, in the
+    loop's thread or, with ``own_process``, in a process of its own with ``torch_threads`` threads.
     """
 
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
