@@ -229,8 +229,9 @@ def main() -> int:
     start_app(serve_config, http_port, grpc_port)
     try:
         replica = serve.get_app_handle(serve_config.applications[0].name)
-        ours = {neighbour.pid, engine.pid}
-        ray_processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in ours]
+        benchmark_pids = {os.getpid(), engine.pid}  # their CPU is the in-process paths' (clients and engine)
+        ray_processes = [p for p in psutil.Process().children(recursive=True)
+                         if p.pid not in benchmark_pids | {neighbour.pid}]
 
         def replica_stats() -> dict:
             return replica.stats.remote().result()["speculation"]
@@ -256,7 +257,7 @@ def main() -> int:
         with tqdm(total=args.rounds * len(paths), desc="rounds") as bar:
             for _ in range(args.rounds):
                 for path, (run, stats) in paths.items():
-                    rounds[path].append(measure(run, stats, tokens, {os.getpid(), engine.pid}))
+                    rounds[path].append(measure(run, stats, tokens, benchmark_pids))
                     bar.update()
     finally:
         stop_app()
