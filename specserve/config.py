@@ -112,11 +112,12 @@ class EngineConfig(BaseModel):
         "(a worker that died without closing its connection); the workers wait for rank 0's next "
         "call without a limit, however long the replica idles.",
     )
-    weight_layout: Literal["auto", "output_major", "input_major"] = Field(
+    weight_layout: Literal["auto", "output_major", "input_major", "onednn_packed"] = Field(
         default="auto",
         description="How linear weights are stored: 'auto' measures which layout multiplies "
         "fastest on this CPU for one row and for several (once, cached; both copies are kept "
-        "when they differ); CUDA uses output_major.",
+        "when they differ); CUDA uses output_major. 'onednn_packed' (CPU builds with oneDNN) "
+        "keeps oneDNN's prepacked blocked layout.",
     )
     enforce_eager: bool = Field(
         default=False,

@@ -427,6 +427,19 @@ def test_engine_profiles_itself_into_a_keyed_cache(tiny_model, monkeypatch, tmp_
     assert engine.controller.cost.profile == cost
 
 
+def test_the_profile_cache_key_follows_the_weight_layout(tiny_model):
+    """A step's cost follows the GEMM kernels, so a profile measured with one weight layout is
+    not read for another."""
+    def path(layout):
+        return LLMEngine(EngineConfig(
+            model=str(tiny_model), max_num_seqs=2, max_model_len=128, weight_layout=layout,
+            control=ControlConfig(policy="none"),
+        )).profile_path()
+
+    assert path("output_major") != path("input_major")
+    assert path("output_major") == path("output_major")
+
+
 def test_a_profile_keeps_each_shapes_least_time_and_never_falls_with_more_work():
     """A stall in one round is not what the shape costs; a shape measured cheaper than a smaller
     one (noise) is evened out upwards."""

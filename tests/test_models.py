@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -13,7 +14,9 @@ from specserve.models import forward_batch
 from specserve.models.forward_batch import SequenceSlice, attention_groups, build_step_inputs
 from specserve.models.kv_cache import KVCache
 from specserve.models import linear_kernel
-from specserve.models.linear_kernel import KernelPlan, PlannedWeight, WeightLayout, fastest_plan, measure_plan
+from specserve.models.linear_kernel import (
+    KernelPlan, PlannedWeight, WeightLayout, available_layouts, fastest_plan, measure_plan,
+)
 from specserve.models.loader import ModelFiles, load_model
 
 from tiny_models import build_tiny_model
@@ -36,11 +39,13 @@ VARIANTS = {
 }
 
 
-OUTPUT, INPUT = WeightLayout.OUTPUT_MAJOR, WeightLayout.INPUT_MAJOR
+OUTPUT, INPUT, ONEDNN = WeightLayout.OUTPUT_MAJOR, WeightLayout.INPUT_MAJOR, WeightLayout.ONEDNN_PACKED
 PLANS = {
     "output_major": KernelPlan.single(OUTPUT),
     "input_major": KernelPlan.single(INPUT),
     "mixed": KernelPlan(one_row=INPUT, many_rows=OUTPUT),
+    "onednn_packed": KernelPlan.single(ONEDNN),
+    "onednn_for_one_row": KernelPlan(one_row=ONEDNN, many_rows=OUTPUT),
 }
 
 
@@ -95,6 +100,37 @@ def test_planned_weight_multiplies_each_row_count_in_its_layout():
     assert list(PlannedWeight(weight, KernelPlan.single(INPUT)).stored) == [INPUT]
 
 
+def test_onednn_packed_weights_give_each_row_the_same_result_in_any_batch():
+    """The packed layout multiplies as F.linear does, and a row's result does not depend on how
+    many rows share the step (a verified tree's logits match the plain decode step's)."""
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    planned = PlannedWeight(weight, KernelPlan.single(ONEDNN))
+    x = torch.randn(9, 24)
+    together = planned(x, bias)
+    torch.testing.assert_close(together, torch.nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    for rows in (1, 2, 5):
+        assert torch.equal(planned(x[:rows], bias), together[:rows])
+    assert planned(x.reshape(3, 3, 24), None).shape == (3, 3, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_on_the_cpu_get_a_plan_for_their_dtype(tiny_model, dtype, tmp_path, monkeypatch):
+    """oneDNN packs bfloat16 and float16 weights only where the CPU has the instructions; the
+    plan is measured in the model's dtype, so it never picks a layout the CPU cannot run."""
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    plans = functools.partial(fastest_plan, "cpu", dtype=dtype)
+    model, max_len = load_model(tiny_model, SINGLE_PROCESS, dtype, torch.device("cpu"), None, plans)
+    assert all(set(m.kernel.plan) <= set(available_layouts("cpu", dtype)) for m in model.modules()
+               if getattr(m, "kernel", None) is not None)
+    arch = model.arch
+    cache = KVCache(arch.num_layers, 2, arch.num_kv_heads, max_len, arch.head_dim, dtype, torch.device("cpu"))
+    prompt = [SequenceSlice(0, list(range(3, 11)), list(range(8)), 0, logits_at=[7])]
+    step = build_step_inputs(prompt, model.heads_per_kv, dtype, torch.device("cpu"))
+    with torch.inference_mode():
+        logits = model.logits(model.hidden_states(step, cache), step.logits_index)
+    torch.testing.assert_close(logits.float(), _step(*_ours(tiny_model), prompt), atol=0.1, rtol=0.05)
+
+
 def test_each_weight_shape_gets_its_own_plan(tiny_model, tmp_path, monkeypatch):
     def by_shape(shape):  # the vocabulary head one way, every other weight the other
         return PLANS["input_major"] if shape[0] == 384 else PLANS["output_major"]
@@ -106,15 +142,16 @@ def test_each_weight_shape_gets_its_own_plan(tiny_model, tmp_path, monkeypatch):
                if getattr(m, "kernel", None) is not None and m is not model.lm_head)
 
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(linear_kernel, "measure_plan", lambda shape: (PLANS["mixed"], {}))
+    monkeypatch.setattr(linear_kernel, "measure_plan", lambda shape, dtype: (PLANS["mixed"], {}))
     assert fastest_plan("cpu", (12, 5)) == PLANS["mixed"]
-    assert any(key.endswith("|12x5") for key in json.loads((tmp_path / "kernel_plans.json").read_text()))
+    layouts = "+".join(layout.value for layout in available_layouts("cpu"))  # a new layout is measured anew
+    assert any(key.endswith(f"|{layouts}|12x5") for key in json.loads((tmp_path / "kernel_plans.json").read_text()))
 
 
 def test_kernel_plan_is_measured_for_one_row_and_several():
-    plan, seconds = measure_plan(megabytes=4, repeats=1)
-    assert set(plan) <= set(WeightLayout)
-    assert set(seconds) == {f"{layout.value}/{rows}" for layout in WeightLayout for rows in (1, 4, 16)}
+    plan, seconds = measure_plan(megabytes=4, repeats=1)  # float32
+    assert set(plan) <= set(available_layouts("cpu"))
+    assert set(seconds) == {f"{layout.value}/{rows}" for layout in available_layouts("cpu") for rows in (1, 4, 16)}
     assert all(s > 0 for s in seconds.values())
 
 

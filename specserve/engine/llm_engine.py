@@ -36,7 +36,7 @@ from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.structured import Grammars
 from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
-from specserve.models.linear_kernel import cpu_name
+from specserve.models.linear_kernel import cpu_kernel_environment
 from specserve.models.loader import ModelFiles
 from specserve.spec.build import build_drafter
 from specserve.spec.draft_model import ModelDrafter
@@ -596,7 +596,10 @@ class LLMEngine:
         draft = self._draft_model()
         models = [self.model_path] + ([draft.path] if draft is not None else [])
         device = self.config.torch_device()
-        hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+        if device.type == "cuda":
+            hardware = torch.cuda.get_device_name(device)
+        else:  # a step's cost follows the GEMM kernels the weights are laid out for
+            hardware = f"{cpu_kernel_environment(self.config.torch_dtype())}|{self.config.weight_layout}"
         return profile_path(models, str(device), self.config.tensor_parallel_size, hardware)
 
     def _draft_model(self) -> ModelDrafter | RemoteDrafter | None:

@@ -13,7 +13,7 @@ from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.cuda_graphs import GraphedForward
 from specserve.models.forward_batch import SequenceSlice, StepInputs, build_step_inputs
 from specserve.models.kv_cache import KVCache
-from specserve.models.linear_kernel import KernelPlan, WeightLayout, fastest_plan
+from specserve.models.linear_kernel import KernelPlan, WeightLayout, available_layouts, fastest_plan
 from specserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -27,11 +27,12 @@ class ModelRunner:
             # cuDNN attention builds a plan per new key length (~50 ms on an H100), and an eager
             # decode step has a new one every step; the other SDPA kernels need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        plans = (
-            functools.partial(fastest_plan, self.device.type)
-            if config.weight_layout == "auto"
-            else KernelPlan.single(WeightLayout(config.weight_layout))
-        )
+        if config.weight_layout == "auto":
+            plans = functools.partial(fastest_plan, self.device.type, dtype=self.dtype)
+        elif (layout := WeightLayout(config.weight_layout)) in available_layouts(self.device.type, self.dtype):
+            plans = KernelPlan.single(layout)
+        else:
+            raise ValueError(f"weight_layout {layout.value!r} is not available for {self.dtype} on {self.device}")
         self.model, self.max_model_len = load_model(
             model_path, tp, self.dtype, self.device, config.max_model_len, plans
         )

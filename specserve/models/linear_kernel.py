@@ -4,10 +4,13 @@ A forward step multiplies a few rows (one decode token, a verified token tree, a
 by every weight matrix, so the speed of a skinny GEMM against weights streamed from memory sets
 the step time. Which formulation is fast depends on the CPU's BLAS kernels and differs by 2x
 between machines and between one row and several: ``(W @ x^T)^T`` against the checkpoint's
-output-major ``W [out, in]``, or ``x @ W`` against an input-major ``W [in, out]``. A
-:class:`KernelPlan` names the layout for single-row steps and for multi-row steps;
-``fastest_plan`` measures it once per machine and weight shape (cached on disk), and each linear
-keeps its weight in the layouts its plan uses (both, at twice the memory, when they differ).
+output-major ``W [out, in]``, ``x @ W`` against an input-major ``W [in, out]``, or oneDNN's
+matmul against a weight it reordered once into its own blocked layout (where PyTorch has
+oneDNN; MKL's GEMM repacks the whole weight on every call, oneDNN's prepacked one does not,
+so a few rows cost about what one does). A :class:`KernelPlan` names the layout for
+single-row steps and for multi-row steps; ``fastest_plan`` measures it once per machine and
+weight shape (cached on disk), and each linear keeps its weight in the layouts its plan uses
+(both, at twice the memory, when they differ).
 """
 
 from __future__ import annotations
@@ -33,10 +36,30 @@ logger = logging.getLogger(__name__)
 class WeightLayout(str, enum.Enum):
     OUTPUT_MAJOR = "output_major"  # [out, in], as checkpoints store it: y = (W @ x^T)^T
     INPUT_MAJOR = "input_major"  # [in, out]: y = x @ W
+    ONEDNN_PACKED = "onednn_packed"  # oneDNN's blocked layout of [out, in] (an opaque tensor)
+
+
+def available_layouts(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[WeightLayout, ...]:
+    """The layouts this PyTorch build can multiply ``dtype`` weights with on ``device_type``."""
+    if device_type == "cpu" and _onednn_packs(dtype):
+        return tuple(WeightLayout)
+    return WeightLayout.OUTPUT_MAJOR, WeightLayout.INPUT_MAJOR
+
+
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return dtype == torch.float32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: WeightLayout) -> torch.Tensor:
     """``x [..., in]`` times a weight stored in ``layout``, plus ``bias``."""
+    if layout is WeightLayout.ONEDNN_PACKED:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     rows = x.reshape(-1, x.shape[-1])
     if layout is WeightLayout.INPUT_MAJOR:
         out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
@@ -48,6 +71,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lay
 
 def to_layout(weight: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
     """An output-major (checkpoint) weight rearranged into ``layout``."""
+    if layout is WeightLayout.ONEDNN_PACKED:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
     return weight.t().contiguous() if layout is WeightLayout.INPUT_MAJOR else weight
 
 
@@ -84,19 +109,20 @@ class PlannedWeight:
         return linear(x, self.stored[layout], bias, layout)
 
 
-def measure_plan(shape: tuple[int, int] = (1024, 1024), megabytes: int = 128,
+def measure_plan(shape: tuple[int, int] = (1024, 1024), dtype: torch.dtype = torch.float32, megabytes: int = 128,
                  repeats: int = 3) -> tuple[KernelPlan, dict[str, float]]:
-    """The fastest plan for weights of ``shape`` (out, in), and the seconds per pass it was
-    chosen from. A pass multiplies about ``megabytes`` of fp32 copies (more than a CPU cache
-    holds, so they stream from memory as a model's do; at most 256 copies of a small one); the
-    layouts and row counts take turns for ``repeats`` rounds after a warm-up one, and each keeps
-    its least time, as the machine's noise only ever adds time."""
+    """The fastest plan among the CPU's layouts for ``dtype`` weights of ``shape`` (out, in), and
+    the seconds per pass it was chosen from. A pass multiplies about ``megabytes`` of copies
+    (more than a CPU cache holds, so they stream from memory as a model's do; at most 256 copies
+    of a small one); the layouts and row counts take turns for ``repeats`` rounds after a warm-up
+    one, and each keeps its least time, as the machine's noise only ever adds time."""
+    layouts = available_layouts("cpu", dtype)
     out_features, in_features = shape
-    count = min(256, max(1, megabytes * 2**20 // (out_features * in_features * 4)))
-    output_major = [torch.randn(out_features, in_features) for _ in range(count)]
-    weights = {layout: [to_layout(w, layout) for w in output_major] for layout in WeightLayout}
-    inputs = {rows: torch.randn(rows, in_features) for rows in (1, 4, 16)}
-    seconds = {f"{layout.value}/{rows}": math.inf for layout in WeightLayout for rows in inputs}
+    count = min(256, max(1, megabytes * 2**20 // (out_features * in_features * dtype.itemsize)))
+    output_major = [torch.randn(out_features, in_features, dtype=dtype) for _ in range(count)]
+    weights = {layout: [to_layout(w, layout) for w in output_major] for layout in layouts}
+    inputs = {rows: torch.randn(rows, in_features, dtype=dtype) for rows in (1, 4, 16)}
+    seconds = {f"{layout.value}/{rows}": math.inf for layout in layouts for rows in inputs}
     for round_ in range(repeats + 1):
         for layout, stored in weights.items():
             for rows, x in inputs.items():
@@ -108,7 +134,7 @@ def measure_plan(shape: tuple[int, int] = (1024, 1024), megabytes: int = 128,
                     seconds[key] = min(seconds[key], time.perf_counter() - start)
 
     def fastest(rows: tuple[int, ...]) -> WeightLayout:
-        return min(WeightLayout, key=lambda layout: sum(seconds[f"{layout.value}/{n}"] for n in rows))
+        return min(layouts, key=lambda layout: sum(seconds[f"{layout.value}/{n}"] for n in rows))
 
     return KernelPlan(fastest((1,)), fastest((4, 16))), seconds
 
@@ -125,19 +151,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kernel_environment(dtype: torch.dtype = torch.float32) -> str:
+    """What the speed of a CPU's GEMMs of ``dtype`` depends on besides the weight's shape: the
+    CPU, the threads, the PyTorch build and the layouts it can multiply with (a key for
+    measurements)."""
+    layouts = "+".join(layout.value for layout in available_layouts("cpu", dtype))
+    dtype_name = "" if dtype == torch.float32 else f"|{dtype}"
+    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}{dtype_name}|{layouts}"
+
+
 @functools.cache
-def fastest_plan(device_type: str, shape: tuple[int, int]) -> KernelPlan:
-    """The kernel plan for weights of ``shape`` on ``device_type``; a CPU measures each shape once,
-    then reads it from the cache. Shapes differ: a tall vocabulary head can take another kernel
-    path for one row than the square matrices of a layer."""
+def fastest_plan(device_type: str, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> KernelPlan:
+    """The kernel plan for ``dtype`` weights of ``shape`` on ``device_type``; a CPU measures each
+    shape once, then reads it from the cache. Shapes differ: a tall vocabulary head can take
+    another kernel path for one row than the square matrices of a layer."""
     if device_type != "cpu":
         return KernelPlan.single(WeightLayout.OUTPUT_MAJOR)  # cuBLAS runs either at full speed
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{shape[0]}x{shape[1]}"
+    key = f"{cpu_kernel_environment(dtype)}|{shape[0]}x{shape[1]}"
     path = cache_root() / "kernel_plans.json"
     with FileLock(f"{path}.lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
         if key not in known:
-            plan, seconds = measure_plan(shape)
+            plan, seconds = measure_plan(shape, dtype)
             logger.info("kernel plan on %s: %s (seconds per pass: %s)", key, plan, seconds)
             known[key] = list(plan)
             path.parent.mkdir(parents=True, exist_ok=True)
