@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
-from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
+from specserve.config import DTYPES, ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
 from specserve.spec.draft_model import VOCAB_FILE
@@ -60,16 +60,17 @@ def plain_outputs(tiny_engine):
 def spec_engine(
     tiny_model, draft=None, method="draft", budget=TreeBudget(), policy="fixed", max_num_seqs=8, **kwargs
 ) -> LLMEngine:
-    """An engine that speculates on the tiny model; ``fixed`` drafts and verifies every budget."""
+    """An engine that speculates on the tiny model; ``fixed`` drafts and verifies every budget.
+    The draft runs in the target's dtype (``draft_dtype`` 'auto' would pick bfloat16 on a CPU
+    with BF16 instructions), so a self-draft agrees with the target on any machine."""
+    base = dict(model=str(tiny_model), max_num_seqs=max_num_seqs, max_model_len=256,
+                control=ControlConfig(policy=policy), **kwargs)
+    target_dtype = EngineConfig(**base).torch_dtype()
     spec = SpeculativeConfig(
-        method=method, draft_model=None if draft is None else str(draft), budget=budget
+        method=method, draft_model=None if draft is None else str(draft), budget=budget,
+        draft_dtype=next(name for name, dtype in DTYPES.items() if dtype == target_dtype),
     )
-    return LLMEngine(
-        EngineConfig(
-            model=str(tiny_model), max_num_seqs=max_num_seqs, max_model_len=256, speculative=spec,
-            control=ControlConfig(policy=policy), **kwargs,
-        )
-    )
+    return LLMEngine(EngineConfig(**base, speculative=spec))
 
 
 BUDGETS = [
@@ -160,6 +161,29 @@ def test_penalties_count_the_history_and_each_tree_path_alike(tiny_model, tiny_d
     discouraged = run(tiny_engine, PROMPTS, penalties[0])
     assert sum(len(o.output.token_ids) - len(set(o.output.token_ids)) for o in discouraged) < sum(
         len(tokens) - len(set(tokens)) for tokens in plain)
+
+
+def test_a_bfloat16_draft_beside_a_float32_target_stays_lossless(tiny_model, tiny_draft, plain_outputs):
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model), max_num_seqs=8, max_model_len=256, dtype="float32",
+        control=ControlConfig(policy="fixed"),
+        speculative=SpeculativeConfig(draft_model=str(tiny_draft), budget=TreeBudget(depth=3, width=2),
+                                      draft_dtype="bfloat16"),
+    ))
+    assert engine.drafter.runner.dtype == torch.bfloat16 and engine.executor.runner.dtype == torch.float32
+    outputs = run(engine, RAGGED_PROMPTS, GREEDY, stagger=2)
+    assert [o.output.token_ids for o in outputs] == plain_outputs
+    assert engine.spec_stats.accepted > 0
+    assert_all_slots_free(engine)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_draft_runs_in_bfloat16_by_default_only_on_a_cpu_with_bf16_instructions(monkeypatch, native_bf16):
+    monkeypatch.setattr("specserve.config.cpu_has_native_bf16", lambda: native_bf16)
+    cpu = EngineConfig(device="cpu", speculative=SpeculativeConfig())
+    assert cpu.draft_dtype() == ("bfloat16" if native_bf16 else cpu.dtype)
+    chosen = EngineConfig(device="cpu", speculative=SpeculativeConfig(draft_dtype="float32"))
+    assert chosen.draft_dtype() == "float32"
 
 
 def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):

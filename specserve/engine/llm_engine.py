@@ -599,7 +599,8 @@ class LLMEngine:
         if device.type == "cuda":
             hardware = torch.cuda.get_device_name(device)
         else:  # a step's cost follows the GEMM kernels the weights are laid out for
-            hardware = f"{cpu_kernel_environment(self.config.torch_dtype())}|{self.config.weight_layout}"
+            hardware = (f"{cpu_kernel_environment(self.config.torch_dtype())}|{self.config.weight_layout}"
+                        f"|draft {self.config.draft_dtype()}")
         return profile_path(models, str(device), self.config.tensor_parallel_size, hardware)
 
     def _draft_model(self) -> ModelDrafter | RemoteDrafter | None:

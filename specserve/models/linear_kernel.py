@@ -46,6 +46,14 @@ def available_layouts(device_type: str, dtype: torch.dtype = torch.float32) -> t
     return WeightLayout.OUTPUT_MAJOR, WeightLayout.INPUT_MAJOR
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX) and oneDNN packs
+    it: then bf16 weights stream half the bytes at full speed."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and _onednn_packs(torch.bfloat16)
+
+
 def _onednn_packs(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
@@ -139,16 +147,21 @@ def measure_plan(shape: tuple[int, int] = (1024, 1024), dtype: torch.dtype = tor
     return KernelPlan(fastest((1,)), fastest((4, 16))), seconds
 
 
-def cpu_name() -> str:
-    """The CPU's model name (what its kernel plan and cost profile are measured for)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what its kernel plan and cost profile are measured for)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_kernel_environment(dtype: torch.dtype = torch.float32) -> str:

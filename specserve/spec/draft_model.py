@@ -126,9 +126,10 @@ class ModelDrafter:
     gives_acceptance_hints = False
 
     def __init__(self, draft_path: Path, engine_config: EngineConfig, target_vocab: int, max_len: int) -> None:
-        config = engine_config.model_copy(
-            update={"model": str(draft_path), "tensor_parallel_size": 1, "max_model_len": max_len}
-        )
+        config = engine_config.model_copy(update={
+            "model": str(draft_path), "tensor_parallel_size": 1, "max_model_len": max_len,
+            "dtype": engine_config.draft_dtype(),
+        })
         self.path = draft_path
         self.runner = ModelRunner(config, draft_path, SINGLE_PROCESS)
         self.vocab = DraftVocabulary.load(draft_path, self.runner.model.arch.vocab_size, target_vocab)
@@ -255,7 +256,7 @@ class ModelDrafter:
         return torch.zeros(rows, self._hidden_size)
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = logits.softmax(dim=-1)
+        probs = logits.float().softmax(dim=-1)
         if self.vocab.unknown is not None:  # never propose the unknown-token row
             probs[:, self.vocab.unknown] = 0.0
         return probs
