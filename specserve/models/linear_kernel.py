@@ -8,8 +8,8 @@ output-major ``W [out, in]``, ``x @ W`` against an input-major ``W [in, out]``, 
 matmul against a weight it reordered once into its own blocked layout (where PyTorch has
 oneDNN; MKL's GEMM repacks the whole weight on every call, oneDNN's prepacked one does not,
 so a few rows cost about what one does). A :class:`KernelPlan` names the layout for
-single-row steps and for multi-row steps; ``fastest_plan`` measures it once per machine and
-weight shape (cached on disk), and each linear keeps its weight in the layouts its plan uses
+single-row steps and for multi-row steps; ``fastest_plan`` measures it once per machine, dtype
+and weight shape (cached on disk), and each linear keeps its weight in the layouts its plan uses
 (both, at twice the memory, when they differ).
 """
 
@@ -46,7 +46,6 @@ def available_layouts(device_type: str, dtype: torch.dtype = torch.float32) -> t
     return WeightLayout.OUTPUT_MAJOR, WeightLayout.INPUT_MAJOR
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX) and oneDNN packs
     it: then bf16 weights stream half the bytes at full speed."""
@@ -147,8 +146,9 @@ def measure_plan(shape: tuple[int, int] = (1024, 1024), dtype: torch.dtype = tor
     return KernelPlan(fastest((1,)), fastest((4, 16))), seconds
 
 
+@functools.cache
 def _cpuinfo(field: str) -> str | None:
-    """The first value of ``field`` in /proc/cpuinfo (None where there is none)."""
+    """The first value of ``field`` in /proc/cpuinfo (None where there is none), read once."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
