@@ -22,6 +22,8 @@ def parse_mix(text: str, known: set[str]) -> dict[str, float]:
 
 COLUMNS = [
     ("slo_attainment", "attain", "{:.1%}"),
+    ("ttft_attainment", "TTFT met", "{:.1%}"),
+    ("tpot_attainment", "TPOT met", "{:.1%}"),
     ("goodput_tok_s", "goodput tok/s", "{:.1f}"),
     ("mean_ttft_ms", "TTFT ms", "{:.0f}"),
     ("mean_tpot_ms", "TPOT ms", "{:.1f}"),

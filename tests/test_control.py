@@ -19,6 +19,7 @@ from specserve.control.policies import POLICIES, RequestView, StepView, build_po
 from specserve.control.selection import RankedNodes, select_nodes
 from specserve.control.slo import SLO, SLOConfig
 from specserve.control.step_trees import StepTrees
+from specserve.control.workload import Outcome, summarize
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams
@@ -257,16 +258,33 @@ def test_smartspec_uses_one_length_for_the_whole_batch():
 
 
 def test_auto_keeps_speculating_for_a_request_behind_its_slo_even_when_verification_is_dear():
-    step = step_view(2, slo_ms=50, behind=True)
     auto = policy("auto", DEAR_VERIFY)
-    assert all(b.depth > 0 for b in auto.draft_budgets(step))
-    counts = auto.select(step, node_values([chain([0.9, 0.9, 0.9, 0.9])] * 2))
+    assert auto.draft_budgets(step_view(1, slo_ms=50, behind=True))[0].depth > 0
+    step = step_view(2, slo_ms=50, behind=True)
+    counts = auto.select(step, node_values([chain([0.95, 0.95, 0.95, 0.95])] * 2))
     assert all(n >= 2 for n in counts)  # floors honoured though each node lowers efficiency
     on_track = step_view(2, slo_ms=50)
     assert auto.select(on_track, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)).tolist() == [0, 0]
     hopeless = step_view(2, slo_ms=10, behind=True)  # needs ~90 tokens now: best effort only
     assert all(b.depth == 0 for b in auto.draft_budgets(hopeless))
     assert auto.select(hopeless, node_values([chain([0.5, 0.5, 0.5, 0.5])] * 2)).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("slack, lifted", [(0.1, [0, 0, 0]), (0.5, [1, 0, 0]), (2.0, [2, 2, 0])])
+def test_auto_lifts_requests_behind_their_slo_only_where_that_puts_nobody_else_behind(slack, lifted):
+    """Two requests 1.5 tokens short of their 50 ms TPOT SLO after a plain step, one on track
+    with ``slack``. Each verified node lengthens the step by 10 ms (0.2 token of every floor):
+    lifting one request costs the third 0.2 token of slack, lifting both (two nodes each, as the
+    longer step raises their floors too) 0.8, which the third has only in the last case.
+    Lifting both there would also keep two of three on track where slack 0.1 keeps one: not worth
+    the third's SLO."""
+    behind = replace(step_view(1, slo_ms=50).requests[0], decode_time_s=22.5 * 0.05 - 0.035, num_decoded=21)
+    on_track = replace(behind, request_id="on-track", decode_time_s=(22 - slack) * 0.05 - 0.035)
+    step = StepView([behind, replace(behind, request_id="behind too"), on_track])
+    auto = policy("auto", DEAR_VERIFY, AcceptancePredictor(prior_rate=0.75))  # no node pays for itself
+    assert step.floors(auto.forward_ms(step, 0) / 1e3).tolist() == pytest.approx([1.5, 1.5, 1.0 - slack])
+    assert [b.depth >= n > 0 for b, n in zip(auto.draft_budgets(step), lifted)] == [n > 0 for n in lifted]
+    assert auto.select(step, node_values([chain([0.75] * 4)] * 3)).tolist() == lifted
 
 
 def test_auto_speculates_on_a_drafters_hint_where_the_history_says_not_to():
@@ -278,6 +296,20 @@ def test_auto_speculates_on_a_drafters_hint_where_the_history_says_not_to():
     assert auto.draft_budgets(hinted)[0].depth > 0
     doubtful = StepView([replace(plain.requests[0], alpha_hint=0.05)])  # never below the history
     assert auto.draft_budgets(doubtful)[0].depth == 0
+
+
+def test_auto_speculates_for_goodput_only_on_a_clear_predicted_gain():
+    """Drafting one token that the target accepts 10 % of the time is predicted to raise tokens
+    per ms by 4.9 % here: within the cost model's error, so auto decodes plainly where SmartSpec
+    speculates; at 30 % (24 % more) both speculate. Verifying: a node worth 0.07 token is 3.7 %."""
+    flat = cost_model(30.0, 1.0)
+    for rate, speculates in ((0.1, False), (0.3, True)):
+        predictor = AcceptancePredictor(prior_rate=rate)
+        assert policy("smartspec", flat, predictor).draft_budgets(step_view(1))[0].depth > 0
+        assert (policy("auto", flat, predictor).draft_budgets(step_view(1))[0].depth > 0) == speculates
+    auto = policy("auto", flat)
+    assert auto.select(step_view(1), node_values([chain([0.07])])).tolist() == [0]
+    assert auto.select(step_view(1), node_values([chain([0.3])])).tolist() == [1]
 
 
 def test_auto_prices_speculation_without_the_prompt_chunk_beside_it():
@@ -344,6 +376,19 @@ def test_slo_classes_resolve_with_overrides_and_unknown_names_fail():
         SLOConfig(default_class="platinum")
     assert SLO(tpot_ms=50, ttft_ms=100).attained(0.09, 0.049)
     assert not SLO(tpot_ms=50, ttft_ms=100).attained(0.11, 0.01)
+
+
+def test_a_run_reports_which_target_its_requests_missed():
+    slo = SLO(tpot_ms=50, ttft_ms=100)
+    outcomes = [
+        Outcome(slo, ttft_s=0.05, tpot_s=0.04, output_tokens=10),  # both met
+        Outcome(slo, ttft_s=0.20, tpot_s=0.04, output_tokens=10),  # late first token
+        Outcome(slo, ttft_s=0.05, tpot_s=0.08, output_tokens=10),  # slow decoding
+        Outcome(slo, ttft_s=None, tpot_s=None, output_tokens=0, rejected=True),
+    ]
+    summary = summarize(outcomes, duration_s=1.0)
+    assert (summary["slo_attainment"], summary["ttft_attainment"], summary["tpot_attainment"]) == (0.25, 0.5, 0.5)
+    assert summary["goodput_tok_s"] == 10.0
 
 
 def test_slo_classes_scale_for_another_machine():
@@ -634,7 +679,6 @@ def test_the_synthetic_drafter_is_calibrated():
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_simulator_is_deterministic_and_serves_every_request(name):
     from specserve.control.simulator import AcceptanceModel, SimConfig, Simulator
-    from specserve.control.workload import summarize
 
     def simulate():
         simulator = Simulator(SimConfig(policy=name, max_num_seqs=8), CHEAP_VERIFY, AcceptanceModel())

@@ -19,7 +19,14 @@ import numpy as np
 from specserve.control.acceptance import AcceptancePredictor, calibrated_values
 from specserve.control.cost_model import CorrectedCost, CostModel, StepCost
 from specserve.control.slo import SLO
-from specserve.control.selection import RankedNodes, floor_counts, ranked_extras, select_nodes
+from specserve.control.selection import (
+    RankedNodes,
+    floor_counts,
+    harmless_floors,
+    node_layout,
+    ranked_extras,
+    select_nodes,
+)
 from specserve.spec.tree import TokenTree, TreeBudget
 
 PolicyName = Literal["none", "fixed", "smartspec", "specserve", "adaserve", "auto"]
@@ -81,13 +88,21 @@ class StepView:
         contexts = [r.context_len for r in self.requests]
         self.mean_context = sum(contexts) / len(contexts) if contexts else 0.0
 
-    def floors(self, iteration_s: float) -> np.ndarray:
-        """AdaServe's A(r) of every request: the tokens this step must yield to keep its mean
-        TPOT within its SLO (0 without one)."""
+    def floors(self, iteration_s: float | np.ndarray) -> np.ndarray:
+        """AdaServe's A(r) of every request (the last axis): the tokens this step must yield to
+        keep its mean TPOT within its SLO (0 without one), for an iteration of ``iteration_s``
+        seconds or for each of an array of them."""
+        return self._floors_at_zero + np.asarray(iteration_s, dtype=float)[..., None] * self._floors_per_s
+
+    @functools.cached_property
+    def _floors_per_s(self) -> np.ndarray:
+        return np.array([0.0 if r.tpot_slo_s is None else 1.0 / r.tpot_slo_s for r in self.requests])
+
+    @functools.cached_property
+    def _floors_at_zero(self) -> np.ndarray:
         return np.array([
-            0.0 if r.tpot_slo_s is None else (r.decode_time_s + iteration_s) / r.tpot_slo_s - r.num_decoded
-            for r in self.requests
-        ], dtype=float)
+            0.0 if r.tpot_slo_s is None else r.decode_time_s / r.tpot_slo_s - r.num_decoded for r in self.requests
+        ])
 
     @property
     def base_tokens(self) -> int:
@@ -127,6 +142,14 @@ class StepModel:
     def catch_up(self) -> np.ndarray:
         return np.array([r.draft_catch_up for r in self.step.requests], dtype=int)
 
+    @functools.cached_property
+    def chain_nodes(self) -> RankedNodes:
+        """Every request's chain down to its depth cap, as nodes valued at their acceptance
+        (level d: alpha^d)."""
+        request, first = node_layout(self.depth_caps)
+        levels = np.arange(len(request)) - first + 1
+        return RankedNodes(self.alphas[request] ** levels, self.depth_caps, (request, first))
+
     def chain_tokens(self, depths: np.ndarray) -> np.ndarray:
         """Expected tokens each request yields verifying a chain of ``depths`` (its last axis:
         the requests) at its own acceptance rate."""
@@ -135,17 +158,21 @@ class StepModel:
     def chain_efficiencies(self, max_depth: int, width: int = 1, decode_only: bool = False) -> np.ndarray:
         """Predicted tokens per ms for every common depth 0 .. ``max_depth``: every request drafts
         that many levels of ``width`` (within its caps) and verifies a chain of them, accepting at
-        its own rate; ``decode_only``: priced without the step's prefill tokens.
-
-        The draft feeds each request's catch-up (root included) in its first forward and its
-        level's frontier in each later one, for the requests that draft that deep."""
+        its own rate; ``decode_only``: priced without the step's prefill tokens."""
         depths = np.minimum(np.arange(max_depth + 1)[:, None], self.depth_caps)  # [depth, request]
         tokens = self.chain_tokens(depths).sum(axis=1)
-        levels = np.arange(1, max_depth + 1)
-        fed = np.where(levels[:, None] == 1, self.catch_up, np.minimum(width, self.width_caps))  # [level, request]
-        forwards = ((depths[:, None, :] >= levels[:, None]) * fed).sum(axis=2)  # [depth, level]
         base = len(self.alphas) if decode_only else self.base_tokens
-        return tokens / (self.cost.draft_ms_many(forwards).sum(axis=1) + self.cost.forward_ms_many(base, depths.sum(axis=1)))
+        return tokens / (self.draft_ms(depths, width) + self.cost.forward_ms_many(base, depths.sum(axis=1)))
+
+    def draft_ms(self, depths: np.ndarray, width: int) -> np.ndarray:
+        """Predicted ms of drafting ``depths`` levels (last axis: the requests; any leading axes)
+        of ``width`` within each request's cap. The draft feeds each request's catch-up (root
+        included) in its first forward and its level's frontier in each later one, for the
+        requests that draft that deep."""
+        levels = np.arange(1, int(depths.max(initial=0)) + 1)
+        fed = np.where(levels[:, None] == 1, self.catch_up, np.minimum(width, self.width_caps))  # [level, request]
+        forwards = ((depths[..., None, :] >= levels[:, None]) * fed).sum(axis=-1)  # [..., level]
+        return self.cost.draft_ms_many(forwards).sum(axis=-1)
 
 
 class DraftingRule(ABC):
@@ -234,10 +261,13 @@ class Policy(ABC):
         hints = [np.nan if r.alpha_hint is None else r.alpha_hint for r in step.requests]
         return np.fmax(np.array(rates, dtype=float), np.array(hints, dtype=float))
 
-    def best_chain_depth(self, step: StepView, width: int = 1, decode_only: bool = False) -> int:
-        """The common depth (0 .. the deepest cap) with the best predicted efficiency."""
+    def best_chain_depth(self, step: StepView, width: int = 1, decode_only: bool = False, min_gain: float = 1.0) -> int:
+        """The common depth (0 .. the deepest cap) with the best predicted efficiency; 0 unless
+        that is at least ``min_gain`` times not speculating's."""
         deepest = max((r.max_budget.depth for r in step.requests), default=0)
-        return int(np.argmax(self.step_model(step).chain_efficiencies(deepest, width, decode_only)))  # first best
+        efficiencies = self.step_model(step).chain_efficiencies(deepest, width, decode_only)
+        best = int(np.argmax(efficiencies))  # the first best
+        return best if efficiencies[best] >= min_gain * efficiencies[0] else 0
 
     def best_chain(self, step: StepView, width: int = 1) -> list[TreeBudget]:
         """Every request drafts the best common depth (within its caps)."""
@@ -352,48 +382,57 @@ class AdaServe(Policy):
 
 
 class AutoSpeculation(Policy):
-    """SpecServe's own: speculate as deep as predicted goodput pays, never below a request's SLO.
+    """SpecServe's own: speculate as deep as predicted goodput pays, and deeper where that puts a
+    request behind its SLO back on track without putting behind anyone else.
 
     Drafting: the common depth with the best predicted tokens per ms (per-request acceptance,
-    draft cost included); requests behind their SLO that a deeper tree can still save draft deep
-    enough to catch up; nothing is drafted when speculation loses and nobody is behind.
-    Verification: floors of the savable requests behind their SLO first (most urgent first),
-    then the globally best nodes as long as each one raises the predicted tokens per ms of the
-    iteration.
+    draft cost included); requests behind their SLO whose floors are worth serving (see
+    ``harmless_floors``) draft a chain deep enough for them at their acceptance rates; nothing is
+    drafted when speculation loses and nobody is behind. Verification: those floors first, then
+    the globally best nodes as long as each one raises the predicted tokens per ms of the
+    iteration. A floor that would cost others their SLO is not served: under overload, lifting
+    every request behind at the expense of the rest makes iterations long and everybody late.
 
-    Speculation is priced as in a decode-only iteration: prompt chunks in the same forward are
-    work that must be done anyway, and counting their time would make drafted nodes look cheap
-    beside it, so that speculation would take time from waiting prompts under load.
+    Speculation for goodput is priced as in a decode-only iteration: prompt chunks in the same
+    forward are work that must be done anyway, and counting their time would make drafted nodes
+    look cheap beside it, so that speculation would take time from waiting prompts under load.
     """
 
     name = "auto"
     trims = True
+    # Speculating for goodput must be predicted to beat plain decoding by this factor: the cost
+    # model errs by some per cent on a step, and a step wrongly thought to pay costs everyone in it.
+    min_gain: ClassVar[float] = 1.05
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         model = self.step_model(step)
-        best = self.best_chain_depth(step, int(model.width_caps.max()), decode_only=True)
-        depths = np.minimum(best, model.depth_caps)
-        floors = step.floors(self.forward_ms(step, 0) / 1e3)
-        behind = floors > 1.0
-        if behind.any():  # those that can catch up draft the shallowest chain that does
-            behind &= floors <= model.chain_tokens(model.depth_caps)
-            yields = model.chain_tokens(np.arange(int(model.depth_caps.max()) + 1)[:, None])  # [depth, request]
-            needed = np.argmax(yields >= floors, axis=0)
-            depths = np.where(behind, np.maximum(depths, needed), depths)
+        width = int(model.width_caps.max())
+        goodput = np.minimum(self.best_chain_depth(step, width, True, self.min_gain), model.depth_caps)
+        cost = model.cost
+
+        def iteration_s(depths: np.ndarray) -> np.ndarray:  # each request drafts and verifies a chain this deep
+            depths = np.maximum(depths, goodput)  # (or goodput's depth)
+            return (model.draft_ms(depths, width) + cost.forward_ms_many(step.base_tokens, depths.sum(axis=-1))) / 1e3
+
+        chains = model.chain_nodes
+        depths = np.maximum(goodput, chains.needed(harmless_floors(chains, step.floors, iteration_s)))
         return [tree_budget(d, w) for d, w in zip(depths.tolist(), model.width_caps.tolist())]
 
     def select(self, step: StepView, nodes: RankedNodes) -> np.ndarray:
         room = max(self.max_step_tokens - step.base_tokens, 0)
-        floors = step.floors((step.draft_ms + self.forward_ms(step, 0)) / 1e3)
-        savable = floors <= 1.0 + np.bincount(nodes.request, weights=nodes.values, minlength=len(nodes))
-        counts = floor_counts(nodes, np.where(savable, floors, 0.0), room)  # the unsavable: best effort
+        cost = self.step_model(step).cost
+
+        def iteration_s(counts: np.ndarray) -> np.ndarray:
+            return (step.draft_ms + cost.forward_ms_many(step.base_tokens, counts.sum(axis=-1))) / 1e3
+
+        counts = floor_counts(nodes, harmless_floors(nodes, step.floors, iteration_s), room)
         extras = ranked_extras(nodes, counts)[: room - int(counts.sum())]
         # Expected tokens and predicted decode-only ms after adding the best k extras, for every k at once.
         gains = nodes.expected_tokens(counts) + np.concatenate(([0.0], np.cumsum(nodes.values[extras])))
         added = counts.sum() + np.arange(len(extras) + 1)
-        ms = step.draft_ms + self.step_model(step).cost.forward_ms_many(len(step.requests), added)
-        best = int(np.argmax(gains / ms))  # the first maximum: fewest nodes on ties
-        return counts + nodes.per_request(extras[:best])
+        efficiency = gains / (step.draft_ms + cost.forward_ms_many(len(step.requests), added))
+        best = int(np.argmax(efficiency))  # the first maximum: fewest nodes on ties
+        return counts + nodes.per_request(extras[: best if efficiency[best] >= self.min_gain * efficiency[0] else 0])
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -17,8 +17,14 @@ class SLO(BaseModel):
 
     def attained(self, ttft_s: float | None, tpot_s: float | None) -> bool:
         """Whether a finished request with this TTFT and mean TPOT (seconds) met the SLO."""
-        if self.ttft_ms is not None and (ttft_s is None or ttft_s * 1e3 > self.ttft_ms):
-            return False
+        return self.ttft_attained(ttft_s) and self.tpot_attained(tpot_s)
+
+    def ttft_attained(self, ttft_s: float | None) -> bool:
+        """Whether a first token after ``ttft_s`` (None: never) met the TTFT target."""
+        return self.ttft_ms is None or (ttft_s is not None and ttft_s * 1e3 <= self.ttft_ms)
+
+    def tpot_attained(self, tpot_s: float | None) -> bool:
+        """Whether a mean TPOT of ``tpot_s`` (None: one token only) met the TPOT target."""
         return self.tpot_ms is None or tpot_s is None or tpot_s * 1e3 <= self.tpot_ms
 
 

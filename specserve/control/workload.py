@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -85,8 +86,13 @@ def _p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) > 1 else (values[0] if values else 0.0)
 
 
+def _share(outcomes: list[Outcome], test: Callable[[Outcome], bool]) -> float:
+    return sum(map(test, outcomes)) / len(outcomes) if outcomes else 0.0
+
+
 def summarize(outcomes: list[Outcome], duration_s: float) -> dict[str, float]:
-    """SLO attainment, goodput, TTFT / TPOT (mean and p99, ms) and MAT of one run."""
+    """SLO attainment (both targets, and each alone), goodput, TTFT / TPOT (mean and p99, ms)
+    and MAT of one run."""
     served = [o for o in outcomes if not o.rejected]
     ttfts = [o.ttft_s * 1e3 for o in served if o.ttft_s is not None]
     tpots = [o.tpot_s * 1e3 for o in served if o.tpot_s is not None]
@@ -94,7 +100,9 @@ def summarize(outcomes: list[Outcome], duration_s: float) -> dict[str, float]:
     decoded = sum(o.output_tokens - 1 for o in served if o.verify_steps)
     return {
         "requests": len(outcomes),
-        "slo_attainment": sum(o.attained for o in outcomes) / len(outcomes) if outcomes else 0.0,
+        "slo_attainment": _share(outcomes, lambda o: o.attained),
+        "ttft_attainment": _share(outcomes, lambda o: not o.rejected and o.slo.ttft_attained(o.ttft_s)),
+        "tpot_attainment": _share(outcomes, lambda o: not o.rejected and o.slo.tpot_attained(o.tpot_s)),
         "goodput_tok_s": sum(o.output_tokens for o in outcomes if o.attained) / duration_s,
         "throughput_tok_s": sum(o.output_tokens for o in served) / duration_s,
         "mean_ttft_ms": statistics.fmean(ttfts) if ttfts else 0.0,
