@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,13 +23,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from specbench import DEFAULT_QUESTIONS, load_questions  # noqa: E402
+
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams
 from specserve.models.linear_kernel import WeightLayout, available_layouts, linear, to_layout
 from specserve.spec.tree import TreeBudget
 
-DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench" / "dev.jsonl"
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 64)
 # SmolLM2-135M's linear weights: (out, in) -> how many the model has
 TARGET_WEIGHTS = {(960, 576): 30, (576, 576): 30, (3072, 576): 30, (576, 1536): 30, (49152, 576): 1}
@@ -111,9 +115,7 @@ def main() -> int:
     if not args.questions.is_file():
         parser.error(f"questions file {args.questions} not found")
     layouts = available_layouts("cpu")
-    questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
-    by_category = {q["category"]: q["turns"][0] for q in questions}
-    prompts = list(by_category.values())[: args.prompts]
+    prompts = [q["turns"][0] for q in load_questions(args.questions, per_category=1)][: args.prompts]
 
     gemms = time_gemms(layouts, args.rounds)
     engine = time_engine(layouts, prompts, args.rounds, args.max_new_tokens)
