@@ -1,8 +1,8 @@
 """Controller overhead: the SLO controller's per-iteration decisions as a share of the iteration.
 
 Keeps 32 requests decoding at once (a closed batch: 64 requests through 32 slots) under every
-speculation policy, and reports the seconds the controller spent deciding (plan, keep-drafting,
-select, observe) per iteration and as a fraction of the iteration time:
+speculation policy, and reports the seconds the controller spent deciding (plan, prompt cap,
+keep-drafting, select, observe) per iteration and as a fraction of the iteration time:
 
 * on the real engine here (the default pair, draft trees of depth 4 and width 2), the iteration
   time is the measured wall time of ``engine.step()``;

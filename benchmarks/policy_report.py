@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import random
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def chat_prompts(
+    apply_chat_template: Callable[[list[dict[str, str]]], list[int]], path: Path, max_len: int, seed: int
+) -> list[list[int]]:
+    """Chat prompts of the questions' first turns (JSON lines with ``turns``), shuffled, those
+    of at most ``max_len`` tokens."""
+    questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    random.Random(seed).shuffle(questions)
+    prompts = [apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    prompts = [p for p in prompts if len(p) <= max_len]
+    if not prompts:
+        raise ValueError(f"no question of {path} fits in {max_len} tokens")
+    return prompts
+
 
 def parse_mix(text: str, known: set[str]) -> dict[str, float]:
     """``"interactive=0.4,chat=0.4,batch=0.2"`` as class -> weight (known classes, weights > 0)."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from collections import deque
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy_report import DEFAULT_TRACE, goals, markdown, parse_mix, plot  # noqa: E402
+from policy_report import DEFAULT_TRACE, chat_prompts, goals, markdown, parse_mix, plot  # noqa: E402
 from specbench import DEFAULT_QUESTIONS  # noqa: E402
 
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
@@ -74,17 +73,6 @@ class Job:
     max_tokens: int
     slo_class: str
     slo: SLO
-
-
-def load_prompts(engine: LLMEngine, path: Path, max_new: int, seed: int) -> list[list[int]]:
-    """Chat prompts of the questions' first turns, shuffled, that fit a slot with ``max_new`` tokens."""
-    questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    random.Random(seed).shuffle(questions)
-    prompts = [engine.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in questions]
-    prompts = [p for p in prompts if len(p) + max_new <= engine.max_model_len]
-    if not prompts:
-        raise ValueError(f"no question of {path} fits {engine.max_model_len} tokens with {max_new} new ones")
-    return prompts
 
 
 def make_jobs(
@@ -245,7 +233,7 @@ def main() -> int:
     controllers = {name: SLOController(name, cost, config.max_num_batched_tokens) for name in args.policies}
     slos = {name: slo_config.resolve(name, None, None) for name in slo_config.classes}
 
-    prompts = load_prompts(engine, args.questions, args.max_new_tokens, args.seed)
+    prompts = chat_prompts(engine.apply_chat_template, args.questions, MAX_MODEL_LEN - args.max_new_tokens, args.seed)
     trace = read_trace(args.trace, args.requests)
     classes = assign_slo_classes(len(trace), args.slo_mix, args.seed)
     workloads = {

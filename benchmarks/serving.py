@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy_report import DEFAULT_TRACE  # noqa: E402
-from replay import DEFAULT_QUESTIONS, Job, load_prompts, make_jobs, replay  # noqa: E402
+from policy_report import DEFAULT_TRACE, chat_prompts  # noqa: E402
+from replay import DEFAULT_QUESTIONS, Job, make_jobs, replay  # noqa: E402
 
 from specserve.config import EngineConfig  # noqa: E402
 from specserve.control.workload import Outcome, assign_slo_classes, read_trace, scale_trace, summarize  # noqa: E402
@@ -218,7 +218,7 @@ def main() -> int:
     engine_config: EngineConfig = config.engine
 
     engine = LLMEngine(engine_config)
-    prompts = load_prompts(engine, args.questions, args.max_new_tokens, args.seed)
+    prompts = chat_prompts(engine.apply_chat_template, args.questions, engine.max_model_len - args.max_new_tokens, args.seed)
     slos = {name: engine_config.control.slo.resolve(name, None, None) for name in MIX}
     trace = read_trace(args.trace, args.requests)
     classes = assign_slo_classes(len(trace), MIX, args.seed)

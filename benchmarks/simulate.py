@@ -1,18 +1,21 @@
 """Compare speculation policies at scale: the real controller in a discrete-event simulator.
 
-Replays the Azure conversation trace (arrivals rate-scaled to several loads, lengths scaled)
-with a mix of SLO classes against a cost profile (measured here with ``specserve profile``, or
-a GPU-class one from published numbers) and a synthetic drafter of a given mean confidence, for
+Replays the Azure conversation trace (arrivals rate-scaled to several loads, lengths scaled;
+with ``--questions``, prompts as long as the questions the real-engine replay serves) with a
+mix of SLO classes against a cost profile (measured here with ``specserve profile``, or a
+GPU-class one from published numbers) and a synthetic drafter of a given mean confidence, for
 every policy; reports SLO attainment, goodput, TTFT/TPOT and MAT per policy and load, writes
 JSON, a markdown table and OUT.png. Deterministic for a seed.
 
     python benchmarks/simulate.py --profile PROFILE --json OUT.json [--trace PATH] [--requests N]
+        [--questions PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,8 +24,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy_report import DEFAULT_TRACE, goals, markdown, parse_mix, plot  # noqa: E402
+from policy_report import DEFAULT_TRACE, chat_prompts, goals, markdown, parse_mix, plot  # noqa: E402
 
+from specserve.config import EngineConfig  # noqa: E402
 from specserve.control.cost_model import CostModel  # noqa: E402
 from specserve.control.policies import POLICIES  # noqa: E402
 from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator  # noqa: E402
@@ -33,14 +37,33 @@ from specserve.control.workload import (  # noqa: E402
     scale_trace,
     summarize,
 )
+from specserve.engine.inputs import InputProcessor  # noqa: E402
+from specserve.models.default_model import default_model_dir  # noqa: E402
 from specserve.spec.tree import TreeBudget  # noqa: E402
 
 
-def build_requests(args: argparse.Namespace, rate: float, slo: SLOConfig) -> list[SimRequest]:
+def question_lengths(path: Path, max_len: int, seed: int) -> list[int]:
+    """Token counts of the questions as chat prompts of the default model, in replay.py's order."""
+    model = default_model_dir()
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
+    inputs = InputProcessor(EngineConfig(), model, vocab_size, max_model_len=max_len)
+    return [len(p) for p in chat_prompts(inputs.apply_chat_template, path, max_len, seed)]
+
+
+def build_requests(
+    args: argparse.Namespace, rate: float, slo: SLOConfig, prompt_lengths: list[int] | None
+) -> list[SimRequest]:
+    """The trace at ``rate``; prompts cycle through ``prompt_lengths`` when given."""
     trace = scale_trace(read_trace(args.trace, args.requests), rate, args.max_prompt, args.max_output)
     classes = assign_slo_classes(len(trace), parse_mix(args.slo_mix, set(slo.classes)), args.seed)
     return [
-        SimRequest(f"r{i}", r.prompt_tokens, r.output_tokens, slo.resolve(name, None, None), r.arrival_s)
+        SimRequest(
+            f"r{i}",
+            r.prompt_tokens if prompt_lengths is None else prompt_lengths[i % len(prompt_lengths)],
+            r.output_tokens,
+            slo.resolve(name, None, None),
+            r.arrival_s,
+        )
         for i, (r, name) in enumerate(zip(trace, classes))
     ]
 
@@ -53,7 +76,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None, help="first N trace requests (default: all)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1, 2, 4, 8], help="loads in requests/s")
     parser.add_argument("--policies", nargs="+", default=sorted(POLICIES), choices=sorted(POLICIES))
-    parser.add_argument("--max-prompt", type=int, default=512, help="longest prompt after scaling")
+    parser.add_argument("--questions", type=Path, default=None,
+                        help="prompts as long as these questions' (JSON lines, e.g. the Spec-Bench dev set) "
+                             "through the default model's chat template, cycled as replay.py does")
+    parser.add_argument("--max-prompt", type=int, default=512,
+                        help="longest prompt after scaling (with --questions: longest question kept)")
     parser.add_argument("--max-output", type=int, default=256, help="longest output after scaling")
     parser.add_argument("--confidence", type=float, default=0.45,
                         help="mean draft confidence of the synthetic drafter (0.45: the CPU pair here)")
@@ -67,11 +94,13 @@ def main() -> int:
                         help="requests that can no longer make their TTFT SLO: serve them anyway, or reject early")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not args.trace.is_file():
-        parser.error(f"trace {args.trace} not found")
+    for path in (args.trace, args.questions):
+        if path is not None and not path.is_file():
+            parser.error(f"{path} not found")
     cost = CostModel.load(args.profile)
     slo = SLOConfig().scaled(args.slo_scale)
     acceptance = AcceptanceModel(mean_confidence=args.confidence)
+    prompt_lengths = None if args.questions is None else question_lengths(args.questions, args.max_prompt, args.seed)
     results: dict[str, list[dict]] = {name: [] for name in args.policies}
     for rate in tqdm(args.rates, desc="loads", unit="load"):
         for name in args.policies:
@@ -85,7 +114,7 @@ def main() -> int:
             )
             simulator = Simulator(config, cost, acceptance)
             start = time.perf_counter()
-            outcomes, span = simulator.run(build_requests(args, rate, slo))
+            outcomes, span = simulator.run(build_requests(args, rate, slo, prompt_lengths))
             wall = time.perf_counter() - start
             row = {"load": rate, **summarize(outcomes, span)}
             row["controller_overhead"] = simulator.controller.decision_seconds / max(simulator.busy_s, 1e-9)
@@ -99,6 +128,8 @@ def main() -> int:
         "profile": str(args.profile),
         "model": cost.model,
         "confidence": args.confidence,
+        "questions": None if args.questions is None else str(args.questions),
+        "mean_prompt_tokens": statistics.fmean(r.prompt_tokens for r in build_requests(args, 1.0, slo, prompt_lengths)),
         "loads": args.rates,
         "policies": results,
         "goals": goals(args.rates, results) if "auto" in results else {},

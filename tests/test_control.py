@@ -599,6 +599,84 @@ def test_auto_stops_speculating_once_drafting_is_seen_to_cost_more_than_profiled
     assert all(b.depth == 0 for b in controller.plan(step_view(4, depth=2)))
 
 
+def test_auto_paces_prompts_to_keep_decoding_requests_on_their_slo():
+    """A step costs 30 ms + 1 ms a token. A request 200 ms ahead of its 100 ms TPOT SLO (11 tokens
+    due by 1.1 s, 10 done at 0.9 s) can take an iteration of up to 200 ms: 169 prompt tokens
+    beside its own. Without an SLO there is nothing to protect; behind its SLO, nothing to keep."""
+    auto = policy("auto", cost_model(30.0, 1.0), AcceptancePredictor(prior_rate=0.05))  # never speculates
+    on_track = replace(step_view(1, slo_ms=100).requests[0], decode_time_s=0.9, num_decoded=10)
+    step = StepView([on_track])
+    budgets = auto.draft_budgets(step)
+    assert [b.depth for b in budgets] == [0]
+    pacing = auto.prefill_pacing(step, budgets)
+    assert pacing.tokens == 169 and pacing.decode_s == pytest.approx(0.031)
+    free = step_view(1)
+    assert auto.prefill_pacing(free, auto.draft_budgets(free)).tokens == 512
+    behind = StepView([replace(on_track, decode_time_s=1.2)])
+    assert auto.prefill_pacing(behind, auto.draft_budgets(behind)) is None
+    for name in sorted(set(POLICIES) - {"auto"}):
+        assert policy(name, cost_model(30.0, 1.0)).prefill_pacing(step, budgets) is None
+
+
+def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_queues_prefill():
+    """Prefilling 100 tokens is predicted at 130 ms and a decode-only iteration at 31 ms: a prompt
+    may wait while its deadline is more than 3 x 161 ms away. With 600 more tokens queued ahead
+    of it (two steps of 512: 3 x (730 + 62) ms), it must start however far its deadline seems."""
+    from specserve.control.simulator import SimRequest
+
+    controller = SLOController("auto", cost_model(30.0, 1.0), 512)
+    on_track = replace(step_view(1, slo_ms=100).requests[0], decode_time_s=0.9, num_decoded=10)
+    step = StepView([on_track])
+    cap = controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0)
+    assert cap.tokens == 169
+    for ttft_ms, queued, waits in ((490, 100, True), (480, 100, False), (2380, 700, True), (2370, 700, False)):
+        assert cap.can_wait(SimRequest("new", 100, 4, SLO(ttft_ms=ttft_ms), arrival_s=10.0), queued) is waits
+
+
+def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones():
+    from specserve.control.simulator import SimRequest
+    from specserve.engine.scheduler import PromptCap, Scheduler
+
+    slo = SLOConfig().classes
+    patient = SimRequest("patient", 300, 4, slo["batch"], arrival_s=0.0)
+    urgent = SimRequest("urgent", 200, 4, slo["interactive"], arrival_s=0.0)
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    for request in (patient, urgent):
+        scheduler.add(request)
+    asked = []
+    can_wait = PromptCap(0, lambda r, queued: asked.append((r.request_id, queued)) or r.request_id == "patient")
+    assert [(i.request.request_id, i.num_new_tokens) for i in scheduler.schedule({}, can_wait)] == [("urgent", 200)]
+    assert asked == [("urgent", 200), ("patient", 500)]  # earliest TTFT deadline first, the queue so far
+    assert scheduler.waiting == [patient]  # left out, it keeps its place
+    urgent.num_computed_tokens = 200
+    chunks = scheduler.schedule({}, replace(can_wait, tokens=50))
+    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("patient", 50)]
+    patient.num_computed_tokens = 50
+    chunks = scheduler.schedule({}, replace(can_wait, tokens=50))
+    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("patient", 50)]
+
+
+def test_pacing_prompts_lets_a_request_meet_its_tpot_slo_that_a_burst_of_prompts_would_break():
+    """A chat request decodes on a 30 ms TPOT SLO (a step costs 20 ms + 0.5 ms a token) when four
+    batch requests arrive with 400-token prompts and a minute to their first token. Prefilling
+    them at once costs the chat request its SLO; auto (which does not speculate here) paces them
+    into its slack, and still serves every one in time."""
+    from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator
+
+    def requests():
+        chat = SimRequest("chat", 10, 40, SLO(tpot_ms=30, ttft_ms=1000), arrival_s=0.0)
+        batch = [SimRequest(f"b{i}", 400, 2, SLO(ttft_ms=60_000), arrival_s=0.1) for i in range(4)]
+        return [chat, *batch]
+
+    attained = {}
+    for name in ("none", "auto"):
+        simulator = Simulator(SimConfig(policy=name), cost_model(20.0, 0.5), AcceptanceModel(mean_confidence=0.02))
+        outcomes, _ = simulator.run(requests(), progress=False)
+        attained[name] = [o.attained for o in outcomes]
+        assert summarize(outcomes, 1.0)["mat"] == 1.0
+    assert attained == {"none": [False] + [True] * 4, "auto": [True] * 5}
+
+
 def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):
     engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=1, max_model_len=256))
     slow = SamplingParams(max_tokens=2, temperature=0.0, slo_class="batch")

@@ -1,7 +1,8 @@
 """The central SLO controller: one policy, one acceptance predictor, one cost model.
 
-The engine (or the simulator) asks it three things every iteration, in this order: the draft
-budgets of the decoding requests (``plan``), the rule the drafter asks after each level whether to
+The engine (or the simulator) asks it four things every iteration, in this order: the draft
+budgets of the decoding requests (``plan``), how many prompt tokens may join them
+(``prompt_cap``), the rule the drafter asks after each level whether to
 grow the trees one more (``drafting_rule``), and which drafted nodes to verify (``select``); after
 verification it reports what was accepted (``observe``, also for the ``first_guess`` of a tree
 of which nothing was verified) and how long drafting and the target forward took
@@ -19,9 +20,16 @@ from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CorrectedCost, CostModel
 from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
 from specserve.control.step_trees import StepTrees
+from specserve.engine.request import Request
+from specserve.engine.scheduler import PromptCap
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
+
+# How many times the predicted prefill of the queue a paced prompt's TTFT deadline must leave: the
+# margin covers the cost model's error and later arrivals with earlier deadlines, which go first.
+# In simulation 2 lost TTFT under overload (2x this CPU's capacity) and 4 gained nothing over 3.
+TTFT_MARGIN = 3.0
 
 
 class SLOController:
@@ -29,6 +37,7 @@ class SLOController:
         self.predictor = AcceptancePredictor()
         self.cost = None if cost is None else CorrectedCost(cost)
         self.policy = build_policy(policy, self.cost, self.predictor, max_step_tokens)
+        self.max_step_tokens = max_step_tokens
         self.decision_seconds = 0.0  # spent in plan / drafting rule / select / observe
         self._rule: DraftingRule | None = None
 
@@ -45,6 +54,22 @@ class SLOController:
             return []
         budgets = self._timed(lambda: self.policy.draft_budgets(step))
         return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
+
+    def prompt_cap(self, step: StepView, budgets: list[TreeBudget], now: float) -> PromptCap | None:
+        """The policy's cap on this iteration's prompt tokens beside the planned ``budgets``
+        (None: no cap). A prompt waits only while its TTFT deadline leaves ``TTFT_MARGIN`` times
+        the predicted time to prefill every prompt token queued up to its own, in steps of the
+        step budget beside decodes like this step's: a long queue, as under overload, leaves
+        none waiting."""
+        pacing = self._timed(lambda: self.policy.prefill_pacing(step, budgets)) if step.requests else None
+        if pacing is None:
+            return None
+
+        def can_wait(request: Request, queued: int) -> bool:
+            steps = -(-queued // self.max_step_tokens)
+            return now + TTFT_MARGIN * (self.cost.prefill_s(queued) + steps * pacing.decode_s) < request.ttft_deadline
+
+        return PromptCap(pacing.tokens, can_wait)
 
     def drafting_rule(self, step: StepView) -> DraftingRule | None:
         """What the drafter asks after each level of this step (its time counts on ``select``)."""

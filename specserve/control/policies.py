@@ -110,6 +110,15 @@ class StepView:
         return self.other_tokens + len(self.requests)
 
 
+@dataclass(frozen=True)
+class PrefillPacing:
+    """A cap on an iteration's prompt tokens, and the iteration's predicted time without them
+    (a request whose TTFT deadline is near starts anyway: see ``SLOController.prompt_cap``)."""
+
+    tokens: int
+    decode_s: float
+
+
 @functools.cache
 def tree_budget(depth: int, width: int) -> TreeBudget:
     """A shared (immutable) budget; a step asks for the same few shapes many times."""
@@ -241,6 +250,11 @@ class Policy(ABC):
     def select(self, step: StepView, nodes: RankedNodes) -> np.ndarray:
         """How many of its best nodes each request verifies, given every drafted node's value."""
         return nodes.sizes
+
+    def prefill_pacing(self, step: StepView, budgets: list[TreeBudget]) -> PrefillPacing | None:
+        """How much prompt work of requests whose first token can wait this iteration may take
+        beside the decoding requests' planned ``budgets`` (None: all the step's token budget leaves)."""
+        return None
 
     # ------------------------------------------------------------------ helpers
 
@@ -392,6 +406,8 @@ class AutoSpeculation(Policy):
     the globally best nodes as long as each one raises the predicted tokens per ms of the
     iteration. A floor that would cost others their SLO is not served: under overload, lifting
     every request behind at the expense of the rest makes iterations long and everybody late.
+    Prompts are paced the same way: an iteration takes only as many prompt tokens as keep every
+    decoding request that is on track on track, unless a prompt's TTFT deadline will not wait.
 
     Speculation for goodput is priced as in a decode-only iteration: prompt chunks in the same
     forward are work that must be done anyway, and counting their time would make drafted nodes
@@ -433,6 +449,29 @@ class AutoSpeculation(Policy):
         efficiency = gains / (step.draft_ms + cost.forward_ms_many(len(step.requests), added))
         best = int(np.argmax(efficiency))  # the first maximum: fewest nodes on ties
         return counts + nodes.per_request(extras[: best if efficiency[best] >= self.min_gain * efficiency[0] else 0])
+
+    def prefill_pacing(self, step: StepView, budgets: list[TreeBudget]) -> PrefillPacing | None:
+        if not step.requests:
+            return None
+        model = self.step_model(step)
+        depths = np.array([b.depth for b in budgets])
+        nodes = sum(b.node_limit for b in budgets)
+        curve = model.cost.verify_ms if nodes else model.cost.target_ms
+        prompt = np.arange(self.max_step_tokens + 1)
+        width = int(model.width_caps.max())
+        forward_ms = np.maximum.accumulate(curve.many(len(step.requests) + nodes + prompt))  # monotone for the search
+        iteration_s = (model.draft_ms(depths, width) + forward_ms) / 1e3
+        # The iteration time at which each request's floor reaches what it is expected to yield.
+        yields = model.chain_tokens(depths)
+        limits = np.array([
+            np.inf if r.tpot_slo_s is None else (y + r.num_decoded) * r.tpot_slo_s - r.decode_time_s
+            for r, y in zip(step.requests, yields)
+        ])
+        on_track = limits >= iteration_s[0]
+        if not on_track.any():
+            return None
+        room = int(np.searchsorted(iteration_s, limits[on_track].min(), side="right")) - 1
+        return PrefillPacing(room, float(iteration_s[0]))
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -1,11 +1,11 @@
 """A discrete-event simulator of the engine: the real scheduler and SLO controller, with a cost
 model instead of forwards and a synthetic drafter instead of models.
 
-Each iteration runs the engine's order: the controller plans draft budgets, the scheduler admits
-and chunks prefills, the synthetic drafter grows trees (asking the drafting rule after every
-level), the controller selects the nodes to verify, verification samples which path the target
-accepts, and the clock advances by the cost model's prediction for the drafted levels and the
-target forward. Only the models are simulated; every decision is made by the code that serves.
+Each iteration runs the engine's order: the controller plans draft budgets and caps the prompt
+tokens, the scheduler admits and chunks prefills, the synthetic drafter grows trees (asking the
+drafting rule after every level), the controller selects the nodes to verify, verification
+samples which path the target accepts, and the clock advances by the cost model's prediction
+for the drafted levels and the target forward. Only the models are simulated; every decision is made by the code that serves.
 """
 
 from __future__ import annotations
@@ -196,8 +196,10 @@ class Simulator:
 
     def _step(self) -> list[SimRequest]:
         views = {r.request_id: self._view(r) for r in self.scheduler.running if r.is_decoding}
-        planned = self.controller.plan(StepView(list(views.values())))
-        scheduled = self.scheduler.schedule({i: b for i, b in zip(views, planned) if b.depth > 0})
+        plan_step = StepView(list(views.values()))
+        planned = self.controller.plan(plan_step)
+        prompt_cap = self.controller.prompt_cap(plan_step, planned, self.now)
+        scheduled = self.scheduler.schedule({i: b for i, b in zip(views, planned) if b.depth > 0}, prompt_cap)
         asked = [item for item in scheduled if item.num_draft_tokens > 0]
         step_tokens = sum(item.num_new_tokens for item in scheduled)
         step = StepView([views[item.request.request_id] for item in asked], step_tokens - len(asked))

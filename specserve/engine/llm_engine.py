@@ -32,7 +32,7 @@ from specserve.engine.inputs import InputProcessor, Prompt
 from specserve.engine.request import FinishReason, Request, RequestOutput
 from specserve.engine.sampler import sample, top_logprobs
 from specserve.engine.sampling_params import SamplingParams
-from specserve.engine.scheduler import ScheduledRequest, Scheduler
+from specserve.engine.scheduler import PromptCap, ScheduledRequest, Scheduler
 from specserve.engine.structured import Grammars
 from specserve.models.default_model import default_model_dir
 from specserve.models.forward_batch import SequenceSlice
@@ -155,10 +155,10 @@ class LLMEngine:
         request takes its tokens (its structured output, say) fails that request alone.
         """
         outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
-        views, budgets = self._plan_or_nothing()
+        views, budgets, prompt_cap = self._plan_or_nothing()
         forced = self._forced_tokens()
         budgets.update({request_id: TreeBudget(depth=len(tokens)) for request_id, tokens in forced.items()})
-        scheduled = self.scheduler.schedule(budgets)
+        scheduled = self.scheduler.schedule(budgets, prompt_cap)
         if not scheduled:
             return outputs
         now = time.monotonic()
@@ -192,16 +192,16 @@ class LLMEngine:
                 self._retire(request)
         return outputs
 
-    def _plan_or_nothing(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget]]:
-        """The controller's plan (``_plan``); none, so that the step decodes without speculation,
-        when there is no controller or planning fails."""
+    def _plan_or_nothing(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget], PromptCap | None]:
+        """The controller's plan (``_plan``); none, so that the step decodes without speculation
+        or prompt pacing, when there is no controller or planning fails."""
         if self.controller is None:
-            return {}, {}
+            return {}, {}, None
         try:
             return self._plan()
         except Exception:  # speculation only saves time: a step without it is still right
             logger.exception("speculation planning failed; this step decodes without it")
-            return {}, {}
+            return {}, {}, None
 
     def _run_batch(
         self, scheduled: list[ScheduledRequest], views: dict[str, RequestView], forced: dict[str, list[int]]
@@ -323,13 +323,15 @@ class LLMEngine:
             catch_up,
         )
 
-    def _plan(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget]]:
-        """The controller's view of every decoding request, and the draft budgets of those
-        that are to speculate."""
+    def _plan(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget], PromptCap | None]:
+        """The controller's view of every decoding request, the draft budgets of those that are
+        to speculate, and the cap on the step's prompt tokens."""
         now = time.monotonic()
         views = {r.request_id: self._view(r, now) for r in self.scheduler.running if r.is_decoding}
-        budgets = self.controller.plan(StepView(list(views.values())))
-        return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}
+        step = StepView(list(views.values()))
+        budgets = self.controller.plan(step)
+        prompt_cap = self.controller.prompt_cap(step, budgets, now)
+        return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}, prompt_cap
 
     def _forced_tokens(self) -> dict[str, list[int]]:
         """For each decoding request whose structured output forces its next tokens (and that

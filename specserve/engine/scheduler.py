@@ -5,7 +5,8 @@ prefills, the last sampled token while it decodes. A decoding request may also r
 the step for drafted tokens to verify. Running requests go first, then waiting ones are admitted
 earliest TTFT deadline first (arrival order among equal deadlines) while a KV slot is free and
 the step's token budget lasts; a request waits rather than evicting anything. Long prompts are
-prefilled in chunks across steps, beside other requests' decodes.
+prefilled in chunks across steps, beside other requests' decodes. The controller may cap the
+prompt tokens of a step for the requests whose first token can wait (``PromptCap``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from dataclasses import dataclass
 from specserve.engine.request import Request, RequestStatus
 from specserve.models.kv_cache import SlotAllocator
 from specserve.spec.tree import TreeBudget
+
+
+@dataclass(frozen=True)
+class PromptCap:
+    """At most ``tokens`` prompt tokens in a step for the requests that can wait; the others take
+    what the step's budget leaves. ``can_wait(request, queued)``: ``queued`` counts the prompt
+    tokens still to prefill up to and including the request's, in the order they are served."""
+
+    tokens: int
+    can_wait: Callable[[Request, int], bool]
 
 
 @dataclass
@@ -68,31 +79,54 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self, draft_budgets: dict[str, TreeBudget] | None = None) -> list[ScheduledRequest]:
+    def schedule(
+        self, draft_budgets: dict[str, TreeBudget] | None = None, prompt_cap: PromptCap | None = None
+    ) -> list[ScheduledRequest]:
         """``draft_budgets``: the trees decoding requests (by id) would like verified; each gets
-        its tree shrunk to the room left in the step's token budget."""
+        its tree shrunk to the room left in the step's token budget. ``prompt_cap``: how many
+        prompt tokens of requests that can wait the step takes at most (a request it leaves out
+        keeps its place)."""
         budget = self.max_num_batched_tokens
+        paced = None if prompt_cap is None else prompt_cap.tokens  # prompt tokens left for those that can wait
+        queued = 0  # prompt tokens still to prefill, in serving order
+
+        def prompt_tokens(request: Request) -> int:
+            nonlocal budget, paced, queued
+            left = request.num_tokens - request.num_computed_tokens
+            queued += left
+            n = min(left, budget)
+            if paced is not None and request.is_prefilling and prompt_cap.can_wait(request, queued):
+                n = min(n, paced)
+                paced -= n
+            budget -= n
+            return n
+
         scheduled = []
         for request in self.running:
             if budget == 0:
                 break
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            budget -= n
+            if not request.is_decoding:
+                if n := prompt_tokens(request):
+                    scheduled.append(ScheduledRequest(request, n))
+                continue
+            budget -= 1
             wanted = (draft_budgets or {}).get(request.request_id)
             draft = None
-            if wanted is not None and request.is_decoding and budget > 0:
+            if wanted is not None and budget > 0:
                 draft = wanted.within(wanted.depth, budget)
                 budget -= draft.node_limit
-            scheduled.append(ScheduledRequest(request, n, draft))
-        while self.waiting and budget > 0 and self.slots.num_free:
-            request = self.waiting.pop(0)
+            scheduled.append(ScheduledRequest(request, 1, draft))
+        for request in list(self.waiting):
+            if budget == 0 or not self.slots.num_free:
+                break
+            if not (n := prompt_tokens(request)):
+                continue
+            self.waiting.remove(request)
             self._order.pop(request.request_id)
             request.slot = self.slots.allocate()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            n = min(request.num_tokens, budget)
             scheduled.append(ScheduledRequest(request, n))
-            budget -= n
         return scheduled
 
     def take_hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> list[Request]:
