@@ -92,10 +92,11 @@ class StepView:
         """AdaServe's A(r) of every request (the last axis): the tokens this step must yield to
         keep its mean TPOT within its SLO (0 without one), for an iteration of ``iteration_s``
         seconds or for each of an array of them."""
-        return self._floors_at_zero + np.asarray(iteration_s, dtype=float)[..., None] * self._floors_per_s
+        return self._floors_at_zero + np.asarray(iteration_s, dtype=float)[..., None] * self.floors_per_s
 
     @functools.cached_property
-    def _floors_per_s(self) -> np.ndarray:
+    def floors_per_s(self) -> np.ndarray:
+        """How fast each request's floor grows with the iteration's seconds: 1 / its TPOT SLO (0 without one)."""
         return np.array([0.0 if r.tpot_slo_s is None else 1.0 / r.tpot_slo_s for r in self.requests])
 
     @functools.cached_property
@@ -461,12 +462,11 @@ class AutoSpeculation(Policy):
         width = int(model.width_caps.max())
         forward_ms = np.maximum.accumulate(curve.many(len(step.requests) + nodes + prompt))  # monotone for the search
         iteration_s = (model.draft_ms(depths, width) + forward_ms) / 1e3
-        # The iteration time at which each request's floor reaches what it is expected to yield.
-        yields = model.chain_tokens(depths)
-        limits = np.array([
-            np.inf if r.tpot_slo_s is None else (y + r.num_decoded) * r.tpot_slo_s - r.decode_time_s
-            for r, y in zip(step.requests, yields)
-        ])
+        # The iteration time at which each request's floor reaches what it is expected to yield
+        # (the floor grows linearly with it; a request without a TPOT SLO has none).
+        per_s = step.floors_per_s
+        with np.errstate(divide="ignore"):
+            limits = np.where(per_s > 0, (model.chain_tokens(depths) - step.floors(0.0)) / per_s, np.inf)
         on_track = limits >= iteration_s[0]
         if not on_track.any():
             return None

@@ -79,6 +79,11 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def has_prompts(self) -> bool:
+        """Whether any request still has prompt tokens to prefill."""
+        return bool(self.waiting) or any(r.is_prefilling for r in self.running)
+
     def schedule(
         self, draft_budgets: dict[str, TreeBudget] | None = None, prompt_cap: PromptCap | None = None
     ) -> list[ScheduledRequest]:
