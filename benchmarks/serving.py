@@ -218,7 +218,8 @@ def main() -> int:
     engine_config: EngineConfig = config.engine
 
     engine = LLMEngine(engine_config)
-    prompts = chat_prompts(engine.apply_chat_template, args.questions, engine.max_model_len - args.max_new_tokens, args.seed)
+    max_prompt = engine.max_model_len - args.max_new_tokens
+    prompts = chat_prompts(engine.apply_chat_template, args.questions, max_prompt, args.seed)
     slos = {name: engine_config.control.slo.resolve(name, None, None) for name in MIX}
     trace = read_trace(args.trace, args.requests)
     classes = assign_slo_classes(len(trace), MIX, args.seed)

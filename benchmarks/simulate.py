@@ -32,6 +32,7 @@ from specserve.control.policies import POLICIES  # noqa: E402
 from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator  # noqa: E402
 from specserve.control.slo import SLOConfig  # noqa: E402
 from specserve.control.workload import (  # noqa: E402
+    TraceRequest,
     assign_slo_classes,
     read_trace,
     scale_trace,
@@ -51,11 +52,11 @@ def question_lengths(path: Path, max_len: int, seed: int) -> list[int]:
 
 
 def build_requests(
-    args: argparse.Namespace, rate: float, slo: SLOConfig, prompt_lengths: list[int] | None
+    args: argparse.Namespace, trace: list[TraceRequest], rate: float, slo: SLOConfig, prompt_lengths: list[int] | None
 ) -> list[SimRequest]:
     """The trace at ``rate``; prompts cycle through ``prompt_lengths`` when given."""
-    trace = scale_trace(read_trace(args.trace, args.requests), rate, args.max_prompt, args.max_output)
-    classes = assign_slo_classes(len(trace), parse_mix(args.slo_mix, set(slo.classes)), args.seed)
+    scaled = scale_trace(trace, rate, args.max_prompt, args.max_output)
+    classes = assign_slo_classes(len(scaled), parse_mix(args.slo_mix, set(slo.classes)), args.seed)
     return [
         SimRequest(
             f"r{i}",
@@ -64,7 +65,7 @@ def build_requests(
             slo.resolve(name, None, None),
             r.arrival_s,
         )
-        for i, (r, name) in enumerate(zip(trace, classes))
+        for i, (r, name) in enumerate(zip(scaled, classes))
     ]
 
 
@@ -101,6 +102,7 @@ def main() -> int:
     slo = SLOConfig().scaled(args.slo_scale)
     acceptance = AcceptanceModel(mean_confidence=args.confidence)
     prompt_lengths = None if args.questions is None else question_lengths(args.questions, args.max_prompt, args.seed)
+    trace = read_trace(args.trace, args.requests)
     results: dict[str, list[dict]] = {name: [] for name in args.policies}
     for rate in tqdm(args.rates, desc="loads", unit="load"):
         for name in args.policies:
@@ -114,7 +116,7 @@ def main() -> int:
             )
             simulator = Simulator(config, cost, acceptance)
             start = time.perf_counter()
-            outcomes, span = simulator.run(build_requests(args, rate, slo, prompt_lengths))
+            outcomes, span = simulator.run(build_requests(args, trace, rate, slo, prompt_lengths))
             wall = time.perf_counter() - start
             row = {"load": rate, **summarize(outcomes, span)}
             row["controller_overhead"] = simulator.controller.decision_seconds / max(simulator.busy_s, 1e-9)
@@ -129,7 +131,7 @@ def main() -> int:
         "model": cost.model,
         "confidence": args.confidence,
         "questions": None if args.questions is None else str(args.questions),
-        "mean_prompt_tokens": statistics.fmean(r.prompt_tokens for r in build_requests(args, 1.0, slo, prompt_lengths)),
+        "mean_prompt_tokens": statistics.fmean(r.prompt_tokens for r in build_requests(args, trace, 1.0, slo, prompt_lengths)),
         "loads": args.rates,
         "policies": results,
         "goals": goals(args.rates, results) if "auto" in results else {},

@@ -37,8 +37,7 @@ class SLOController:
         self.predictor = AcceptancePredictor()
         self.cost = None if cost is None else CorrectedCost(cost)
         self.policy = build_policy(policy, self.cost, self.predictor, max_step_tokens)
-        self.max_step_tokens = max_step_tokens
-        self.decision_seconds = 0.0  # spent in plan / drafting rule / select / observe
+        self.decision_seconds = 0.0  # spent in plan / prompt cap / drafting rule / select / observe
         self._rule: DraftingRule | None = None
 
     def _timed(self, decide: Callable[[], T]) -> T:
@@ -66,7 +65,7 @@ class SLOController:
             return None
 
         def can_wait(request: Request, queued: int) -> bool:
-            steps = -(-queued // self.max_step_tokens)
+            steps = -(-queued // self.policy.max_step_tokens)
             return now + TTFT_MARGIN * (self.cost.prefill_s(queued) + steps * pacing.decode_s) < request.ttft_deadline
 
         return PromptCap(pacing.tokens, can_wait)

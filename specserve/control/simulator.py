@@ -5,7 +5,8 @@ Each iteration runs the engine's order: the controller plans draft budgets and c
 tokens, the scheduler admits and chunks prefills, the synthetic drafter grows trees (asking the
 drafting rule after every level), the controller selects the nodes to verify, verification
 samples which path the target accepts, and the clock advances by the cost model's prediction
-for the drafted levels and the target forward. Only the models are simulated; every decision is made by the code that serves.
+for the drafted levels and the target forward. Only the models are simulated; every decision is
+made by the code that serves.
 """
 
 from __future__ import annotations
