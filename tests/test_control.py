@@ -600,19 +600,21 @@ def test_auto_stops_speculating_once_drafting_is_seen_to_cost_more_than_profiled
 
 
 def test_auto_paces_prompts_to_keep_decoding_requests_on_their_slo():
-    """A step costs 30 ms + 1 ms a token. A request 200 ms ahead of its 100 ms TPOT SLO (11 tokens
-    due by 1.1 s, 10 done at 0.9 s) can take an iteration of up to 200 ms: 169 prompt tokens
-    beside its own. Without an SLO there is nothing to protect; behind its SLO, nothing to keep."""
+    """A step costs 30 ms + 1 ms a token. A request 40 ms from falling behind its 100 ms TPOT SLO
+    (10.6 tokens due at 1.06 s, 10 done) can take an iteration of up to 40 ms: 9 prompt tokens
+    beside its own. One far ahead of it, or without an SLO, still takes no more than 1.5 times
+    the 31 ms iteration without prompts: 15 tokens. Behind its SLO there is nothing to keep."""
     auto = policy("auto", cost_model(30.0, 1.0), AcceptancePredictor(prior_rate=0.05))  # never speculates
-    on_track = replace(step_view(1, slo_ms=100).requests[0], decode_time_s=0.9, num_decoded=10)
-    step = StepView([on_track])
+    near = replace(step_view(1, slo_ms=100).requests[0], decode_time_s=1.06, num_decoded=10)
+    step = StepView([near])
     budgets = auto.draft_budgets(step)
     assert [b.depth for b in budgets] == [0]
     pacing = auto.prefill_pacing(step, budgets)
-    assert pacing.tokens == 169 and pacing.decode_s == pytest.approx(0.031)
-    free = step_view(1)
-    assert auto.prefill_pacing(free, auto.draft_budgets(free)).tokens == 512
-    behind = StepView([replace(on_track, decode_time_s=1.2)])
+    assert pacing.tokens == 9 and pacing.decode_s == pytest.approx(0.031)
+    for request in (replace(near, decode_time_s=0.5), step_view(1).requests[0]):
+        ahead = StepView([request])
+        assert auto.prefill_pacing(ahead, auto.draft_budgets(ahead)).tokens == 15
+    behind = StepView([replace(near, decode_time_s=1.2)])
     assert auto.prefill_pacing(behind, auto.draft_budgets(behind)) is None
     for name in sorted(set(POLICIES) - {"auto"}):
         assert policy(name, cost_model(30.0, 1.0)).prefill_pacing(step, budgets) is None
@@ -620,17 +622,14 @@ def test_auto_paces_prompts_to_keep_decoding_requests_on_their_slo():
 
 def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_queues_prefill():
     """Prefilling 100 tokens is predicted at 130 ms and a decode-only iteration at 31 ms: a prompt
-    may wait while its deadline is more than 3 x 161 ms away. With 600 more tokens queued ahead
-    of it (two steps of 512: 3 x (730 + 62) ms), it must start however far its deadline seems."""
-    from specserve.control.simulator import SimRequest
-
+    may wait while its deadline is more than 3 x 161 ms away. With 700 tokens queued (two steps
+    of 512: 3 x (730 + 62) ms), it must start however far its deadline seems."""
     controller = SLOController("auto", cost_model(30.0, 1.0), 512)
-    on_track = replace(step_view(1, slo_ms=100).requests[0], decode_time_s=0.9, num_decoded=10)
-    step = StepView([on_track])
-    cap = controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0)
-    assert cap.tokens == 169
-    for ttft_ms, queued, waits in ((490, 100, True), (480, 100, False), (2380, 700, True), (2370, 700, False)):
-        assert cap.can_wait(SimRequest("new", 100, 4, SLO(ttft_ms=ttft_ms), arrival_s=10.0), queued) is waits
+    step = step_view(1, slo_ms=100)
+    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, queued_tokens=100).waits_if_due_after == (
+        pytest.approx(10.483))
+    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, queued_tokens=700).waits_if_due_after == (
+        pytest.approx(12.376))
 
 
 def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones():
@@ -643,17 +642,17 @@ def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones
     scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
     for request in (patient, urgent):
         scheduler.add(request)
-    asked = []
-    can_wait = PromptCap(0, lambda r, queued: asked.append((r.request_id, queued)) or r.request_id == "patient")
-    assert [(i.request.request_id, i.num_new_tokens) for i in scheduler.schedule({}, can_wait)] == [("urgent", 200)]
-    assert asked == [("urgent", 200), ("patient", 500)]  # earliest TTFT deadline first, the queue so far
+    assert scheduler.queued_prompt_tokens == 500
+    cap = PromptCap(0, waits_if_due_after=10.0)  # the patient one is due after 30 s, the urgent one in 1.5
+    assert [(i.request.request_id, i.num_new_tokens) for i in scheduler.schedule({}, cap)] == [("urgent", 200)]
     assert scheduler.waiting == [patient]  # left out, it keeps its place
     urgent.num_computed_tokens = 200
-    chunks = scheduler.schedule({}, replace(can_wait, tokens=50))
-    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("patient", 50)]
-    patient.num_computed_tokens = 50
-    chunks = scheduler.schedule({}, replace(can_wait, tokens=50))
-    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("patient", 50)]
+    assert scheduler.queued_prompt_tokens == 300
+    for done in (0, 50):
+        patient.num_computed_tokens = done
+        chunks = scheduler.schedule({}, replace(cap, tokens=50))
+        assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("patient", 50)]
+    assert scheduler.queued_prompt_tokens == 250
 
 
 def test_pacing_prompts_lets_a_request_meet_its_tpot_slo_that_a_burst_of_prompts_would_break():

@@ -20,15 +20,15 @@ from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CorrectedCost, CostModel
 from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
 from specserve.control.step_trees import StepTrees
-from specserve.engine.request import Request
 from specserve.engine.scheduler import PromptCap
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
 
-# How many times the predicted prefill of the queue a paced prompt's TTFT deadline must leave: the
-# margin covers the cost model's error and later arrivals with earlier deadlines, which go first.
-# In simulation 2 lost TTFT under overload (2x this CPU's capacity) and 4 gained nothing over 3.
+# How many times the predicted prefill of the whole prompt queue a paced prompt's TTFT deadline
+# must leave: the margin covers the cost model's error and later arrivals with earlier deadlines,
+# which go first. In simulation 2 lost TTFT under overload (2x this CPU's capacity) and 4 gained
+# nothing over 3; counting only the queue ahead of a prompt (in serving order) lost TTFT there too.
 TTFT_MARGIN = 3.0
 
 
@@ -54,21 +54,18 @@ class SLOController:
         budgets = self._timed(lambda: self.policy.draft_budgets(step))
         return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
 
-    def prompt_cap(self, step: StepView, budgets: list[TreeBudget], now: float) -> PromptCap | None:
+    def prompt_cap(self, step: StepView, budgets: list[TreeBudget], now: float, queued_tokens: int) -> PromptCap | None:
         """The policy's cap on this iteration's prompt tokens beside the planned ``budgets``
         (None: no cap). A prompt waits only while its TTFT deadline leaves ``TTFT_MARGIN`` times
-        the predicted time to prefill every prompt token queued up to its own, in steps of the
-        step budget beside decodes like this step's: a long queue, as under overload, leaves
-        none waiting."""
+        the predicted time to prefill all ``queued_tokens`` prompt tokens, in steps of the step
+        budget beside decodes like this step's: a long queue, as under overload, leaves none
+        waiting."""
         pacing = self._timed(lambda: self.policy.prefill_pacing(step, budgets)) if step.requests else None
         if pacing is None:
             return None
-
-        def can_wait(request: Request, queued: int) -> bool:
-            steps = -(-queued // self.policy.max_step_tokens)
-            return now + TTFT_MARGIN * (self.cost.prefill_s(queued) + steps * pacing.decode_s) < request.ttft_deadline
-
-        return PromptCap(pacing.tokens, can_wait)
+        steps = -(-queued_tokens // self.policy.max_step_tokens)
+        prefill_s = self.cost.prefill_s(queued_tokens) + steps * pacing.decode_s
+        return PromptCap(pacing.tokens, waits_if_due_after=now + TTFT_MARGIN * prefill_s)
 
     def drafting_rule(self, step: StepView) -> DraftingRule | None:
         """What the drafter asks after each level of this step (its time counts on ``select``)."""

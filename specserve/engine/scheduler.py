@@ -23,12 +23,12 @@ from specserve.spec.tree import TreeBudget
 
 @dataclass(frozen=True)
 class PromptCap:
-    """At most ``tokens`` prompt tokens in a step for the requests that can wait; the others take
-    what the step's budget leaves. ``can_wait(request, queued)``: ``queued`` counts the prompt
-    tokens still to prefill up to and including the request's, in the order they are served."""
+    """At most ``tokens`` prompt tokens in a step for the requests that can wait, those whose
+    TTFT deadline is later than ``waits_if_due_after``; the others take what the step's budget
+    leaves."""
 
     tokens: int
-    can_wait: Callable[[Request, int], bool]
+    waits_if_due_after: float
 
 
 @dataclass
@@ -80,9 +80,10 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     @property
-    def has_prompts(self) -> bool:
-        """Whether any request still has prompt tokens to prefill."""
-        return bool(self.waiting) or any(r.is_prefilling for r in self.running)
+    def queued_prompt_tokens(self) -> int:
+        """Prompt tokens still to prefill, of running and waiting requests."""
+        prefilling = (r for r in self.running if not r.is_decoding)
+        return sum(r.num_tokens - r.num_computed_tokens for r in itertools.chain(prefilling, self.waiting))
 
     def schedule(
         self, draft_budgets: dict[str, TreeBudget] | None = None, prompt_cap: PromptCap | None = None
@@ -93,14 +94,12 @@ class Scheduler:
         keeps its place)."""
         budget = self.max_num_batched_tokens
         paced = None if prompt_cap is None else prompt_cap.tokens  # prompt tokens left for those that can wait
-        queued = 0  # prompt tokens still to prefill, in serving order
 
         def prompt_tokens(request: Request) -> int:
-            nonlocal budget, paced, queued
-            left = request.num_tokens - request.num_computed_tokens
-            queued += left
-            n = min(left, budget)
-            if paced is not None and request.is_prefilling and prompt_cap.can_wait(request, queued):
+            nonlocal budget, paced
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            can_wait = paced is not None and request.ttft_deadline > prompt_cap.waits_if_due_after
+            if can_wait and request.is_prefilling:
                 n = min(n, paced)
                 paced -= n
             budget -= n
