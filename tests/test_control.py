@@ -624,11 +624,18 @@ def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_qu
     """Prefilling 100 tokens is predicted at 130 ms and a decode-only iteration at 31 ms: a prompt
     may wait while its deadline is more than 3 x 161 ms away. With 700 tokens queued (two steps
     of 512: 3 x (730 + 62) ms), it must start however far its deadline seems."""
+    from specserve.control.simulator import SimRequest
+    from specserve.engine.scheduler import Scheduler
+
     controller = SLOController("auto", cost_model(30.0, 1.0), 512)
     step = step_view(1, slo_ms=100)
-    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, queued_tokens=100).waits_if_due_after == (
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler) is None  # no prompt
+    scheduler.add(SimRequest("first", 100, 4, SLO(ttft_ms=1000), arrival_s=10.0))
+    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler).waits_if_due_after == (
         pytest.approx(10.483))
-    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, queued_tokens=700).waits_if_due_after == (
+    scheduler.add(SimRequest("second", 600, 4, SLO(ttft_ms=1000), arrival_s=10.0))
+    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler).waits_if_due_after == (
         pytest.approx(12.376))
 
 

@@ -20,7 +20,7 @@ from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CorrectedCost, CostModel
 from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
 from specserve.control.step_trees import StepTrees
-from specserve.engine.scheduler import PromptCap
+from specserve.engine.scheduler import PromptCap, Scheduler
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
@@ -54,15 +54,20 @@ class SLOController:
         budgets = self._timed(lambda: self.policy.draft_budgets(step))
         return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
 
-    def prompt_cap(self, step: StepView, budgets: list[TreeBudget], now: float, queued_tokens: int) -> PromptCap | None:
+    def prompt_cap(
+        self, step: StepView, budgets: list[TreeBudget], now: float, scheduler: Scheduler
+    ) -> PromptCap | None:
         """The policy's cap on this iteration's prompt tokens beside the planned ``budgets``
-        (None: no cap). A prompt waits only while its TTFT deadline leaves ``TTFT_MARGIN`` times
-        the predicted time to prefill all ``queued_tokens`` prompt tokens, in steps of the step
-        budget beside decodes like this step's: a long queue, as under overload, leaves none
-        waiting."""
-        pacing = self._timed(lambda: self.policy.prefill_pacing(step, budgets)) if step.requests else None
+        (None: no cap, or no prompt pending in ``scheduler``). A prompt waits only while its TTFT
+        deadline leaves ``TTFT_MARGIN`` times the predicted time to prefill every prompt token
+        queued, in steps of the step budget beside decodes like this step's: a long queue, as
+        under overload, leaves none waiting."""
+        if not scheduler.has_prompts:
+            return None
+        pacing = self._timed(lambda: self.policy.prefill_pacing(step, budgets))
         if pacing is None:
             return None
+        queued_tokens = scheduler.queued_prompt_tokens  # counted only for a policy that paces
         steps = -(-queued_tokens // self.policy.max_step_tokens)
         prefill_s = self.cost.prefill_s(queued_tokens) + steps * pacing.decode_s
         return PromptCap(pacing.tokens, waits_if_due_after=now + TTFT_MARGIN * prefill_s)

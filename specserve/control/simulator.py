@@ -199,8 +199,7 @@ class Simulator:
         views = {r.request_id: self._view(r) for r in self.scheduler.running if r.is_decoding}
         plan_step = StepView(list(views.values()))
         planned = self.controller.plan(plan_step)
-        queued = self.scheduler.queued_prompt_tokens
-        prompt_cap = self.controller.prompt_cap(plan_step, planned, self.now, queued) if queued else None
+        prompt_cap = self.controller.prompt_cap(plan_step, planned, self.now, self.scheduler)
         scheduled = self.scheduler.schedule({i: b for i, b in zip(views, planned) if b.depth > 0}, prompt_cap)
         asked = [item for item in scheduled if item.num_draft_tokens > 0]
         step_tokens = sum(item.num_new_tokens for item in scheduled)

@@ -330,8 +330,7 @@ class LLMEngine:
         views = {r.request_id: self._view(r, now) for r in self.scheduler.running if r.is_decoding}
         step = StepView(list(views.values()))
         budgets = self.controller.plan(step)
-        queued = self.scheduler.queued_prompt_tokens
-        prompt_cap = self.controller.prompt_cap(step, budgets, now, queued) if queued else None
+        prompt_cap = self.controller.prompt_cap(step, budgets, now, self.scheduler)
         return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}, prompt_cap
 
     def _forced_tokens(self) -> dict[str, list[int]]:

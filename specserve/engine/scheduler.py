@@ -80,6 +80,11 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     @property
+    def has_prompts(self) -> bool:
+        """Whether any request still has prompt tokens to prefill."""
+        return bool(self.waiting) or any(r.is_prefilling for r in self.running)
+
+    @property
     def queued_prompt_tokens(self) -> int:
         """Prompt tokens still to prefill, of running and waiting requests."""
         prefilling = (r for r in self.running if not r.is_decoding)
