@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
 import random
 import time
@@ -639,6 +640,39 @@ def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_qu
         pytest.approx(12.376))
 
 
+def test_auto_predicts_when_the_decoding_requests_will_have_emitted_every_token_they_may():
+    """Without speculation each 32 ms iteration of two requests yields one token each: 5 tokens
+    left take 160 ms (the request with more left decides), and without a bound there is no end."""
+    auto = policy("auto", cost_model(30.0, 1.0), AcceptancePredictor(prior_rate=0.05))
+    for left, finish_s in [((5, 2), 0.16), ((5, math.inf), math.inf)]:
+        step = StepView([replace(r, remaining_tokens=n) for r, n in zip(step_view(2).requests, left)])
+        pacing = auto.prefill_pacing(step, auto.draft_budgets(step))
+        assert pacing.finish_s == pytest.approx(finish_s)
+
+
+def test_a_prompt_waits_for_the_decoding_requests_when_paced_chunks_could_not_prefill_it_before_they_finish():
+    """One request without an SLO decodes 10 more tokens, 31 ms each, beside up to 15 prompt
+    tokens: 150 prompt tokens fit in its last 10 iterations. A 100-token prompt is chunked as
+    usual; with 600 tokens queued (waits while due after 10 + 3 x (630 + 2 x 31) ms), a prompt
+    due after that plus the 310 ms the request needs to finish takes no tokens until it is done."""
+    from specserve.control.simulator import SimRequest
+    from specserve.engine.scheduler import Scheduler
+
+    controller = SLOController("auto", cost_model(30.0, 1.0), 512)
+    controller.predictor = controller.policy.predictor = AcceptancePredictor(prior_rate=0.05)
+    step = StepView([replace(step_view(1).requests[0], remaining_tokens=10)])
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    scheduler.add(SimRequest("small", 100, 4, SLO(ttft_ms=60_000), arrival_s=10.0))
+    cap = controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler)
+    assert cap.tokens == 15 and cap.holds_if_due_after == math.inf
+    scheduler.add(SimRequest("large", 500, 4, SLO(ttft_ms=60_000), arrival_s=10.0))
+    cap = controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler)
+    assert cap.waits_if_due_after == pytest.approx(12.076)
+    assert cap.holds_if_due_after == pytest.approx(12.386)
+    unbounded = StepView([replace(step.requests[0], remaining_tokens=math.inf)])
+    assert controller.prompt_cap(unbounded, [TreeBudget(depth=0)], 10.0, scheduler).holds_if_due_after == math.inf
+
+
 def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones():
     from specserve.control.simulator import SimRequest
     from specserve.engine.scheduler import PromptCap, Scheduler
@@ -662,6 +696,26 @@ def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones
     assert scheduler.queued_prompt_tokens == 250
 
 
+def test_a_prompt_cap_holds_the_prompts_that_can_wait_longest_and_chunks_the_others():
+    from specserve.control.simulator import SimRequest
+    from specserve.engine.scheduler import PromptCap, Scheduler
+
+    slo = SLOConfig().classes
+    held = SimRequest("held", 300, 4, slo["batch"], arrival_s=0.0)  # due at 30 s
+    paced = SimRequest("paced", 300, 4, slo["chat"], arrival_s=10.0)  # due at 14 s
+    urgent = SimRequest("urgent", 200, 4, slo["interactive"], arrival_s=0.0)  # due at 1.5 s
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    for request in (held, paced, urgent):
+        scheduler.add(request)
+    cap = PromptCap(50, waits_if_due_after=10.0, holds_if_due_after=20.0)
+    chunks = scheduler.schedule({}, cap)
+    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("urgent", 200), ("paced", 50)]
+    assert scheduler.waiting == [held]
+    urgent.num_computed_tokens, paced.num_computed_tokens = 200, 50
+    chunks = scheduler.schedule({}, replace(cap, holds_if_due_after=40.0))
+    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("paced", 50)]  # the cap is shared
+
+
 def test_pacing_prompts_lets_a_request_meet_its_tpot_slo_that_a_burst_of_prompts_would_break():
     """A chat request decodes on a 30 ms TPOT SLO (a step costs 20 ms + 0.5 ms a token) when four
     batch requests arrive with 400-token prompts and a minute to their first token. Prefilling
@@ -681,6 +735,21 @@ def test_pacing_prompts_lets_a_request_meet_its_tpot_slo_that_a_burst_of_prompts
         attained[name] = [o.attained for o in outcomes]
         assert summarize(outcomes, 1.0)["mat"] == 1.0
     assert attained == {"none": [False] + [True] * 4, "auto": [True] * 5}
+
+
+def test_a_long_prompt_that_can_wait_starts_after_the_decoding_request_it_would_slow_has_finished():
+    """A 1,500-token batch prompt arrives while a chat request has 20 tokens to go (a step costs
+    20 ms + 0.5 ms a token; paced chunks could not prefill it in that time): auto starts it once
+    the chat request is done; none at once, which costs the chat request its SLO."""
+    from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator
+
+    for name, attained in [("none", [False, True]), ("auto", [True, True])]:
+        chat = SimRequest("chat", 10, 20, SLO(tpot_ms=30, ttft_ms=1000), arrival_s=0.0)
+        batch = SimRequest("batch", 1500, 2, SLO(ttft_ms=60_000), arrival_s=0.05)
+        simulator = Simulator(SimConfig(policy=name), cost_model(20.0, 0.5), AcceptanceModel(mean_confidence=0.02))
+        outcomes, _ = simulator.run([chat, batch], progress=False)
+        assert [o.attained for o in outcomes] == attained
+        assert (batch.token_times[0] > chat.token_times[-1]) == (name == "auto")
 
 
 def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):

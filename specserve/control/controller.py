@@ -12,6 +12,7 @@ their overhead relative to the iteration can be measured.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -61,7 +62,12 @@ class SLOController:
         (None: no cap, or no prompt pending in ``scheduler``). A prompt waits only while its TTFT
         deadline leaves ``TTFT_MARGIN`` times the predicted time to prefill every prompt token
         queued, in steps of the step budget beside decodes like this step's: a long queue, as
-        under overload, leaves none waiting."""
+        under overload, leaves none waiting.
+
+        When the capped chunks cannot prefill the queue before the decoding requests have
+        emitted every token they may still emit, they would only lengthen those requests'
+        iterations until the prompts had to go whole anyway: then a prompt whose deadline also
+        leaves that time takes no tokens, and goes on when they are done."""
         if not scheduler.has_prompts:
             return None
         pacing = self._timed(lambda: self.policy.prefill_pacing(step, budgets))
@@ -70,7 +76,10 @@ class SLOController:
         queued_tokens = scheduler.queued_prompt_tokens  # counted only for a policy that paces
         steps = -(-queued_tokens // self.policy.max_step_tokens)
         prefill_s = self.cost.prefill_s(queued_tokens) + steps * pacing.decode_s
-        return PromptCap(pacing.tokens, waits_if_due_after=now + TTFT_MARGIN * prefill_s)
+        waits = now + TTFT_MARGIN * prefill_s
+        trickles = queued_tokens * pacing.decode_s <= pacing.tokens * pacing.finish_s
+        holds = waits + pacing.finish_s if math.isfinite(pacing.finish_s) and not trickles else math.inf
+        return PromptCap(pacing.tokens, waits_if_due_after=waits, holds_if_due_after=holds)
 
     def drafting_rule(self, step: StepView) -> DraftingRule | None:
         """What the drafter asks after each level of this step (its time counts on ``select``)."""

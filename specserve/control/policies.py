@@ -9,6 +9,7 @@ how many of each request's best nodes the target verifies (``select``). See ../s
 from __future__ import annotations
 
 import functools
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -43,6 +44,7 @@ class RequestView:
     tpot_slo_s: float | None = None
     decode_time_s: float = 0.0  # since its first token
     num_decoded: int = 0  # output tokens after the first
+    remaining_tokens: float = math.inf  # output tokens it may still emit (its max_tokens left)
     alpha_hint: float | None = None  # the drafter's own acceptance estimate for this step, if any
     # Tokens the draft feeds before its first level: the root and the request's tokens it has
     # not cached since it last drafted for it (a prompt it never saw is paid once whenever the
@@ -61,8 +63,10 @@ class RequestView:
         now: float,
         alpha_hint: float | None = None,
         draft_catch_up: int = 1,
+        max_tokens: int | None = None,
     ) -> RequestView:
-        """The view of a request with ``num_output`` tokens, the first at ``first_token_time``."""
+        """The view of a request with ``num_output`` tokens (of at most ``max_tokens``), the
+        first at ``first_token_time``."""
         return cls(
             request_id=request_id,
             context_len=context_len,
@@ -70,6 +74,7 @@ class RequestView:
             tpot_slo_s=None if slo.tpot_ms is None else slo.tpot_ms / 1e3,
             decode_time_s=0.0 if first_token_time is None else now - first_token_time,
             num_decoded=max(num_output - 1, 0),
+            remaining_tokens=math.inf if max_tokens is None else max_tokens - num_output,
             alpha_hint=alpha_hint,
             draft_catch_up=draft_catch_up,
         )
@@ -113,11 +118,13 @@ class StepView:
 
 @dataclass(frozen=True)
 class PrefillPacing:
-    """A cap on an iteration's prompt tokens, and the iteration's predicted time without them
-    (a request whose TTFT deadline is near starts anyway: see ``SLOController.prompt_cap``)."""
+    """A cap on an iteration's prompt tokens, the iteration's predicted time without them, and
+    how long the decoding requests will take, at that pace, to emit every token they may still
+    emit (a request whose TTFT deadline is near starts anyway: see ``SLOController.prompt_cap``)."""
 
     tokens: int
     decode_s: float
+    finish_s: float = math.inf
 
 
 @functools.cache
@@ -409,7 +416,9 @@ class AutoSpeculation(Policy):
     every request behind at the expense of the rest makes iterations long and everybody late.
     Prompts are paced the same way: an iteration takes only as many prompt tokens as keep every
     decoding request that is on track on track, and no more than stretch it by half its time
-    without them, unless a prompt's TTFT deadline will not wait.
+    without them, unless a prompt's TTFT deadline will not wait; prompts that such chunks could
+    not prefill before the decoding requests finish wait for them to finish, where their
+    deadlines allow (``PrefillPacing.finish_s``).
 
     Speculation for goodput is priced as in a decode-only iteration: prompt chunks in the same
     forward are work that must be done anyway, and counting their time would make drafted nodes
@@ -474,14 +483,16 @@ class AutoSpeculation(Policy):
         # The iteration time at which each request's floor reaches what it is expected to yield
         # (the floor grows linearly with it; a request without a TPOT SLO has none).
         per_s = step.floors_per_s
+        yields = model.chain_tokens(depths)
         with np.errstate(divide="ignore"):
-            limits = np.where(per_s > 0, (model.chain_tokens(depths) - step.floors(0.0)) / per_s, np.inf)
+            limits = np.where(per_s > 0, (yields - step.floors(0.0)) / per_s, np.inf)
         on_track = limits >= iteration_s[0]
         if not on_track.any():
             return None
         longest_s = min(limits[on_track].min(), self.paced_stretch * iteration_s[0])
         room = int(np.searchsorted(iteration_s, longest_s, side="right")) - 1
-        return PrefillPacing(room, float(iteration_s[0]))
+        iterations_left = (np.array([r.remaining_tokens for r in step.requests]) / yields).max()
+        return PrefillPacing(room, float(iteration_s[0]), float(iterations_left * iteration_s[0]))
 
 
 POLICIES: dict[str, type[Policy]] = {

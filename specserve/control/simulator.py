@@ -192,7 +192,7 @@ class Simulator:
         first = request.token_times[0] if request.token_times else None
         return RequestView.of(
             request.request_id, request.num_tokens, self._max_budget(request), request.slo,
-            first, request.num_output, self.now,
+            first, request.num_output, self.now, max_tokens=request.max_tokens,
         )
 
     def _step(self) -> list[SimRequest]:

@@ -321,6 +321,7 @@ class LLMEngine:
             now,
             hint,
             catch_up,
+            request.params.max_tokens,
         )
 
     def _plan(self) -> tuple[dict[str, RequestView], dict[str, TreeBudget], PromptCap | None]:

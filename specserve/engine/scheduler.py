@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,11 +25,12 @@ from specserve.spec.tree import TreeBudget
 @dataclass(frozen=True)
 class PromptCap:
     """At most ``tokens`` prompt tokens in a step for the requests that can wait, those whose
-    TTFT deadline is later than ``waits_if_due_after``; the others take what the step's budget
-    leaves."""
+    TTFT deadline is later than ``waits_if_due_after``, and none for those whose deadline is
+    also later than ``holds_if_due_after``; the others take what the step's budget leaves."""
 
     tokens: int
     waits_if_due_after: float
+    holds_if_due_after: float = math.inf
 
 
 @dataclass
@@ -105,7 +107,8 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             can_wait = paced is not None and request.ttft_deadline > prompt_cap.waits_if_due_after
             if can_wait and request.is_prefilling:
-                n = min(n, paced)
+                held = request.ttft_deadline > prompt_cap.holds_if_due_after
+                n = 0 if held else min(n, paced)
                 paced -= n
             budget -= n
             return n
