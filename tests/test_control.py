@@ -359,6 +359,14 @@ def test_controller_clamps_budgets_to_each_requests_cap_and_times_itself():
     assert controller.decision_seconds > 0
 
 
+def test_the_draft_reads_prompts_while_the_policy_speculates_or_nothing_decodes():
+    none, auto = SLOController("none", None, 512), SLOController("auto", CHEAP_VERIFY, 512)
+    assert not none.reads_prompts(drafting=False, decoding=False)
+    assert auto.reads_prompts(drafting=False, decoding=False)  # idle: the new request will likely speculate
+    assert auto.reads_prompts(drafting=True, decoding=True)
+    assert not auto.reads_prompts(drafting=False, decoding=True)  # speculation off under load
+
+
 def test_policies_that_need_a_cost_model_say_so():
     with pytest.raises(ValueError, match="needs a cost model"):
         build_policy("auto", None, AcceptancePredictor(), 512)

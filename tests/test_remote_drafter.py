@@ -82,7 +82,8 @@ def test_draft_actor_asks_the_drafting_rule_after_each_level(tmp_path, local_ray
 
 
 def test_the_catch_up_of_a_draft_actor_is_known_without_asking_it(tmp_path, local_ray):
-    """The engine-side drafter mirrors the actor's cache: what it will feed before drafting."""
+    """The engine-side drafter mirrors the actor's cache: what it will feed before drafting,
+    also after the actor read a prompt."""
     path = build_tiny_model(tmp_path)
     config = EngineConfig(model=str(path), max_num_seqs=2, max_model_len=128)
     remote = RemoteDrafter(path, config, target_vocab=384, max_len=128, num_cpus=0)
@@ -95,6 +96,11 @@ def test_the_catch_up_of_a_draft_actor_is_known_without_asking_it(tmp_path, loca
     assert local.pending("a", len(tokens) + 2) == remote.pending("a", len(tokens) + 2) == 1  # the bonus token
     remote.release("a")
     assert remote.pending("a", 10) == 10
+    for drafter in (local, remote):  # a prompt read in its prefill step, sent to the actor without waiting
+        drafter.read([DraftRequest("b", 1, tokens, TreeBudget(depth=0))])
+        assert drafter.pending("b", len(tokens) + 1) == 1
+    trees = [d.propose([DraftRequest("b", 1, tokens + [3], TreeBudget(depth=2))])[0] for d in (local, remote)]
+    assert trees[0].tokens == trees[1].tokens and local.forwards == remote.forwards == [1, 1]
 
 
 def test_killed_draft_actor_loses_no_request_and_is_restarted(tmp_path, local_ray):

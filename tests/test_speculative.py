@@ -243,22 +243,29 @@ def test_kv_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_mode
             torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_a_draft_model_reports_the_tokens_of_each_forward_catch_up_included(tiny_model):
-    """What drafting really fed, so the controller can price it: first the whole prompt, then
-    per level the frontier; next step what the draft did not feed itself: the deepest accepted
-    node and the bonus token (a self-draft's chain is accepted whole)."""
+def test_a_draft_model_reads_the_prompt_in_its_prefill_step_and_reports_each_forward(tiny_model):
+    """What drafting really fed, so the controller can price it. The step that prefills a prompt
+    feeds it to the draft as well (under a policy that speculates), so the first tree feeds only
+    its root, then per level the frontier; next step what the draft did not feed itself: the
+    deepest accepted node and the bonus token (a self-draft's chain is accepted whole). Under
+    ``none`` the draft reads nothing."""
     engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3))
     prompt = engine.tokenizer.encode(PROMPTS[0])
     engine.add_request(engine.make_request("r", prompt, GREEDY.model_copy(update={"max_tokens": 40})))
-    engine.step()  # the prompt: no drafting yet
+    engine.step()  # the prompt: no drafting yet, but the draft reads it
     seen = len(engine.requests["r"].all_token_ids)
-    assert engine.drafter.pending("r", seen) == seen  # what the controller prices beforehand
+    assert engine.drafter.pending("r", seen) == 1  # what the controller prices beforehand: the root
     engine.step()
-    assert engine.drafter.forwards == [seen, 1, 1]  # prompt and first token, then a chain of 3
+    assert engine.drafter.forwards == [1, 1, 1]  # the first token, then a chain of 3
     assert engine.spec_stats.accepted == 3
     assert engine.drafter.pending("r", len(engine.requests["r"].all_token_ids)) == 2
     engine.step()
     assert engine.drafter.forwards[0] == 2
+
+    plain = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3), policy="none")
+    plain.add_request(plain.make_request("r", prompt, GREEDY.model_copy(update={"max_tokens": 40})))
+    plain.step()
+    assert plain.drafter.pending("r", seen) == seen
 
 
 def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):

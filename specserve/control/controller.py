@@ -1,9 +1,10 @@
 """The central SLO controller: one policy, one acceptance predictor, one cost model.
 
-The engine (or the simulator) asks it four things every iteration, in this order: the draft
+The engine (or the simulator) asks it five things every iteration, in this order: the draft
 budgets of the decoding requests (``plan``), how many prompt tokens may join them
 (``prompt_cap``), the rule the drafter asks after each level whether to
-grow the trees one more (``drafting_rule``), and which drafted nodes to verify (``select``); after
+grow the trees one more (``drafting_rule``), which drafted nodes to verify (``select``), and
+whether the draft reads the prompts the step completes (``reads_prompts``); after
 verification it reports what was accepted (``observe``, also for the ``first_guess`` of a tree
 of which nothing was verified) and how long drafting and the target forward took
 (``observe_draft``, ``observe_forward``). The controller times its own decisions, so
@@ -81,6 +82,14 @@ class SLOController:
         trickles = queued_tokens * pacing.decode_s <= pacing.tokens * pacing.finish_s
         holds = waits + pacing.finish_s if math.isfinite(pacing.finish_s) and not trickles else math.inf
         return PromptCap(pacing.tokens, waits_if_due_after=waits, holds_if_due_after=holds)
+
+    def reads_prompts(self, drafting: bool, decoding: bool) -> bool:
+        """Whether the draft reads the prompts a step prefills, ``drafting`` for some request or
+        not, with ``decoding`` requests or none: when the policy speculates and the step does or
+        decodes nothing, the new requests will likely speculate too, and reading their prompts
+        now puts that draft pass in their TTFT instead of in their first decode step. Under load
+        with speculation off, the draft reads no prompt it may never draft for."""
+        return self.policy.speculates and (drafting or not decoding)
 
     def drafting_rule(self, step: StepView) -> DraftingRule | None:
         """What the drafter asks after each level of this step (its time counts on ``select``)."""

@@ -237,6 +237,7 @@ class Policy(ABC):
     name: ClassVar[PolicyName]
     needs_cost_model: ClassVar[bool] = True
     trims: ClassVar[bool] = False  # whether ``select`` may verify fewer nodes than were drafted
+    speculates: ClassVar[bool] = True  # whether it ever drafts
 
     def __init__(
         self, cost: CostModel | CorrectedCost | None, predictor: AcceptancePredictor, max_step_tokens: int
@@ -300,6 +301,7 @@ class Policy(ABC):
 class NoSpeculation(Policy):
     name = "none"
     needs_cost_model = False
+    speculates = False
 
     def draft_budgets(self, step: StepView) -> list[TreeBudget]:
         return [OFF] * len(step.requests)

@@ -23,7 +23,7 @@ from specserve.control.policies import PolicyName, RequestView, StepView
 from specserve.control.slo import SLO
 from specserve.control.workload import Outcome
 from specserve.engine.request import RequestStatus
-from specserve.engine.scheduler import Scheduler
+from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.spec.drafter import KeepGoing
 from specserve.spec.tree import TokenTree, TreeBudget
 
@@ -184,6 +184,16 @@ class Simulator:
             request.status, request.rejected = RequestStatus.FINISHED, True
         return hopeless
 
+    def _prompts_read(self, scheduled: list[ScheduledRequest], drafting: bool) -> int:
+        """The prompt tokens the draft reads in this step, as the engine's draft would: whole
+        prompts the step completes, of requests wanting more than their first token, when the
+        controller says so."""
+        prompted = [item.request for item in scheduled if item.completes_context and item.request.is_prefilling]
+        decoding = any(item.request.is_decoding for item in scheduled)
+        if not self.controller.reads_prompts(drafting, decoding):
+            return 0
+        return sum(r.num_tokens for r in prompted if r.max_tokens > 1)
+
     def _max_budget(self, request: SimRequest) -> TreeBudget:
         free = self.config.max_model_len - request.num_tokens
         return self.config.max_budget.fit(request.max_tokens - request.num_output, free)
@@ -216,6 +226,7 @@ class Simulator:
         contexts = [item.request.num_tokens for item in scheduled]
         verified = sum(len(t) for t in chosen.values())
         elapsed_ms = step.draft_ms + self.cost.target_ms(step_tokens + verified, sum(contexts) / len(contexts))
+        elapsed_ms += draft_cost.draft_ms(self._prompts_read(scheduled, drafting=verified > 0))
         self.now += elapsed_ms / 1e3
         self.busy_s += elapsed_ms / 1e3
         self.iterations += 1

@@ -24,7 +24,7 @@ import torch
 from specserve.config import EngineConfig
 from specserve.control.controller import SLOController
 from specserve.control.cost_model import CostModel, profile_path
-from specserve.control.policies import POLICIES, RequestView, StepView
+from specserve.control.policies import OFF, POLICIES, RequestView, StepView
 from specserve.control.profiler import profile_forward
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.executor import ModelExecutor
@@ -221,6 +221,8 @@ class LLMEngine:
             logits = self._score_prompts(scheduled, logits, trees)
         due = [item.request for item in scheduled if item.samples]
         scored = [item.request for item in scheduled if item.completes_context and not item.samples]
+        prompted = [r for r in due if r.is_prefilling]  # their first token comes from this step
+        decoding = any(r.is_decoding for r in due)
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         picks = self._next_tokens(due, logits, trees, verify_time, forced)
@@ -232,6 +234,8 @@ class LLMEngine:
             self._score_guesses(due, picks, guesses)
         if features_wanted:
             self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
+        if prompted and self.drafter is not None and self.controller.reads_prompts(bool(trees), decoding):
+            self._read_prompts(prompted)
         return due, scored, picks
 
     def _next_tokens(
@@ -412,6 +416,17 @@ class LLMEngine:
         if request.constraint is None or not len(tree):
             return tree
         return tree.keep(request.constraint.accepts(tree.token_paths()))
+
+    def _read_prompts(self, requests: list[Request]) -> None:
+        """The draft reads the prompts of ``requests`` (of which this step computed the last
+        tokens) unless they want no token after the first."""
+        reads = [
+            DraftRequest(r.request_id, r.slot, r.all_token_ids, OFF, self._take_target_features(r.request_id))
+            for r in requests
+            if r.params.max_tokens > 1
+        ]
+        if reads:
+            self.drafter.read(reads)
 
     def _score_guesses(self, due: list[Request], picks: list[Pick], guesses: dict[str, TokenTree]) -> None:
         """Tell the controller whether each trimmed tree's first guess was the token the target chose."""

@@ -142,10 +142,7 @@ class ModelDrafter:
 
     def propose(self, requests: list[DraftRequest], keep_going: KeepGoing | None = None) -> list[TokenTree]:
         self.forwards = []
-        if self.needs_target_features:
-            for r in requests:
-                if r.features is not None:
-                    self._features.setdefault(r.request_id, []).append(r.features)
+        self._queue_features(requests)
         growing = [_Expansion(r, len(r.token_ids) - 1) for r in requests if r.budget.depth > 0]
         if growing:
             self._expand_roots(growing)
@@ -160,6 +157,7 @@ class ModelDrafter:
             slices = [g.next_slice(self.vocab.to_draft) for g in level]
             features = torch.cat([g.frontier_features() for g in level]) if self.needs_target_features else None
             logits, hidden = self._forward(slices, features)
+            self.forwards.append(sum(len(s.token_ids) for s in slices))
             sizes = [len(g.frontier) for g in level]
             if self.needs_target_features:
                 for g, h in zip(level, hidden.split(sizes)):
@@ -169,6 +167,24 @@ class ModelDrafter:
         self._last = {g.request.request_id: g for g in growing}
         by_id = {g.request.request_id: g.tree.select(g.request.budget.node_limit) for g in growing}
         return [by_id.get(r.request_id, TokenTree()) for r in requests]
+
+    def read(self, requests: list[DraftRequest]) -> None:
+        """Cache each request's sequence without drafting (a prompt, in the step that prefills
+        it): its first tree then feeds only its root. An EAGLE draft keeps the target's feature
+        of the last position read, the input of that root."""
+        requests = [r for r in requests if self.pending(r.request_id, len(r.token_ids)) > 0]
+        if not requests:
+            return
+        self._queue_features(requests)
+        slices = [self._catch_up(r, logits=False) for r in requests]
+        features = []
+        if self.needs_target_features:
+            for r, s in zip(requests, slices):
+                count = len(s.token_ids)
+                fed = self._take_features(r.request_id, s.cache_start, count + 1)
+                features.append(fed[:count])
+                self._features[r.request_id] = [fed[count:]]
+        self._forward(slices, torch.cat(features) if features else None)
 
     def pending(self, request_id: str, num_tokens: int) -> int:
         return num_tokens - self._cached.get(request_id, 0)
@@ -207,29 +223,39 @@ class ModelDrafter:
 
     def _expand_roots(self, growing: list[_Expansion]) -> None:
         """Feed what the draft has not cached yet, up to and including the root; expand the root."""
-        slices, features = [], []
-        for g in growing:
-            cached = self._cached.get(g.request.request_id, 0)
-            ids = self.vocab.to_draft[torch.tensor(g.request.token_ids[cached:])].tolist()
-            slices.append(
-                SequenceSlice(
-                    slot=g.request.slot,
-                    token_ids=ids,
-                    positions=list(range(cached, g.root_pos + 1)),
-                    cache_start=cached,
-                    logits_at=[len(ids) - 1],
-                )
-            )
-            if self.needs_target_features:
-                features.append(self._take_features(g.request.request_id, cached, len(ids)))
-            self._cached[g.request.request_id] = g.root_pos + 1
+        slices = [self._catch_up(g.request, logits=True) for g in growing]
+        features = [
+            self._take_features(g.request.request_id, s.cache_start, len(s.token_ids)) for g, s in zip(growing, slices)
+        ] if self.needs_target_features else []
         logits, hidden = self._forward(slices, torch.cat(features) if features else None)
+        self.forwards.append(sum(len(s.token_ids) for s in slices))
         if self.needs_target_features:
             ends = torch.tensor([len(s.token_ids) for s in slices]).cumsum(0) - 1
             for g, h in zip(growing, hidden[ends]):
                 g.predicted[-1] = h
         for g, p in zip(growing, self._probs(logits)):
             g.expand([-1], p.unsqueeze(0), self.vocab.to_target)
+
+    def _catch_up(self, request: DraftRequest, logits: bool) -> SequenceSlice:
+        """What the draft has not cached of the request's sequence, as one slice (with the logits
+        of its last token when ``logits``); the draft holds the whole sequence after feeding it."""
+        cached = self._cached.get(request.request_id, 0)
+        ids = self.vocab.to_draft[torch.tensor(request.token_ids[cached:])].tolist()
+        self._cached[request.request_id] = len(request.token_ids)
+        return SequenceSlice(
+            slot=request.slot,
+            token_ids=ids,
+            positions=list(range(cached, len(request.token_ids))),
+            cache_start=cached,
+            logits_at=[len(ids) - 1] if logits else [],
+        )
+
+    def _queue_features(self, requests: list[DraftRequest]) -> None:
+        """Keep the target features the requests carry (EAGLE) until their positions are fed."""
+        if self.needs_target_features:
+            for r in requests:
+                if r.features is not None:
+                    self._features.setdefault(r.request_id, []).append(r.features)
 
     def _take_features(self, request_id: str, cached: int, count: int) -> torch.Tensor:
         """The input features of ``count`` positions from ``cached`` on: the target's feature of
@@ -247,7 +273,6 @@ class ModelDrafter:
         self, slices: list[SequenceSlice], features: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the slices' ``logits_at`` and, for an EAGLE draft, hidden states of every fed token."""
-        self.forwards.append(sum(len(s.token_ids) for s in slices))
         if not self.needs_target_features:
             return self.runner.forward(slices), torch.empty(0)
         return self.runner.forward_with_hidden(slices, features)

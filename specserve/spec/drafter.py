@@ -43,6 +43,11 @@ class Drafter(Protocol):
         Asked only of drafters with ``gives_acceptance_hints``."""
         ...
 
+    def read(self, requests: list[DraftRequest]) -> None:
+        """Cache the requests' sequences without drafting (their prompts, in the step that
+        prefills them), so that their first trees feed only their roots (nothing without a model)."""
+        ...
+
     def pending(self, request_id: str, num_tokens: int) -> int:
         """Tokens a draft model would feed before drafting the request's next tree when the
         request holds ``num_tokens``: the root and what the draft has not cached (0 without a

@@ -68,6 +68,9 @@ class HybridDrafter:
     def forwards(self) -> Sequence[int]:
         return self.model.forwards
 
+    def read(self, requests: list[DraftRequest]) -> None:
+        self.model.read(requests)
+
     def pending(self, request_id: str, num_tokens: int) -> int:
         return self.model.pending(request_id, num_tokens)
 

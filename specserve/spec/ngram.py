@@ -28,6 +28,9 @@ class NgramDrafter:
         """Trees from earlier text; lookup costs next to nothing, so ``keep_going`` is not asked."""
         return [self._tree(r) for r in requests]
 
+    def read(self, requests: list[DraftRequest]) -> None:
+        pass  # lookups read the sequence when they draft
+
     def pending(self, request_id: str, num_tokens: int) -> int:
         return 0
 

@@ -2,7 +2,8 @@
 
 Each step makes one Ray call: the accepts and releases since the last step ride along with the
 next proposal, in order, and so does the controller's drafting rule (plain data), which the actor
-asks after each level itself instead of a round trip per level. If the actor
+asks after each level itself instead of a round trip per level. A step that prefills prompts the
+draft should read also sends them, without waiting for the actor. If the actor
 dies, that step goes without speculation (every request still advances: verification is
 lossless) and a new actor is started, which rebuilds its cache from the requests' tokens (an
 EAGLE head reads zeros for the target features the dead actor took with it). The actor ends with
@@ -38,14 +39,22 @@ class DraftWorker:
         self, updates: list[Update], requests: list[DraftRequest], keep_going: KeepGoing | None
     ) -> tuple[list[TokenTree], list[int]]:
         """Apply the updates, then propose: the trees and the tokens of each draft forward."""
+        self._apply(updates)
+        if not requests:
+            return [], []
+        return self.drafter.propose(requests, keep_going), self.drafter.forwards
+
+    def read(self, updates: list[Update], requests: list[DraftRequest]) -> None:
+        """Apply the updates, then read the requests' sequences."""
+        self._apply(updates)
+        self.drafter.read(requests)
+
+    def _apply(self, updates: list[Update]) -> None:
         for kind, request_id, tokens in updates:
             if kind == "accept":
                 self.drafter.accept(request_id, tokens)
             else:
                 self.drafter.release(request_id)
-        if not requests:
-            return [], []
-        return self.drafter.propose(requests, keep_going), self.drafter.forwards
 
     def profile(self, shape: dict) -> LatencyTable:
         return self.drafter.profile(**shape)
@@ -89,6 +98,14 @@ class RemoteDrafter:
             self._cached.clear()
             self.actor = self._actor_class.remote(*self._args)
             return [TokenTree() for _ in requests]
+
+    def read(self, requests: list[DraftRequest]) -> None:
+        """Sent without waiting: the actor reads while the target computes, and Ray runs an
+        actor's calls in the order they were sent, so the next proposal finds the reads done
+        (if the actor died meanwhile, that proposal restarts it)."""
+        updates, self._updates = self._updates, []
+        self._cached.update({r.request_id: len(r.token_ids) for r in requests})
+        self.actor.read.remote(updates, requests)
 
     def profile(self, **shape) -> LatencyTable:
         """The draft forward's latency table, measured on the actor (no Ray call inside)."""
