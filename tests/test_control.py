@@ -359,12 +359,11 @@ def test_controller_clamps_budgets_to_each_requests_cap_and_times_itself():
     assert controller.decision_seconds > 0
 
 
-def test_the_draft_reads_prompts_while_the_policy_speculates_or_nothing_decodes():
+def test_the_draft_reads_prompts_only_in_steps_where_nothing_else_decodes():
     none, auto = SLOController("none", None, 512), SLOController("auto", CHEAP_VERIFY, 512)
-    assert not none.reads_prompts(drafting=False, decoding=False)
-    assert auto.reads_prompts(drafting=False, decoding=False)  # idle: the new request will likely speculate
-    assert auto.reads_prompts(drafting=True, decoding=True)
-    assert not auto.reads_prompts(drafting=False, decoding=True)  # speculation off under load
+    assert not none.reads_prompts(decoding=False)
+    assert auto.reads_prompts(decoding=False)  # idle: the new request will likely speculate
+    assert not auto.reads_prompts(decoding=True)  # nobody waits for a read a request may never need
 
 
 def test_policies_that_need_a_cost_model_say_so():
@@ -758,6 +757,34 @@ def test_a_long_prompt_that_can_wait_starts_after_the_decoding_request_it_would_
         outcomes, _ = simulator.run([chat, batch], progress=False)
         assert [o.attained for o in outcomes] == attained
         assert (batch.token_times[0] > chat.token_times[-1]) == (name == "auto")
+
+
+def test_the_simulated_draft_reads_an_idle_steps_prompt_and_otherwise_catches_up_when_it_first_drafts(monkeypatch):
+    """As the engine's draft: a prompt prefilled while nothing decodes is read in that step (its
+    cost in the TTFT), so the first draft level feeds only the root; a prompt prefilled beside a
+    decoding request is fed whole by the request's first draft level."""
+    from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator
+
+    tokens = [1, 8, 64, 512]
+    cost = CostModel(
+        model="hand-built", device="cpu",
+        target=LatencyTable(tokens=tokens, contexts=[0], ms=[[20.0 + 0.5 * t for t in tokens]]),
+        draft=LatencyTable(tokens=tokens, contexts=[0], ms=[[1.0 + 0.1 * t for t in tokens]]),
+    )
+    fed: dict[str, list[int]] = {}
+    catch_up = Simulator._catch_up
+
+    def recorded(request: SimRequest) -> int:
+        fed.setdefault(request.request_id, []).append(catch_up(request))
+        return fed[request.request_id][-1]
+
+    monkeypatch.setattr(Simulator, "_catch_up", staticmethod(recorded))
+    idle = SimRequest("idle", 500, 40, SLO(), arrival_s=0.0)
+    beside = SimRequest("beside", 300, 40, SLO(), arrival_s=0.4)  # while the first one decodes
+    Simulator(SimConfig(policy="fixed"), cost, AcceptanceModel()).run([idle, beside], progress=False)
+    assert idle.token_times[0] == pytest.approx((20.0 + 0.5 * 500 + 1.0 + 0.1 * 500) / 1e3)
+    assert fed["idle"][0] == 1 and fed["beside"][0] == 301  # the root; the prompt and the root
+    assert set(fed["idle"][1:] + fed["beside"][1:]) == {1}  # then the bonus token of each step
 
 
 def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):

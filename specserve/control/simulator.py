@@ -5,8 +5,11 @@ Each iteration runs the engine's order: the controller plans draft budgets and c
 tokens, the scheduler admits and chunks prefills, the synthetic drafter grows trees (asking the
 drafting rule after every level), the controller selects the nodes to verify, verification
 samples which path the target accepts, and the clock advances by the cost model's prediction
-for the drafted levels and the target forward. Only the models are simulated; every decision is
-made by the code that serves.
+for the drafted levels and the target forward. The draft's cache is followed as a draft
+model's would be: a request's first draft level feeds what the draft has not read (its whole
+prompt, unless the controller had the draft read it in its prefill step), and reading a prompt
+costs a draft forward of its tokens. Only the models are simulated; every decision is made by
+the code that serves.
 """
 
 from __future__ import annotations
@@ -108,6 +111,13 @@ class SimRequest:
     status: RequestStatus = RequestStatus.WAITING
     token_times: list[float] = field(default_factory=list)
     rejected: bool = False
+    draft_cached: int = 0  # tokens in the draft's cache, as a draft model's would be
+
+    @property
+    def draft_catch_up(self) -> int:
+        """What the draft feeds before its first level (the engine's rule: the root and the
+        output it missed, never a prompt it did not read)."""
+        return max(1, min(self.num_tokens - self.draft_cached, self.num_output))
 
     @property
     def num_tokens(self) -> int:
@@ -184,15 +194,26 @@ class Simulator:
             request.status, request.rejected = RequestStatus.FINISHED, True
         return hopeless
 
-    def _prompts_read(self, scheduled: list[ScheduledRequest], drafting: bool) -> int:
+    @staticmethod
+    def _catch_up(request: SimRequest) -> int:
+        """What the draft feeds of ``request`` before drafting (prompt included); it then holds
+        all but the bonus token the step will add."""
+        fed = request.num_tokens - request.draft_cached
+        request.draft_cached = request.num_tokens
+        return fed
+
+    def _prompts_read(self, scheduled: list[ScheduledRequest]) -> int:
         """The prompt tokens the draft reads in this step, as the engine's draft would: whole
         prompts the step completes, of requests wanting more than their first token, when the
         controller says so."""
         prompted = [item.request for item in scheduled if item.completes_context and item.request.is_prefilling]
         decoding = any(item.request.is_decoding for item in scheduled)
-        if not self.controller.reads_prompts(drafting, decoding):
+        read = [r for r in prompted if r.max_tokens > 1]
+        if not read or not self.controller.reads_prompts(decoding):
             return 0
-        return sum(r.num_tokens for r in prompted if r.max_tokens > 1)
+        for request in read:
+            request.draft_cached = request.num_tokens
+        return sum(r.num_tokens for r in read)
 
     def _max_budget(self, request: SimRequest) -> TreeBudget:
         free = self.config.max_model_len - request.num_tokens
@@ -202,7 +223,7 @@ class Simulator:
         first = request.token_times[0] if request.token_times else None
         return RequestView.of(
             request.request_id, request.num_tokens, self._max_budget(request), request.slo,
-            first, request.num_output, self.now, max_tokens=request.max_tokens,
+            first, request.num_output, self.now, draft_catch_up=request.draft_catch_up, max_tokens=request.max_tokens,
         )
 
     def _step(self) -> list[SimRequest]:
@@ -219,6 +240,8 @@ class Simulator:
             [item.draft_budget for item in asked],
             self.controller.drafting_rule(step),
         )
+        if forwards:  # the first level feeds each request's catch-up: its root and what it missed
+            forwards[0] += sum(self._catch_up(item.request) - 1 for item in asked)
         draft_cost = self.cost.at_context(step.mean_context)  # one curve for all the step's draft forwards
         step.draft_ms = sum(draft_cost.draft_ms(n) for n in forwards)
         drafted = dict(zip((i.request.request_id for i in asked), trees))
@@ -226,7 +249,7 @@ class Simulator:
         contexts = [item.request.num_tokens for item in scheduled]
         verified = sum(len(t) for t in chosen.values())
         elapsed_ms = step.draft_ms + self.cost.target_ms(step_tokens + verified, sum(contexts) / len(contexts))
-        elapsed_ms += draft_cost.draft_ms(self._prompts_read(scheduled, drafting=verified > 0))
+        elapsed_ms += draft_cost.draft_ms(self._prompts_read(scheduled))
         self.now += elapsed_ms / 1e3
         self.busy_s += elapsed_ms / 1e3
         self.iterations += 1
@@ -243,6 +266,7 @@ class Simulator:
                 accepted = self.acceptance.verify(self.rng, tree)
                 self.controller.observe(request.request_id, tree, accepted)
                 request.num_computed_tokens += len(accepted)
+                request.draft_cached += len(accepted)  # the draft fed them while drafting
                 tokens += len(accepted)
             elif len(drafted.get(request.request_id, ())):  # trimmed away: was its first guess right?
                 guess = self.controller.first_guess(drafted[request.request_id])

@@ -234,7 +234,7 @@ class LLMEngine:
             self._score_guesses(due, picks, guesses)
         if features_wanted:
             self._keep_target_features(scheduled, hidden, trees, dict(zip((r.request_id for r in due), picks)))
-        if prompted and self.drafter is not None and self.controller.reads_prompts(bool(trees), decoding):
+        if prompted and self.drafter is not None and self.controller.reads_prompts(decoding):
             self._read_prompts(prompted)
         return due, scored, picks
 
