@@ -24,6 +24,7 @@ from specserve.control.workload import Outcome, summarize
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams
+from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.spec.tree import TokenTree, TreeBudget
 from test_engine import GREEDY, assert_all_slots_free, run
 from tiny_models import PROMPTS
@@ -759,10 +760,14 @@ def test_a_long_prompt_that_can_wait_starts_after_the_decoding_request_it_would_
         assert (batch.token_times[0] > chat.token_times[-1]) == (name == "auto")
 
 
-def test_the_simulated_draft_reads_an_idle_steps_prompt_and_otherwise_catches_up_when_it_first_drafts(monkeypatch):
-    """As the engine's draft: a prompt prefilled while nothing decodes is read in that step (its
-    cost in the TTFT), so the first draft level feeds only the root; a prompt prefilled beside a
-    decoding request is fed whole by the request's first draft level."""
+@pytest.mark.parametrize("prompt_trees", [True, False])
+def test_the_simulated_draft_drafts_below_or_reads_an_idle_steps_prompt_and_otherwise_catches_up(
+    monkeypatch, prompt_trees
+):
+    """As the engine's draft: a prompt prefilled while nothing decodes is fed to the draft in
+    that step (its cost in the TTFT): by the first level of the tree drafted below it, or, when
+    the controller plans it none, by a read, so that its first tree feeds only the root. A
+    prompt prefilled beside a decoding request is fed whole by the request's first draft level."""
     from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator
 
     tokens = [1, 8, 64, 512]
@@ -779,12 +784,65 @@ def test_the_simulated_draft_reads_an_idle_steps_prompt_and_otherwise_catches_up
         return fed[request.request_id][-1]
 
     monkeypatch.setattr(Simulator, "_catch_up", staticmethod(recorded))
+    if not prompt_trees:
+        monkeypatch.setattr(SLOController, "plan_prompts", lambda *args: {})
     idle = SimRequest("idle", 500, 40, SLO(), arrival_s=0.0)
     beside = SimRequest("beside", 300, 40, SLO(), arrival_s=0.4)  # while the first one decodes
     Simulator(SimConfig(policy="fixed"), cost, AcceptanceModel()).run([idle, beside], progress=False)
-    assert idle.token_times[0] == pytest.approx((20.0 + 0.5 * 500 + 1.0 + 0.1 * 500) / 1e3)
-    assert fed["idle"][0] == 1 and fed["beside"][0] == 301  # the root; the prompt and the root
+    if prompt_trees:  # the 8 best of a 4-deep, 2-wide tree: levels feeding the prompt, then 2 nodes each
+        assert idle.token_times[0] == pytest.approx((20.0 + 0.5 * 508 + 1.0 + 0.1 * 500 + 3 * 1.2) / 1e3)
+        assert fed["idle"][0] == 500
+    else:
+        assert idle.token_times[0] == pytest.approx((20.0 + 0.5 * 500 + 1.0 + 0.1 * 500) / 1e3)
+        assert fed["idle"][0] == 1  # the root
+    assert fed["beside"][0] == 301  # the prompt and the root
     assert set(fed["idle"][1:] + fed["beside"][1:]) == {1}  # then the bonus token of each step
+
+
+@pytest.mark.parametrize("name", ["none", "fixed", "auto"])
+def test_a_short_answer_prefilled_while_nothing_decodes_comes_whole_with_its_first_token(name):
+    """In simulation: a two-token answer's only decode step could never speculate (no room for
+    a node beside the bonus token), but the tree drafted below its prompt is verified by the
+    prefill forward, so both tokens come at once where the policy speculates."""
+    from specserve.control.simulator import AcceptanceModel, SimConfig, SimRequest, Simulator
+
+    sure = AcceptanceModel(mean_confidence=0.999, concentration=1000.0)
+    simulator = Simulator(SimConfig(policy=name), cost_model(20.0, 0.5), sure)
+    short = SimRequest("short", 200, 2, SLO(ttft_ms=5_000, tpot_ms=100), arrival_s=0.0)
+    simulator.run([short], progress=False)
+    assert short.num_output == 2
+    assert (short.token_times[0] == short.token_times[1]) == (name != "none")
+
+
+def test_prompt_trees_are_planned_only_in_steps_where_nothing_else_decodes():
+    """The controller plans trees below the prompts a step completes only where the draft reads
+    them anyway (nothing decodes, a policy that speculates), without a TPOT floor, and the
+    scheduler gives them the room the step's token budget leaves."""
+    from specserve.control.simulator import SimRequest
+
+    def step(policy: str, decoding: bool, budget: int = 64) -> tuple[dict[str, RequestView], list[ScheduledRequest]]:
+        controller = SLOController(policy, cost_model(20.0, 0.5), budget)
+        scheduler = Scheduler(4, budget)
+        prompt = SimRequest("prompt", 40, 10, SLO(tpot_ms=50), arrival_s=0.0)
+        scheduled = [ScheduledRequest(prompt, 40)]
+        if decoding:
+            other = SimRequest("other", 40, 10, SLO(), arrival_s=0.0, num_output=1, num_computed_tokens=40)
+            scheduled.append(ScheduledRequest(other, 1))
+
+        def view(request: SimRequest) -> RequestView:
+            return RequestView.of(request.request_id, request.num_tokens, TreeBudget(depth=4), request.slo,
+                                  None, request.num_output, 1.0)
+
+        return controller.plan_prompts(scheduled, view, scheduler), scheduled
+
+    views, scheduled = step("fixed", decoding=False)
+    assert list(views) == ["prompt"] and views["prompt"].tpot_slo_s is None
+    assert scheduled[0].draft_budget == TreeBudget(depth=4)
+    views, scheduled = step("fixed", decoding=False, budget=42)  # room for 2 nodes beside the prompt
+    assert scheduled[0].draft_budget.node_limit == 2
+    for policy, decoding in [("none", False), ("fixed", True)]:
+        views, scheduled = step(policy, decoding)
+        assert views == {} and scheduled[0].draft_budget is None
 
 
 def test_waiting_requests_are_admitted_earliest_ttft_deadline_first(tiny_model):

@@ -243,29 +243,58 @@ def test_kv_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_mode
             torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_a_draft_model_reads_the_prompt_in_its_prefill_step_and_reports_each_forward(tiny_model):
+def test_a_draft_model_drafts_below_the_prompt_in_its_prefill_step_and_reports_each_forward(tiny_model):
     """What drafting really fed, so the controller can price it. The step that prefills a prompt
-    feeds it to the draft as well (under a policy that speculates), so the first tree feeds only
-    its root, then per level the frontier; next step what the draft did not feed itself: the
-    deepest accepted node and the bonus token (a self-draft's chain is accepted whole). Under
-    ``none`` the draft reads nothing."""
+    while nothing else decodes (under a policy that speculates) drafts below its last token: the
+    first draft forward feeds the whole prompt, then per level the frontier, and the prefill
+    forward verifies the chain (a self-draft's is accepted whole: four tokens at once); next step
+    the draft feeds what it did not feed itself: the deepest accepted node and the bonus token.
+    A prompt the step leaves no room to draft below is read instead, so that its first tree feeds
+    only its root. Under ``none`` the draft reads nothing."""
     engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3))
-    prompt = engine.tokenizer.encode(PROMPTS[0])
-    engine.add_request(engine.make_request("r", prompt, GREEDY.model_copy(update={"max_tokens": 40})))
-    engine.step()  # the prompt: no drafting yet, but the draft reads it
-    seen = len(engine.requests["r"].all_token_ids)
-    assert engine.drafter.pending("r", seen) == 1  # what the controller prices beforehand: the root
+    prompt = (engine.tokenizer.encode(PROMPTS[3]) * 4)[:16]
+    params = GREEDY.model_copy(update={"max_tokens": 40})
+    engine.add_request(engine.make_request("r", prompt, params))
     engine.step()
-    assert engine.drafter.forwards == [1, 1, 1]  # the first token, then a chain of 3
-    assert engine.spec_stats.accepted == 3
+    assert engine.drafter.forwards == [16, 1, 1]
+    assert engine.spec_stats.accepted == 3 and len(engine.requests["r"].output_token_ids) == 4
     assert engine.drafter.pending("r", len(engine.requests["r"].all_token_ids)) == 2
     engine.step()
     assert engine.drafter.forwards[0] == 2
 
+    full = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3), max_num_batched_tokens=16)
+    full.add_request(full.make_request("r", prompt, params))
+    full.step()  # the prompt fills the step: no tree, but the draft reads it
+    assert full.spec_stats.steps == 0 and len(full.requests["r"].output_token_ids) == 1
+    assert full.drafter.pending("r", 17) == 1  # what the controller prices beforehand: the root
+    full.step()
+    assert full.drafter.forwards == [1, 1, 1]  # the first token, then a chain of 3
+
     plain = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3), policy="none")
-    plain.add_request(plain.make_request("r", prompt, GREEDY.model_copy(update={"max_tokens": 40})))
+    plain.add_request(plain.make_request("r", prompt, params))
     plain.step()
-    assert plain.drafter.pending("r", seen) == seen
+    assert plain.drafter.pending("r", 17) == 17
+
+
+def test_the_last_chunk_of_a_prompt_verifies_a_tree_beside_its_scored_prompt_tokens(tiny_model, tiny_engine):
+    """A prompt chunked across steps drafts below its last token in the step of its last chunk:
+    that forward scores the chunk's prompt tokens, picks the first token and verifies the tree
+    (a self-draft's chain: four tokens at once), all as plain decoding would have them."""
+    engine = spec_engine(tiny_model, tiny_model, budget=TreeBudget(depth=3), max_num_batched_tokens=16)
+    prompt = (engine.tokenizer.encode(PROMPTS[3]) * 4)[:24]
+    params = GREEDY.model_copy(update={"max_tokens": 8, "logprobs": 2, "prompt_logprobs": 2})
+    engine.add_request(engine.make_request("r", prompt, params))
+    engine.step()  # the first 16 prompt tokens
+    assert engine.requests["r"].output_token_ids == []
+    engine.step()  # the last 8, and the tree below them
+    assert len(engine.requests["r"].output_token_ids) == 4 and engine.spec_stats.accepted == 3
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    [spec], [plain] = outputs, run(tiny_engine, [prompt], params)
+    assert spec.output.token_ids == plain.output.token_ids
+    rows = zip(spec.output.logprobs + spec.prompt_logprobs[1:], plain.output.logprobs + plain.prompt_logprobs[1:])
+    for got, want in rows:
+        assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
 
 
 def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):

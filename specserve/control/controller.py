@@ -1,8 +1,9 @@
 """The central SLO controller: one policy, one acceptance predictor, one cost model.
 
-The engine (or the simulator) asks it five things every iteration, in this order: the draft
+The engine (or the simulator) asks it six things every iteration, in this order: the draft
 budgets of the decoding requests (``plan``), how many prompt tokens may join them
-(``prompt_cap``), the rule the drafter asks after each level whether to
+(``prompt_cap``), once the step is scheduled the draft budgets of the requests whose prompts
+it completes (``plan_prompts``), the rule the drafter asks after each level whether to
 grow the trees one more (``drafting_rule``), which drafted nodes to verify (``select``), and
 whether the draft reads the prompts the step completes (``reads_prompts``); after
 verification it reports what was accepted (``observe``, also for the ``first_guess`` of a tree
@@ -20,12 +21,13 @@ from typing import TypeVar
 
 from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CorrectedCost, CostModel
-from specserve.control.policies import DraftingRule, PolicyName, StepView, build_policy
+from specserve.control.policies import DraftingRule, PolicyName, RequestView, StepView, build_policy
 from specserve.control.step_trees import StepTrees
-from specserve.engine.scheduler import PromptCap, Scheduler
+from specserve.engine.scheduler import PromptCap, ScheduledRequest, Scheduler
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
+R = TypeVar("R")  # a request: the engine's, or the simulator's
 
 # How many times the predicted prefill of the whole prompt queue a paced prompt's TTFT deadline
 # must leave: the margin covers the cost model's error and later arrivals with earlier deadlines,
@@ -82,6 +84,25 @@ class SLOController:
         trickles = queued_tokens * pacing.decode_s <= pacing.tokens * pacing.finish_s
         holds = waits + pacing.finish_s if math.isfinite(pacing.finish_s) and not trickles else math.inf
         return PromptCap(pacing.tokens, waits_if_due_after=waits, holds_if_due_after=holds)
+
+    def plan_prompts(
+        self, scheduled: list[ScheduledRequest], view: Callable[[R], RequestView], scheduler: Scheduler
+    ) -> dict[str, RequestView]:
+        """Draft budgets, and room in the ``scheduled`` step (``scheduler.add_drafts``), for the
+        requests whose prompts it completes: their trees hang below the last prompt token and the
+        prefill forward verifies them, so that a short answer may come whole with its first
+        token. Planned as decoding requests' are (without a TPOT floor yet: goodput alone
+        decides), beside the step's other prompt tokens, and only where the draft reads those
+        prompts anyway (``reads_prompts``). Returns the planned requests' views (by id), made
+        with ``view``."""
+        completing = [item.request for item in scheduled if item.completes_context and item.request.is_prefilling]
+        if not completing or not self.reads_prompts(any(item.request.is_decoding for item in scheduled)):
+            return {}
+        views = {r.request_id: view(r) for r in completing}
+        other_tokens = sum(item.num_new_tokens for item in scheduled) - len(completing)
+        budgets = self.plan(StepView(list(views.values()), other_tokens))
+        scheduler.add_drafts(scheduled, {i: b for i, b in zip(views, budgets) if b.depth > 0})
+        return views
 
     def reads_prompts(self, decoding: bool) -> bool:
         """Whether the draft reads the prompts a step prefills, with ``decoding`` requests in it

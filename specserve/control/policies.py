@@ -36,7 +36,8 @@ OFF = TreeBudget(depth=0)
 
 @dataclass
 class RequestView:
-    """What the controller sees of one decoding request."""
+    """What the controller sees of one request that may speculate this iteration: a decoding
+    one, or one whose prompt the iteration completes (drafting from its last prompt token)."""
 
     request_id: str
     context_len: int
@@ -66,12 +67,14 @@ class RequestView:
         max_tokens: int | None = None,
     ) -> RequestView:
         """The view of a request with ``num_output`` tokens (of at most ``max_tokens``), the
-        first at ``first_token_time``."""
+        first at ``first_token_time``. Before its first token a request has no TPOT floor: the
+        tokens its prefill iteration yields all come with the first."""
+        no_floor = slo.tpot_ms is None or first_token_time is None
         return cls(
             request_id=request_id,
             context_len=context_len,
             max_budget=max_budget,
-            tpot_slo_s=None if slo.tpot_ms is None else slo.tpot_ms / 1e3,
+            tpot_slo_s=None if no_floor else slo.tpot_ms / 1e3,
             decode_time_s=0.0 if first_token_time is None else now - first_token_time,
             num_decoded=max(num_output - 1, 0),
             remaining_tokens=math.inf if max_tokens is None else max_tokens - num_output,

@@ -2,14 +2,15 @@
 model instead of forwards and a synthetic drafter instead of models.
 
 Each iteration runs the engine's order: the controller plans draft budgets and caps the prompt
-tokens, the scheduler admits and chunks prefills, the synthetic drafter grows trees (asking the
-drafting rule after every level), the controller selects the nodes to verify, verification
-samples which path the target accepts, and the clock advances by the cost model's prediction
-for the drafted levels and the target forward. The draft's cache is followed as a draft
-model's would be: a request's first draft level feeds what the draft has not read (its whole
-prompt, unless the controller had the draft read it in its prefill step), and reading a prompt
-costs a draft forward of its tokens. Only the models are simulated; every decision is made by
-the code that serves.
+tokens, the scheduler admits and chunks prefills, the controller plans trees below the prompts
+the step completes, the synthetic drafter grows trees (asking the drafting rule after every
+level), the controller selects the nodes to verify, verification samples which path the target
+accepts, and the clock advances by the cost model's prediction for the drafted levels and the
+target forward. The draft's cache is followed as a draft model's would be: a request's first
+draft level feeds what the draft has not read (its whole prompt, unless the controller had the
+draft read it, or draft from it, in its prefill step), and reading a prompt costs a draft
+forward of its tokens. Only the models are simulated; every decision is made by the code that
+serves.
 """
 
 from __future__ import annotations
@@ -204,11 +205,14 @@ class Simulator:
 
     def _prompts_read(self, scheduled: list[ScheduledRequest]) -> int:
         """The prompt tokens the draft reads in this step, as the engine's draft would: whole
-        prompts the step completes, of requests wanting more than their first token, when the
-        controller says so."""
-        prompted = [item.request for item in scheduled if item.completes_context and item.request.is_prefilling]
+        prompts the step completes and the draft did not draft from, of requests that may draft
+        later (wanting two tokens after the first), when the controller says so."""
+        prompted = [
+            item.request for item in scheduled
+            if item.completes_context and item.request.is_prefilling and not item.num_draft_tokens
+        ]
         decoding = any(item.request.is_decoding for item in scheduled)
-        read = [r for r in prompted if r.max_tokens > 1]
+        read = [r for r in prompted if r.max_tokens > 2]
         if not read or not self.controller.reads_prompts(decoding):
             return 0
         for request in read:
@@ -232,6 +236,7 @@ class Simulator:
         planned = self.controller.plan(plan_step)
         prompt_cap = self.controller.prompt_cap(plan_step, planned, self.now, self.scheduler)
         scheduled = self.scheduler.schedule({i: b for i, b in zip(views, planned) if b.depth > 0}, prompt_cap)
+        views.update(self.controller.plan_prompts(scheduled, self._view, self.scheduler))
         asked = [item for item in scheduled if item.num_draft_tokens > 0]
         step_tokens = sum(item.num_new_tokens for item in scheduled)
         step = StepView([views[item.request.request_id] for item in asked], step_tokens - len(asked))

@@ -2,12 +2,15 @@
 
 One step flows in one direction: reject the hopeless (if configured) -> the SLO controller plans
 each decoding request's draft budget (a request whose structured output forces its next tokens
-drafts those instead) -> schedule -> draft token trees -> the controller selects the nodes to
-verify -> build sequence slices -> one target forward -> score prompt tokens (for requests that
-asked for prompt log-probabilities) -> sample or verify, where constraints allow (the controller
-learns from the outcome) -> keep the target's features of the cached positions for the next
-DraftRequest (EAGLE heads only) -> append tokens, advance constraints, detokenize, check stops ->
-report outputs and free finished requests' slots.
+drafts those instead) -> schedule -> the controller plans the trees of the requests whose
+prompts the step completes (drafted below the last prompt token, in steps where nothing else
+decodes) -> draft token trees -> the controller selects the nodes to verify -> build sequence
+slices -> one target forward -> score prompt tokens (for requests that asked for prompt
+log-probabilities) -> sample or verify, where constraints allow (the controller learns from the
+outcome) -> keep the target's features of the cached positions for the next DraftRequest (EAGLE
+heads only) -> the draft reads the prompts it did not draft from (in steps where nothing else
+decodes) -> append tokens, advance constraints, detokenize, check stops -> report outputs and
+free finished requests' slots.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule(budgets, prompt_cap)
         if not scheduled:
             return outputs
+        if self.controller is not None and not self.drafter.needs_target_features:
+            self._plan_prompt_trees(scheduled, views)
         now = time.monotonic()
         for item in scheduled:
             if item.request.metrics.first_scheduled_time is None:
@@ -221,7 +226,8 @@ class LLMEngine:
             logits = self._score_prompts(scheduled, logits, trees)
         due = [item.request for item in scheduled if item.samples]
         scored = [item.request for item in scheduled if item.completes_context and not item.samples]
-        prompted = [r for r in due if r.is_prefilling]  # their first token comes from this step
+        # Their first token comes from this step; the draft read those it drafted from.
+        prompted = [i.request for i in scheduled if i.samples and i.request.is_prefilling and not i.num_draft_tokens]
         decoding = any(r.is_decoding for r in due)
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
@@ -338,6 +344,17 @@ class LLMEngine:
         prompt_cap = self.controller.prompt_cap(step, budgets, now, self.scheduler)
         return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}, prompt_cap
 
+    def _plan_prompt_trees(self, scheduled: list[ScheduledRequest], views: dict[str, RequestView]) -> None:
+        """Room, and views in ``views``, for the trees that the requests whose prompts this step
+        completes draft below their last prompt token (``SLOController.plan_prompts``). Not for
+        an EAGLE draft: it would draft from the target's features of the prompt, which this
+        step's forward computes. A plan that fails leaves the step as scheduled."""
+        now = time.monotonic()
+        try:
+            views.update(self.controller.plan_prompts(scheduled, lambda r: self._view(r, now), self.scheduler))
+        except Exception:
+            logger.exception("planning the prompts' trees failed; this step prefills them without")
+
     def _forced_tokens(self) -> dict[str, list[int]]:
         """For each decoding request whose structured output forces its next tokens (and that
         does not refuse speculation), those tokens, as many as it may still emit: a draft the
@@ -419,11 +436,11 @@ class LLMEngine:
 
     def _read_prompts(self, requests: list[Request]) -> None:
         """The draft reads the prompts of ``requests`` (of which this step computed the last
-        tokens) unless they want no token after the first."""
+        tokens) that it may draft from later: a tree after the first token needs two more."""
         reads = [
             DraftRequest(r.request_id, r.slot, r.all_token_ids, OFF, self._take_target_features(r.request_id))
             for r in requests
-            if r.params.max_tokens > 1
+            if r.params.max_tokens > 2
         ]
         if reads:
             self.drafter.read(reads)
@@ -494,24 +511,24 @@ class LLMEngine:
 
     @staticmethod
     def _slice(item: ScheduledRequest, tree: TokenTree | None) -> SequenceSlice:
-        request, start = item.request, item.request.num_computed_tokens
-        if tree is not None:  # the root (the last token, not yet cached), then the tree's nodes
-            return SequenceSlice(
-                slot=request.slot,
-                token_ids=request.tokens_between(start, start + 1) + tree.tokens,
-                positions=[start] + [start + depth for depth in tree.depths],
-                cache_start=start,
-                tree_mask=tree.attention_mask(),
-                logits_at=list(range(len(tree) + 1)),
-            )
-        end = start + item.num_new_tokens
+        """The request's new tokens of the step, causal, then its tree's nodes below the last of
+        them (the root: chosen, not yet cached), each seeing the root and its ancestors."""
+        request, start, new = item.request, item.request.num_computed_tokens, item.num_new_tokens
+        end = start + new
+        token_ids, positions = request.tokens_between(start, end), list(range(start, end))
+        # rows scoring prompt tokens come first; the root's row (and its nodes') pick the next tokens
+        logits_at = list(range(item.num_prompt_logits)) + ([new - 1] if item.samples else [])
+        if tree is None:
+            return SequenceSlice(request.slot, token_ids, positions, start, logits_at=logits_at)
+        mask = torch.ones(new + len(tree), new + len(tree), dtype=torch.bool).tril()
+        mask[new - 1 :, new - 1 :] = tree.attention_mask()
         return SequenceSlice(
             slot=request.slot,
-            token_ids=request.tokens_between(start, end),
-            positions=list(range(start, end)),
+            token_ids=token_ids + tree.tokens,
+            positions=positions + [end - 1 + depth for depth in tree.depths],
             cache_start=start,
-            # rows scoring prompt tokens come first; the last token's row picks the next one
-            logits_at=list(range(item.num_prompt_logits)) + ([item.num_new_tokens - 1] if item.samples else []),
+            tree_mask=mask,
+            logits_at=logits_at + list(range(new, new + len(tree))),
         )
 
     @staticmethod

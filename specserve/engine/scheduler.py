@@ -6,7 +6,8 @@ the step for drafted tokens to verify. Running requests go first, then waiting o
 earliest TTFT deadline first (arrival order among equal deadlines) while a KV slot is free and
 the step's token budget lasts; a request waits rather than evicting anything. Long prompts are
 prefilled in chunks across steps, beside other requests' decodes. The controller may cap the
-prompt tokens of a step for the requests whose first token can wait (``PromptCap``).
+prompt tokens of a step for the requests whose first token can wait (``PromptCap``), and give a
+request whose prompt a step completes room to verify a drafted tree in it (``add_drafts``).
 """
 
 from __future__ import annotations
@@ -122,11 +123,8 @@ class Scheduler:
                     scheduled.append(ScheduledRequest(request, n))
                 continue
             budget -= 1
-            wanted = (draft_budgets or {}).get(request.request_id)
-            draft = None
-            if wanted is not None and budget > 0:
-                draft = wanted.within(wanted.depth, budget)
-                budget -= draft.node_limit
+            draft = _within_room((draft_budgets or {}).get(request.request_id), budget)
+            budget -= 0 if draft is None else draft.node_limit
             scheduled.append(ScheduledRequest(request, 1, draft))
         for request in list(self.waiting):
             if budget == 0 or not self.slots.num_free:
@@ -140,6 +138,16 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, n))
         return scheduled
+
+    def add_drafts(self, scheduled: list[ScheduledRequest], draft_budgets: dict[str, TreeBudget]) -> None:
+        """Room for drafted tokens, in what the step's token budget leaves, for the ``scheduled``
+        requests (whose prompts the step completes) that would like their ``draft_budgets``
+        (by id) verified in the same forward."""
+        room = self.max_num_batched_tokens - sum(i.num_new_tokens + i.num_draft_tokens for i in scheduled)
+        for item in scheduled:
+            if (draft := _within_room(draft_budgets.get(item.request.request_id), room)) is not None:
+                item.draft_budget = draft
+                room -= draft.node_limit
 
     def take_hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> list[Request]:
         """Waiting requests whose first token can no longer come by their TTFT deadline (now plus
@@ -159,3 +167,8 @@ class Scheduler:
         if request.slot is not None:
             self.slots.free(request.slot)
             request.slot = None
+
+
+def _within_room(wanted: TreeBudget | None, room: int) -> TreeBudget | None:
+    """``wanted`` shrunk to ``room`` drafted tokens (None: none wanted, or no room)."""
+    return None if wanted is None or room <= 0 else wanted.within(wanted.depth, room)
