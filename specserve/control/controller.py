@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from specserve.control.acceptance import AcceptancePredictor
 from specserve.control.cost_model import CorrectedCost, CostModel
@@ -27,7 +27,6 @@ from specserve.engine.scheduler import PromptCap, ScheduledRequest, Scheduler
 from specserve.spec.tree import TokenTree, TreeBudget
 
 T = TypeVar("T")
-R = TypeVar("R")  # a request: the engine's, or the simulator's
 
 # How many times the predicted prefill of the whole prompt queue a paced prompt's TTFT deadline
 # must leave: the margin covers the cost model's error and later arrivals with earlier deadlines,
@@ -86,7 +85,7 @@ class SLOController:
         return PromptCap(pacing.tokens, waits_if_due_after=waits, holds_if_due_after=holds)
 
     def plan_prompts(
-        self, scheduled: list[ScheduledRequest], view: Callable[[R], RequestView], scheduler: Scheduler
+        self, scheduled: list[ScheduledRequest], view: Callable[[Any], RequestView], scheduler: Scheduler
     ) -> dict[str, RequestView]:
         """Draft budgets, and room in the ``scheduled`` step (``scheduler.add_drafts``), for the
         requests whose prompts it completes: their trees hang below the last prompt token and the
@@ -94,7 +93,7 @@ class SLOController:
         token. Planned as decoding requests' are (without a TPOT floor yet: goodput alone
         decides), beside the step's other prompt tokens, and only where the draft reads those
         prompts anyway (``reads_prompts``). Returns the planned requests' views (by id), made
-        with ``view``."""
+        with ``view`` of a request (the engine's, or the simulator's)."""
         completing = [item.request for item in scheduled if item.completes_context and item.request.is_prefilling]
         if not completing or not self.reads_prompts(any(item.request.is_decoding for item in scheduled)):
             return {}
