@@ -24,7 +24,7 @@ from specserve.control.workload import Outcome, summarize
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.request import FinishReason
 from specserve.engine.sampling_params import SamplingParams
-from specserve.engine.scheduler import ScheduledRequest, Scheduler
+from specserve.engine.scheduler import PromptCap, ScheduledRequest, Scheduler
 from specserve.spec.tree import TokenTree, TreeBudget
 from test_engine import GREEDY, assert_all_slots_free, run
 from tiny_models import PROMPTS
@@ -634,7 +634,6 @@ def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_qu
     may wait while its deadline is more than 2 x 161 ms away. With 700 tokens queued (two steps
     of 512: 2 x (730 + 62) ms), it must start however far its deadline seems."""
     from specserve.control.simulator import SimRequest
-    from specserve.engine.scheduler import Scheduler
 
     controller = SLOController("auto", cost_model(30.0, 1.0), 512)
     step = step_view(1, slo_ms=100)
@@ -664,7 +663,6 @@ def test_a_prompt_waits_for_the_decoding_requests_when_paced_chunks_could_not_pr
     usual; with 600 tokens queued (waits while due after 10 + 2 x (630 + 2 x 31) ms), a prompt
     due after that plus the 310 ms the request needs to finish takes no tokens until it is done."""
     from specserve.control.simulator import SimRequest
-    from specserve.engine.scheduler import Scheduler
 
     controller = SLOController("auto", cost_model(30.0, 1.0), 512)
     controller.predictor = controller.policy.predictor = AcceptancePredictor(prior_rate=0.05)
@@ -683,7 +681,6 @@ def test_a_prompt_waits_for_the_decoding_requests_when_paced_chunks_could_not_pr
 
 def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones():
     from specserve.control.simulator import SimRequest
-    from specserve.engine.scheduler import PromptCap, Scheduler
 
     slo = SLOConfig().classes
     patient = SimRequest("patient", 300, 4, slo["batch"], arrival_s=0.0)
@@ -706,7 +703,6 @@ def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones
 
 def test_a_prompt_cap_holds_the_prompts_that_can_wait_longest_and_chunks_the_others():
     from specserve.control.simulator import SimRequest
-    from specserve.engine.scheduler import PromptCap, Scheduler
 
     slo = SLOConfig().classes
     held = SimRequest("held", 300, 4, slo["batch"], arrival_s=0.0)  # due at 30 s
