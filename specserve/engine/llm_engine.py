@@ -520,8 +520,11 @@ class LLMEngine:
         logits_at = list(range(item.num_prompt_logits)) + ([new - 1] if item.samples else [])
         if tree is None:
             return SequenceSlice(request.slot, token_ids, positions, start, logits_at=logits_at)
-        mask = torch.ones(new + len(tree), new + len(tree), dtype=torch.bool).tril()
-        mask[new - 1 :, new - 1 :] = tree.attention_mask()
+        mask = tree.attention_mask()
+        if new > 1:  # a prompt's last chunk before the root: causal, and seen whole by every node
+            chunk_mask = torch.ones(new + len(tree), new + len(tree), dtype=torch.bool).tril()
+            chunk_mask[new - 1 :, new - 1 :] = mask
+            mask = chunk_mask
         return SequenceSlice(
             slot=request.slot,
             token_ids=token_ids + tree.tokens,
