@@ -483,10 +483,10 @@ def test_engine_profiles_itself_into_a_keyed_cache(tiny_model, monkeypatch, tmp_
 
 def test_the_profile_cache_key_follows_the_weight_layout(tiny_model):
     """A step's cost follows the GEMM kernels, so a profile measured with one weight layout is
-    not read for another."""
+    not read for another (on a CPU: a GPU has no weight layouts)."""
     def path(layout):
         return LLMEngine(EngineConfig(
-            model=str(tiny_model), max_num_seqs=2, max_model_len=128, weight_layout=layout,
+            model=str(tiny_model), device="cpu", max_num_seqs=2, max_model_len=128, weight_layout=layout,
             control=ControlConfig(policy="none"),
         )).profile_path()
 
