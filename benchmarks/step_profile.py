@@ -70,7 +70,7 @@ def fill(engine: LLMEngine, args: argparse.Namespace) -> None:
     for i in range(args.batch):
         length = max(1, int(args.prompt_tokens * rng.uniform(0.5, 1.5)))
         engine.add_request(engine.make_request(f"p{i}", [rng.randrange(10, vocab) for _ in range(length)], params))
-    while engine.scheduler.waiting or any(r.is_prefilling for r in engine.scheduler.running):
+    while engine.scheduler.has_prompts:
         engine.step()
 
 

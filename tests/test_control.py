@@ -612,17 +612,20 @@ def test_auto_paces_prompts_to_keep_decoding_requests_on_their_slo():
     """A step costs 30 ms + 1 ms a token. A request 40 ms from falling behind its 100 ms TPOT SLO
     (10.6 tokens due at 1.06 s, 10 done) can take an iteration of up to 40 ms: 9 prompt tokens
     beside its own. One far ahead of it, or without an SLO, still takes no more than 1.5 times
-    the 31 ms iteration without prompts: 15 tokens. Behind its SLO there is nothing to keep."""
+    the 31 ms iteration without prompts: 15 tokens. A prompt that cannot wait may take all the
+    first one's slack too (9 tokens), and a whole step beside the others (512: the one ahead
+    is 600 ms from its floor). Behind its SLO there is nothing to keep."""
     auto = policy("auto", cost_model(30.0, 1.0), AcceptancePredictor(prior_rate=0.05))  # never speculates
     near = replace(step_view(1, slo_ms=100).requests[0], decode_time_s=1.06, num_decoded=10)
     step = StepView([near])
     budgets = auto.draft_budgets(step)
     assert [b.depth for b in budgets] == [0]
     pacing = auto.prefill_pacing(step, budgets)
-    assert pacing.tokens == 9 and pacing.decode_s == pytest.approx(0.031)
+    assert (pacing.tokens, pacing.max_tokens) == (9, 9) and pacing.decode_s == pytest.approx(0.031)
     for request in (replace(near, decode_time_s=0.5), step_view(1).requests[0]):
         ahead = StepView([request])
-        assert auto.prefill_pacing(ahead, auto.draft_budgets(ahead)).tokens == 15
+        pacing = auto.prefill_pacing(ahead, auto.draft_budgets(ahead))
+        assert (pacing.tokens, pacing.max_tokens) == (15, 512)
     behind = StepView([replace(near, decode_time_s=1.2)])
     assert auto.prefill_pacing(behind, auto.draft_budgets(behind)) is None
     for name in sorted(set(POLICIES) - {"auto"}):
@@ -699,6 +702,54 @@ def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones
         chunks = scheduler.schedule({}, replace(cap, tokens=50))
         assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("patient", 50)]
     assert scheduler.queued_prompt_tokens == 250
+
+
+def test_a_prompt_cap_chunks_urgent_prompts_too_to_what_keeps_the_decoding_requests_on_track():
+    from specserve.control.simulator import SimRequest
+
+    slo = SLOConfig().classes
+    patient = SimRequest("patient", 300, 4, slo["batch"], arrival_s=0.0)
+    urgent = SimRequest("urgent", 200, 4, slo["interactive"], arrival_s=0.0)
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    for request in (patient, urgent):
+        scheduler.add(request)
+    cap = PromptCap(50, waits_if_due_after=10.0, max_tokens=120)
+    assert [(i.request.request_id, i.num_new_tokens) for i in scheduler.schedule({}, cap)] == [("urgent", 120)]
+    urgent.num_computed_tokens = 120
+    chunks = scheduler.schedule({}, cap)  # the urgent prompt's last 80, then 40 of the patient one's 50
+    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("urgent", 80), ("patient", 40)]
+
+
+def test_a_request_that_can_no_longer_make_its_ttft_waits_behind_those_that_can():
+    """Earliest deadline first alone would serve the late request first and make the other late
+    too. Demoted, it is served best effort after the others, as a prompt that can wait."""
+    from specserve.control.simulator import SimRequest
+
+    slo = SLOConfig().classes
+    late = SimRequest("late", 300, 4, slo["interactive"], arrival_s=0.0)  # due at 1.5 s
+    other = SimRequest("other", 200, 4, slo["chat"], arrival_s=0.5)  # due at 4.5 s
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    for request in (late, other):
+        scheduler.add(request)
+    assert scheduler.waiting == [late, other]
+    scheduler.demote_hopeless(now=1.2, prefill_s=lambda r: 0.2)  # its first token could still come at 1.4 s
+    assert scheduler.waiting == [late, other]
+    scheduler.demote_hopeless(now=1.4, prefill_s=lambda r: 0.2)  # no longer
+    assert (scheduler.waiting, scheduler.late) == ([other], [late])
+    assert scheduler.queued_prompt_tokens == 200 and scheduler.has_prompts and scheduler.num_unfinished == 2
+    without_cap = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    without_cap.add(replace(late))
+    without_cap.add(replace(other))
+    without_cap.demote_hopeless(now=1.4, prefill_s=lambda r: 0.2)
+    assert [(i.request.request_id, i.num_new_tokens) for i in without_cap.schedule()] == [("other", 200), ("late", 300)]
+    cap = PromptCap(50, waits_if_due_after=10.0)  # both deadlines are near: neither could wait
+    chunks = scheduler.schedule({}, cap)
+    assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("other", 200), ("late", 50)]
+    late.num_computed_tokens = 50
+    chunks = scheduler.schedule({}, cap)  # admitted, it is still paced
+    assert ("late", 50) in [(i.request.request_id, i.num_new_tokens) for i in chunks]
+    scheduler.remove(late)
+    assert scheduler.running == [other] and scheduler.num_unfinished == 1
 
 
 def test_a_prompt_cap_holds_the_prompts_that_can_wait_longest_and_chunks_the_others():
@@ -868,6 +919,26 @@ def test_hopeless_requests_are_rejected_with_a_reason_when_configured(tiny_model
     assert finals["late"].output.finish_reason is FinishReason.REJECTED
     assert "TTFT SLO of 1 ms" in finals["late"].error
     assert len(finals["ok"].output.token_ids) == GREEDY.max_tokens
+    assert_all_slots_free(engine)
+
+
+def test_hopeless_requests_are_served_after_the_others_by_default(tiny_model):
+    """Best effort: a waiting request that can no longer make its TTFT SLO still gets its whole
+    answer, but after a request that arrived later and can still make its own."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=1, max_model_len=256))
+    engine.add_request(engine.make_request("first", "hello", GREEDY))
+    order = [o.request_id for o in engine.step() if o.finished]  # "first" takes the only slot
+    engine.add_request(engine.make_request("late", "hello", GREEDY.model_copy(update={"ttft_slo_ms": 1.0})))
+    engine.add_request(engine.make_request("on time", "hello", GREEDY.model_copy(update={"ttft_slo_ms": 60_000.0})))
+    time.sleep(0.01)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                order.append(output.request_id)
+                finals[output.request_id] = output
+    assert order == ["first", "on time", "late"]
+    assert len(finals["late"].output.token_ids) == GREEDY.max_tokens
     assert_all_slots_free(engine)
 
 

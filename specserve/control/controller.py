@@ -64,8 +64,9 @@ class SLOController:
         """The policy's cap on this iteration's prompt tokens beside the planned ``budgets``
         (None: no cap, or no prompt pending in ``scheduler``). A prompt waits only while its TTFT
         deadline leaves ``TTFT_MARGIN`` times the predicted time to prefill every prompt token
-        queued, in steps of the step budget beside decodes like this step's: a long queue, as
-        under overload, leaves none waiting.
+        queued (of requests not yet late), in steps of the step budget beside decodes like this
+        step's: a long queue, as under overload, leaves none waiting. Those that cannot wait
+        still take no more than keeps the decoding requests on track (``PrefillPacing.max_tokens``).
 
         When the capped chunks cannot prefill the queue before the decoding requests have
         emitted every token they may still emit, they would only lengthen those requests'
@@ -82,7 +83,7 @@ class SLOController:
         waits = now + TTFT_MARGIN * prefill_s
         trickles = queued_tokens * pacing.decode_s <= pacing.tokens * pacing.finish_s
         holds = waits + pacing.finish_s if math.isfinite(pacing.finish_s) and not trickles else math.inf
-        return PromptCap(pacing.tokens, waits_if_due_after=waits, holds_if_due_after=holds)
+        return PromptCap(pacing.tokens, waits, holds, pacing.max_tokens)
 
     def plan_prompts(
         self, scheduled: list[ScheduledRequest], view: Callable[[Any], RequestView], scheduler: Scheduler

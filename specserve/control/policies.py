@@ -121,13 +121,16 @@ class StepView:
 
 @dataclass(frozen=True)
 class PrefillPacing:
-    """A cap on an iteration's prompt tokens, the iteration's predicted time without them, and
-    how long the decoding requests will take, at that pace, to emit every token they may still
-    emit (a request whose TTFT deadline is near starts anyway: see ``SLOController.prompt_cap``)."""
+    """Caps on an iteration's prompt tokens: ``tokens`` for prompts that can wait, ``max_tokens``
+    for all (a prompt whose TTFT deadline is near goes before the others, see
+    ``SLOController.prompt_cap``, but only as far as the decoding requests' SLOs allow); the
+    iteration's predicted time without them, and how long the decoding requests will take, at
+    that pace, to emit every token they may still emit."""
 
     tokens: int
     decode_s: float
     finish_s: float = math.inf
+    max_tokens: int | None = None  # None: no cap but the step's token budget
 
 
 @functools.cache
@@ -420,10 +423,13 @@ class AutoSpeculation(Policy):
     iteration. A floor that would cost others their SLO is not served: under overload, lifting
     every request behind at the expense of the rest makes iterations long and everybody late.
     Prompts are paced the same way: an iteration takes only as many prompt tokens as keep every
-    decoding request that is on track on track, and no more than stretch it by half its time
-    without them, unless a prompt's TTFT deadline will not wait; prompts that such chunks could
-    not prefill before the decoding requests finish wait for them to finish, where their
-    deadlines allow (``PrefillPacing.finish_s``).
+    decoding request that is on track on track, and of prompts that can wait no more than
+    stretch it by half its time without them; prompts that such chunks could not prefill before
+    the decoding requests finish wait for them to finish, where their deadlines allow
+    (``PrefillPacing.finish_s``). A prompt whose TTFT deadline is near goes first, but not past
+    what keeps the decoding requests on track: under overload one prompt more on time at the
+    cost of several answers late loses, and a prompt that can no longer make its deadline is
+    served after the others (``Scheduler.demote_hopeless``).
 
     Speculation for goodput is priced as in a decode-only iteration: prompt chunks in the same
     forward are work that must be done anyway, and counting their time would make drafted nodes
@@ -494,10 +500,11 @@ class AutoSpeculation(Policy):
         on_track = limits >= iteration_s[0]
         if not on_track.any():
             return None
-        longest_s = min(limits[on_track].min(), self.paced_stretch * iteration_s[0])
-        room = int(np.searchsorted(iteration_s, longest_s, side="right")) - 1
+        floors_s = limits[on_track].min()
+        room, max_room = np.searchsorted(iteration_s, [min(floors_s, self.paced_stretch * iteration_s[0]), floors_s],
+                                         side="right") - 1
         iterations_left = (np.array([r.remaining_tokens for r in step.requests]) / yields).max()
-        return PrefillPacing(room, float(iteration_s[0]), float(iterations_left * iteration_s[0]))
+        return PrefillPacing(int(room), float(iteration_s[0]), float(iterations_left * iteration_s[0]), int(max_room))
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -174,10 +174,9 @@ class Simulator:
             while pending or self.scheduler.num_unfinished:
                 while pending and pending[-1].arrival_s <= self.now:
                     self.scheduler.add(pending.pop())
-                if self.config.on_miss == "reject":
-                    rejected = self._reject_hopeless()
-                    done += rejected
-                    bar.update(len(rejected))
+                rejected = self._handle_hopeless()
+                done += rejected
+                bar.update(len(rejected))
                 if not self.scheduler.num_unfinished:
                     if pending:
                         self.now = max(self.now, pending[-1].arrival_s)
@@ -188,9 +187,16 @@ class Simulator:
         start = min((r.arrival_s for r in requests), default=0.0)
         return [r.outcome() for r in requests], self.now - start
 
-    def _reject_hopeless(self) -> list[SimRequest]:
-        """The engine's early rejection: waiting requests that can no longer make their TTFT."""
-        hopeless = self.scheduler.take_hopeless(self.now, lambda r: self.cost.prefill_s(r.num_tokens))
+    def _handle_hopeless(self) -> list[SimRequest]:
+        """The engine's handling of waiting requests that can no longer make their TTFT: rejected
+        (returned) or served after all others."""
+        def prefill_s(request: SimRequest) -> float:
+            return self.cost.prefill_s(request.num_tokens)
+
+        if self.config.on_miss == "best_effort":
+            self.scheduler.demote_hopeless(self.now, prefill_s)
+            return []
+        hopeless = self.scheduler.take_hopeless(self.now, prefill_s)
         for request in hopeless:
             request.status, request.rejected = RequestStatus.FINISHED, True
         return hopeless

@@ -135,7 +135,8 @@ class LLMEngine:
 
     def load(self) -> EngineLoad:
         """How busy the engine is (safe to call from another thread: it only reads)."""
-        waiting, running = list(self.scheduler.waiting), list(self.scheduler.running)
+        waiting = list(self.scheduler.waiting) + list(self.scheduler.late)
+        running = list(self.scheduler.running)
         now = time.monotonic()
         unfinished = waiting + running
         on_track = sum(r.on_track(now) for r in unfinished)
@@ -157,7 +158,7 @@ class LLMEngine:
         requests of the step (never the waiting ones, never the engine); a failure while one
         request takes its tokens (its structured output, say) fails that request alone.
         """
-        outputs = self._reject_hopeless() if self.config.control.slo.on_miss == "reject" else []
+        outputs = self._handle_hopeless()
         views, budgets, prompt_cap = self._plan_or_nothing()
         forced = self._forced_tokens()
         budgets.update({request_id: TreeBudget(depth=len(tokens)) for request_id, tokens in forced.items()})
@@ -588,14 +589,18 @@ class LLMEngine:
             self.drafter.release(request.request_id)
             self.controller.forget(request.request_id)
 
-    def _reject_hopeless(self) -> list[RequestOutput]:
-        """Finish waiting requests whose first token can no longer come within their TTFT SLO."""
+    def _handle_hopeless(self) -> list[RequestOutput]:
+        """Waiting requests whose first token can no longer come within their TTFT SLO: finished
+        at once (``on_miss: reject``; their outputs), or served after all others (best effort)."""
         now = time.monotonic()
         cost = self.controller.cost if self.controller is not None else None
 
         def prefill_s(request: Request) -> float:
             return 0.0 if cost is None else cost.prefill_s(request.num_tokens)
 
+        if self.config.control.slo.on_miss == "best_effort":
+            self.scheduler.demote_hopeless(now, prefill_s)
+            return []
         outputs = []
         for request in self.scheduler.take_hopeless(now, prefill_s):
             waited_ms = (now - request.metrics.arrival_time) * 1e3

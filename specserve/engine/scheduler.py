@@ -5,9 +5,13 @@ prefills, the last sampled token while it decodes. A decoding request may also r
 the step for drafted tokens to verify. Running requests go first, then waiting ones are admitted
 earliest TTFT deadline first (arrival order among equal deadlines) while a KV slot is free and
 the step's token budget lasts; a request waits rather than evicting anything. Long prompts are
-prefilled in chunks across steps, beside other requests' decodes. The controller may cap the
-prompt tokens of a step for the requests whose first token can wait (``PromptCap``), and give a
-request whose prompt a step completes room to verify a drafted tree in it (``add_drafts``).
+prefilled in chunks across steps, beside other requests' decodes. A waiting request whose first
+token can no longer come by its TTFT deadline is either rejected (``take_hopeless``) or, served
+best effort, moved behind every request that can still make its own (``demote_hopeless``):
+in earliest-deadline order alone, the requests already late would go first under overload and
+make the ones behind them late too. The controller may cap the prompt tokens of a step
+(``PromptCap``), and give a request whose prompt a step completes room to verify a drafted tree
+in it (``add_drafts``).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from specserve.spec.tree import TreeBudget
 
 @dataclass(frozen=True)
 class PromptCap:
-    """At most ``tokens`` prompt tokens in a step for the requests that can wait, those whose
-    TTFT deadline is later than ``waits_if_due_after``, and none for those whose deadline is
-    also later than ``holds_if_due_after``; the others take what the step's budget leaves."""
+    """At most ``max_tokens`` prompt tokens in a step, of which at most ``tokens`` for the
+    requests that can wait: those whose TTFT deadline is later than ``waits_if_due_after`` and
+    those already late. None for those whose deadline is also later than ``holds_if_due_after``."""
 
     tokens: int
     waits_if_due_after: float
     holds_if_due_after: float = math.inf
+    max_tokens: int | None = None  # None: what the step's token budget leaves
 
 
 @dataclass
@@ -70,27 +75,33 @@ class Scheduler:
         self.slots = SlotAllocator(num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Request] = []  # by (TTFT deadline, arrival)
+        self.late: list[Request] = []  # waiting after ``waiting``, in the same order
         self.running: list[Request] = []
         self._order: dict[str, tuple[float, int]] = {}
+        self._late_ids: set[str] = set()  # late requests, waiting or running
         self._arrivals = itertools.count()
 
     def add(self, request: Request) -> None:
         self._order[request.request_id] = (request.ttft_deadline, next(self._arrivals))
-        bisect.insort(self.waiting, request, key=lambda r: self._order[r.request_id])
+        bisect.insort(self.waiting, request, key=self._order_of)
+
+    def _order_of(self, request: Request) -> tuple[float, int]:
+        return self._order[request.request_id]
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.late) + len(self.running)
 
     @property
     def has_prompts(self) -> bool:
         """Whether any request still has prompt tokens to prefill."""
-        return bool(self.waiting) or any(r.is_prefilling for r in self.running)
+        return bool(self.waiting or self.late) or any(r.is_prefilling for r in self.running)
 
     @property
     def queued_prompt_tokens(self) -> int:
-        """Prompt tokens still to prefill, of running and waiting requests."""
-        prefilling = (r for r in self.running if not r.is_decoding)
+        """Prompt tokens still to prefill of the requests that are not late (running and
+        waiting): what a waiting prompt's TTFT deadline must leave room for."""
+        prefilling = (r for r in self.running if not r.is_decoding and r.request_id not in self._late_ids)
         return sum(r.num_tokens - r.num_computed_tokens for r in itertools.chain(prefilling, self.waiting))
 
     def schedule(
@@ -98,19 +109,23 @@ class Scheduler:
     ) -> list[ScheduledRequest]:
         """``draft_budgets``: the trees decoding requests (by id) would like verified; each gets
         its tree shrunk to the room left in the step's token budget. ``prompt_cap``: how many
-        prompt tokens of requests that can wait the step takes at most (a request it leaves out
-        keeps its place)."""
+        prompt tokens the step takes at most (a request it leaves out keeps its place)."""
         budget = self.max_num_batched_tokens
         paced = None if prompt_cap is None else prompt_cap.tokens  # prompt tokens left for those that can wait
+        capped = None if prompt_cap is None else prompt_cap.max_tokens  # prompt tokens left for all
 
         def prompt_tokens(request: Request) -> int:
-            nonlocal budget, paced
+            nonlocal budget, paced, capped
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            can_wait = paced is not None and request.ttft_deadline > prompt_cap.waits_if_due_after
-            if can_wait and request.is_prefilling:
-                held = request.ttft_deadline > prompt_cap.holds_if_due_after
-                n = 0 if held else min(n, paced)
-                paced -= n
+            if prompt_cap is not None and request.is_prefilling:
+                if capped is not None:
+                    n = min(n, capped)
+                if request.request_id in self._late_ids or request.ttft_deadline > prompt_cap.waits_if_due_after:
+                    held = request.ttft_deadline > prompt_cap.holds_if_due_after
+                    n = 0 if held else min(n, paced)
+                    paced -= n
+                if capped is not None:
+                    capped -= n
             budget -= n
             return n
 
@@ -126,13 +141,12 @@ class Scheduler:
             draft = _within_room((draft_budgets or {}).get(request.request_id), budget)
             budget -= 0 if draft is None else draft.node_limit
             scheduled.append(ScheduledRequest(request, 1, draft))
-        for request in list(self.waiting):
+        for request in self.waiting + self.late:
             if budget == 0 or not self.slots.num_free:
                 break
             if not (n := prompt_tokens(request)):
                 continue
-            self.waiting.remove(request)
-            self._order.pop(request.request_id)
+            self._unqueue(request)
             request.slot = self.slots.allocate()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -152,21 +166,38 @@ class Scheduler:
     def take_hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> list[Request]:
         """Waiting requests whose first token can no longer come by their TTFT deadline (now plus
         their predicted prefill is past it), taken out of the queue."""
-        late = [r for r in self.waiting if now + prefill_s(r) > r.ttft_deadline]
-        for request in late:
+        hopeless = self._hopeless(now, prefill_s)
+        for request in hopeless:
             self.remove(request)
-        return late
+        return hopeless
+
+    def demote_hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> None:
+        """Move the waiting requests that can no longer make their TTFT deadline (as
+        ``take_hopeless``) behind every other waiting request; steps take their prompt tokens
+        only as requests that can wait (``PromptCap``)."""
+        for request in self._hopeless(now, prefill_s):
+            self.waiting.remove(request)
+            bisect.insort(self.late, request, key=self._order_of)
+            self._late_ids.add(request.request_id)
+
+    def _hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> list[Request]:
+        return [r for r in self.waiting if now + prefill_s(r) > r.ttft_deadline]
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out and free its KV slot."""
         if request in self.running:
             self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-            self._order.pop(request.request_id)
+        elif request in self.waiting or request in self.late:
+            self._unqueue(request)
+        self._late_ids.discard(request.request_id)
         if request.slot is not None:
             self.slots.free(request.slot)
             request.slot = None
+
+    def _unqueue(self, request: Request) -> None:
+        """Take a waiting (or late) request out of its queue."""
+        (self.late if request.request_id in self._late_ids else self.waiting).remove(request)
+        self._order.pop(request.request_id)
 
 
 def _within_room(wanted: TreeBudget | None, room: int) -> TreeBudget | None:
