@@ -122,7 +122,7 @@ class StepView:
 @dataclass(frozen=True)
 class PrefillPacing:
     """Caps on an iteration's prompt tokens: ``tokens`` for prompts that can wait, ``max_tokens``
-    for all (a prompt whose TTFT deadline is near goes before the others, see
+    in all where a prompt that cannot wait is served (it goes before the others, see
     ``SLOController.prompt_cap``, but only as far as the decoding requests' SLOs allow); the
     iteration's predicted time without them, and how long the decoding requests will take, at
     that pace, to emit every token they may still emit."""

@@ -29,9 +29,10 @@ from specserve.spec.tree import TreeBudget
 
 @dataclass(frozen=True)
 class PromptCap:
-    """At most ``max_tokens`` prompt tokens in a step, of which at most ``tokens`` for the
-    requests that can wait: those whose TTFT deadline is later than ``waits_if_due_after`` and
-    those already late. None for those whose deadline is also later than ``holds_if_due_after``."""
+    """At most ``tokens`` prompt tokens in a step for the requests that can wait, those whose
+    TTFT deadline is later than ``waits_if_due_after``, and none for those whose deadline is also
+    later than ``holds_if_due_after``. The others go first, up to ``max_tokens`` prompt tokens
+    in the step (counting those of the requests before them)."""
 
     tokens: int
     waits_if_due_after: float
@@ -78,7 +79,6 @@ class Scheduler:
         self.late: list[Request] = []  # waiting after ``waiting``, in the same order
         self.running: list[Request] = []
         self._order: dict[str, tuple[float, int]] = {}
-        self._late_ids: set[str] = set()  # late requests, waiting or running
         self._arrivals = itertools.count()
 
     def add(self, request: Request) -> None:
@@ -99,9 +99,9 @@ class Scheduler:
 
     @property
     def queued_prompt_tokens(self) -> int:
-        """Prompt tokens still to prefill of the requests that are not late (running and
-        waiting): what a waiting prompt's TTFT deadline must leave room for."""
-        prefilling = (r for r in self.running if not r.is_decoding and r.request_id not in self._late_ids)
+        """Prompt tokens still to prefill, of running requests and of waiting ones that are not
+        late: what a waiting prompt's TTFT deadline must leave room for."""
+        prefilling = (r for r in self.running if not r.is_decoding)
         return sum(r.num_tokens - r.num_computed_tokens for r in itertools.chain(prefilling, self.waiting))
 
     def schedule(
@@ -118,12 +118,12 @@ class Scheduler:
             nonlocal budget, paced, capped
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if prompt_cap is not None and request.is_prefilling:
-                if capped is not None:
-                    n = min(n, capped)
-                if request.request_id in self._late_ids or request.ttft_deadline > prompt_cap.waits_if_due_after:
+                if request.ttft_deadline > prompt_cap.waits_if_due_after:
                     held = request.ttft_deadline > prompt_cap.holds_if_due_after
                     n = 0 if held else min(n, paced)
                     paced -= n
+                elif capped is not None:
+                    n = min(n, max(capped, 0))
                 if capped is not None:
                     capped -= n
             budget -= n
@@ -173,15 +173,24 @@ class Scheduler:
 
     def demote_hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> None:
         """Move the waiting requests that can no longer make their TTFT deadline (as
-        ``take_hopeless``) behind every other waiting request; steps take their prompt tokens
-        only as requests that can wait (``PromptCap``)."""
+        ``take_hopeless``) behind every other waiting request."""
         for request in self._hopeless(now, prefill_s):
             self.waiting.remove(request)
             bisect.insort(self.late, request, key=self._order_of)
-            self._late_ids.add(request.request_id)
 
     def _hopeless(self, now: float, prefill_s: Callable[[Request], float]) -> list[Request]:
-        return [r for r in self.waiting if now + prefill_s(r) > r.ttft_deadline]
+        if not self.waiting:
+            return []
+        # By deadline: past the longest prompt's prefill from now, none is hopeless (a long queue
+        # under overload is not priced request by request every step).
+        horizon = now + prefill_s(max(self.waiting, key=lambda r: r.num_tokens))
+        hopeless = []
+        for request in self.waiting:
+            if request.ttft_deadline > horizon:
+                break
+            if now + prefill_s(request) > request.ttft_deadline:
+                hopeless.append(request)
+        return hopeless
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out and free its KV slot."""
@@ -189,14 +198,13 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting or request in self.late:
             self._unqueue(request)
-        self._late_ids.discard(request.request_id)
         if request.slot is not None:
             self.slots.free(request.slot)
             request.slot = None
 
     def _unqueue(self, request: Request) -> None:
         """Take a waiting (or late) request out of its queue."""
-        (self.late if request.request_id in self._late_ids else self.waiting).remove(request)
+        (self.late if request in self.late else self.waiting).remove(request)
         self._order.pop(request.request_id)
 
 
