@@ -598,6 +598,19 @@ def test_auto_prices_the_tokens_the_draft_must_catch_up_on():
     assert all(b.depth == 0 for b in controller.plan(behind))
 
 
+def test_auto_does_not_speculate_for_goodput_behind_a_prompt_backlog():
+    """More than four full steps of prompts queued: speculating would take room and time from
+    them, unless a full step without it would put a decoding request behind its SLO (a 512-token
+    step costs 30 + 512 x 0.05 ms here: 56 ms against a 50 ms TPOT SLO)."""
+    auto = policy("auto", CHEAP_VERIFY, confident_predictor(0.6))
+    for slo_ms, speculates in [(None, False), (1000, False), (50, True)]:
+        step = step_view(4, slo_ms=slo_ms, depth=2)
+        assert all(b.depth > 0 for b in auto.draft_budgets(step))
+        assert all(b.depth > 0 for b in auto.draft_budgets(replace(step, queued_prompt_tokens=4 * 512)))
+        backlog = auto.draft_budgets(replace(step, queued_prompt_tokens=4 * 512 + 1))
+        assert all((b.depth > 0) == speculates for b in backlog)
+
+
 def test_auto_stops_speculating_once_drafting_is_seen_to_cost_more_than_profiled():
     controller = SLOController("auto", cost_model(30.0, 3.0, draft_ms=4.0), 512)
     controller.predictor = controller.policy.predictor = confident_predictor(0.6)

@@ -340,7 +340,7 @@ class LLMEngine:
         to speculate, and the cap on the step's prompt tokens."""
         now = time.monotonic()
         views = {r.request_id: self._view(r, now) for r in self.scheduler.running if r.is_decoding}
-        step = StepView(list(views.values()))
+        step = StepView(list(views.values()), queued_prompt_tokens=self.scheduler.queued_prompt_tokens)
         budgets = self.controller.plan(step)
         prompt_cap = self.controller.prompt_cap(step, budgets, now, self.scheduler)
         return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}, prompt_cap
