@@ -695,7 +695,8 @@ def test_a_prompt_waits_for_the_decoding_requests_when_paced_chunks_could_not_pr
     assert controller.prompt_cap(unbounded, [TreeBudget(depth=0)], 10.0, scheduler).holds_if_due_after == math.inf
 
 
-def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones():
+def patient_and_urgent():
+    """A scheduler holding a batch-class prompt of 300 tokens and an interactive one of 200."""
     from specserve.control.simulator import SimRequest
 
     slo = SLOConfig().classes
@@ -704,6 +705,11 @@ def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones
     scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
     for request in (patient, urgent):
         scheduler.add(request)
+    return scheduler, patient, urgent
+
+
+def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_without_max_tokens_never_the_urgent_ones():
+    scheduler, patient, urgent = patient_and_urgent()
     assert scheduler.queued_prompt_tokens == 500
     cap = PromptCap(0, waits_if_due_after=10.0)  # the patient one is due after 30 s, the urgent one in 1.5
     assert [(i.request.request_id, i.num_new_tokens) for i in scheduler.schedule({}, cap)] == [("urgent", 200)]
@@ -718,14 +724,7 @@ def test_a_prompt_cap_chunks_the_prompts_that_can_wait_and_never_the_urgent_ones
 
 
 def test_a_prompt_cap_chunks_urgent_prompts_too_to_what_keeps_the_decoding_requests_on_track():
-    from specserve.control.simulator import SimRequest
-
-    slo = SLOConfig().classes
-    patient = SimRequest("patient", 300, 4, slo["batch"], arrival_s=0.0)
-    urgent = SimRequest("urgent", 200, 4, slo["interactive"], arrival_s=0.0)
-    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
-    for request in (patient, urgent):
-        scheduler.add(request)
+    scheduler, patient, urgent = patient_and_urgent()
     cap = PromptCap(50, waits_if_due_after=10.0, max_tokens=120)  # the patient one takes its paced 50 besides
     chunks = scheduler.schedule({}, cap)
     assert [(i.request.request_id, i.num_new_tokens) for i in chunks] == [("urgent", 120), ("patient", 50)]
