@@ -645,6 +645,12 @@ def test_auto_paces_prompts_to_keep_decoding_requests_on_their_slo():
         assert policy(name, cost_model(30.0, 1.0)).prefill_pacing(step, budgets) is None
 
 
+def prompt_cap(controller: SLOController, step: StepView, scheduler: Scheduler) -> PromptCap | None:
+    """The controller's cap at 10 s beside ``step`` (with the queue of ``scheduler``), nothing drafted."""
+    queued = replace(step, queued_prompt_tokens=scheduler.queued_prompt_tokens)
+    return controller.prompt_cap(queued, [TreeBudget(depth=0)] * len(step.requests), 10.0, scheduler)
+
+
 def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_queues_prefill():
     """Prefilling 100 tokens is predicted at 130 ms and a decode-only iteration at 31 ms: a prompt
     may wait while its deadline is more than 2 x 161 ms away. With 700 tokens queued (two steps
@@ -654,12 +660,12 @@ def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_qu
     controller = SLOController("auto", cost_model(30.0, 1.0), 512)
     step = step_view(1, slo_ms=100)
     scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
-    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler) is None  # no prompt
+    assert prompt_cap(controller, step, scheduler) is None  # no prompt
     scheduler.add(SimRequest("first", 100, 4, SLO(ttft_ms=1000), arrival_s=10.0))
-    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler).waits_if_due_after == (
+    assert prompt_cap(controller, step, scheduler).waits_if_due_after == (
         pytest.approx(10.322))
     scheduler.add(SimRequest("second", 600, 4, SLO(ttft_ms=1000), arrival_s=10.0))
-    assert controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler).waits_if_due_after == (
+    assert prompt_cap(controller, step, scheduler).waits_if_due_after == (
         pytest.approx(11.584))
 
 
@@ -685,14 +691,14 @@ def test_a_prompt_waits_for_the_decoding_requests_when_paced_chunks_could_not_pr
     step = StepView([replace(step_view(1).requests[0], remaining_tokens=10)])
     scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
     scheduler.add(SimRequest("small", 100, 4, SLO(ttft_ms=60_000), arrival_s=10.0))
-    cap = controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler)
+    cap = prompt_cap(controller, step, scheduler)
     assert cap.tokens == 15 and cap.holds_if_due_after == math.inf
     scheduler.add(SimRequest("large", 500, 4, SLO(ttft_ms=60_000), arrival_s=10.0))
-    cap = controller.prompt_cap(step, [TreeBudget(depth=0)], now=10.0, scheduler=scheduler)
+    cap = prompt_cap(controller, step, scheduler)
     assert cap.waits_if_due_after == pytest.approx(11.384)
     assert cap.holds_if_due_after == pytest.approx(11.694)
     unbounded = StepView([replace(step.requests[0], remaining_tokens=math.inf)])
-    assert controller.prompt_cap(unbounded, [TreeBudget(depth=0)], 10.0, scheduler).holds_if_due_after == math.inf
+    assert prompt_cap(controller, unbounded, scheduler).holds_if_due_after == math.inf
 
 
 def patient_and_urgent():

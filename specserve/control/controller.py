@@ -64,7 +64,7 @@ class SLOController:
         """The policy's cap on this iteration's prompt tokens beside the planned ``budgets``
         (None: no cap, or no prompt pending in ``scheduler``). A prompt waits only while its TTFT
         deadline leaves ``TTFT_MARGIN`` times the predicted time to prefill every prompt token
-        queued (of requests not yet late), in steps of the step budget beside decodes like this
+        queued (``step.queued_prompt_tokens``: of requests not yet late), in steps of the step budget beside decodes like this
         step's: a long queue, as under overload, leaves none waiting. Those that cannot wait
         still take no more than keeps the decoding requests on track (``PrefillPacing.max_tokens``).
 
@@ -77,7 +77,7 @@ class SLOController:
         pacing = self._timed(lambda: self.policy.prefill_pacing(step, budgets))
         if pacing is None:
             return None
-        queued_tokens = scheduler.queued_prompt_tokens  # counted only for a policy that paces
+        queued_tokens = step.queued_prompt_tokens
         steps = -(-queued_tokens // self.policy.max_step_tokens)
         prefill_s = self.cost.prefill_s(queued_tokens) + steps * pacing.decode_s
         waits = now + TTFT_MARGIN * prefill_s
