@@ -135,6 +135,28 @@ def test_a_request_the_engine_rejects_is_a_503_with_retry_after_and_counted(tiny
         engine.shutdown()
 
 
+def test_a_burst_is_admitted_up_to_the_queue_limit_and_the_rest_get_429(tiny_model):
+    """One KV slot and room for one waiting request: of five concurrent requests two run and three
+    are refused, however their admission checks interleave with the engine's count (a request
+    with a grammar is counted before the grammar is compiled off the event loop)."""
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=1, max_model_len=256))
+    serving = OpenAIServing(engine, "tiny", 1)
+
+    async def burst():
+        request = CompletionRequest(prompt="hello", max_tokens=4, temperature=0,
+                                    response_format={"type": "json_object"})
+        return await asyncio.gather(*(serving.completion(request) for _ in range(5)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(burst())
+        refused = [r for r in results if isinstance(r, ServingError)]
+        assert len(refused) == 3 and all(r.status == 429 and r.retry_after_s >= 1 for r in refused)
+        assert sum(r.choices[0].finish_reason in ("stop", "length") for r in results if r not in refused) == 2
+        assert engine.num_requests == 0
+    finally:
+        engine.shutdown()
+
+
 def test_a_stream_that_fails_midway_ends_with_an_error_event():
     async def events():
         yield "data: 1\n\n"

@@ -193,7 +193,7 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
-    def check_capacity(self) -> None:
+    def _check_capacity(self) -> None:
         """Refuse new work (429 with Retry-After) while the queue is past its limit."""
         slots = self.engine.inputs.config.max_num_seqs
         waiting = self.engine.num_requests - slots
@@ -272,10 +272,14 @@ class OpenAIServing:
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Run one request; a ValueError of the engine becomes a 400 before anything is yielded,
         a request the engine rejects (its TTFT SLO is out of reach) a 503 with Retry-After, a
-        failed generation a 500, and a stopped engine a 503 (the replica is being replaced).
+        failed generation a 500, and a stopped engine a 503 (the replica is being replaced); a
+        full queue refuses it with a 429 before it reaches the engine.
 
         Closing the iterator early (a client that went away) aborts the request.
         """
+        # The check and the engine's count of the request happen with no await between them, so
+        # that a burst of concurrent requests cannot all pass the check before any is counted.
+        self._check_capacity()
         stream = self.engine.generate(prompt, params, request_id=new_id("req"))
         async with aclosing(stream):
             try:

@@ -120,14 +120,12 @@ class SpecServeServer:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
-        self.serving.check_capacity()
         if body.stream:
             return StreamingResponse(await self.serving.completion_stream(body), media_type="text/event-stream")
         return (await self.serving.completion(body)).model_dump(exclude_none=True)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
-        self.serving.check_capacity()
         if body.stream:
             return StreamingResponse(await self.serving.chat_stream(body), media_type="text/event-stream")
         return (await self.serving.chat(body)).model_dump(exclude_none=True)
@@ -136,7 +134,6 @@ class SpecServeServer:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:  # noqa: N802
         try:
-            self.serving.check_capacity()
             return await grpc_serving.generate(self.serving, request)
         except ServingError as exc:
             _grpc_error(grpc_context, exc)
@@ -146,7 +143,6 @@ class SpecServeServer:
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            self.serving.check_capacity()
             responses = await grpc_serving.generate_stream(self.serving, request)
         except ServingError as exc:
             # A stream that yields nothing never passes its context on: raising with the code

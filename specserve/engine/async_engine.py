@@ -142,20 +142,23 @@ class AsyncLLMEngine:
         Leaving the iteration early (or cancelling the task) aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
-        if self.engine is None:
-            request = NewRequest(request_id, self.inputs.prompt_ids(prompt, params), params, time.monotonic())
-        elif params.structured is not None:  # compiling a grammar may take a second: not on the loop
-            request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params)
-        else:
-            request = self.engine.make_request(request_id, prompt, params)
+        # Counted in num_requests from the first step of the iteration, before anything awaits, so
+        # that an admission check just before it sees every request admitted so far; a loop that
+        # stops from now on fails the stream.
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream  # before the check: a loop that stops from now on fails it
-        if not self.is_alive():
-            self._streams.pop(request_id, None)
-            raise RuntimeError(f"the engine has stopped: {self._failure or 'shut down'}")
-        self._core.send(("add", request))
-        finished = False
+        self._streams[request_id] = stream
+        sent = finished = False
         try:
+            if self.engine is None:
+                request = NewRequest(request_id, self.inputs.prompt_ids(prompt, params), params, time.monotonic())
+            elif params.structured is not None:  # compiling a grammar may take a second: not on the loop
+                request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params)
+            else:
+                request = self.engine.make_request(request_id, prompt, params)
+            if not self.is_alive():
+                raise RuntimeError(f"the engine has stopped: {self._failure or 'shut down'}")
+            self._core.send(("add", request))
+            sent = True
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -166,7 +169,7 @@ class AsyncLLMEngine:
                     raise RequestRejected(item) if rejected else RuntimeError(item.error)
                 yield item
         finally:
-            if not finished:
+            if sent and not finished:
                 self._core.send(("abort", request_id))
             self._streams.pop(request_id, None)
 
