@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 
@@ -298,6 +299,22 @@ def test_the_last_chunk_of_a_prompt_verifies_a_tree_beside_its_scored_prompt_tok
         assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
 
 
+def test_target_features_are_kept_as_copies_and_only_for_requests_that_may_draft(tiny_model, tiny_eagle):
+    """A request that refuses speculation never drafts, so the engine keeps none of its target
+    features; a request that drafts keeps copies, not views that would hold every step's whole
+    hidden states alive."""
+    engine = spec_engine(tiny_model, tiny_eagle, budget=TreeBudget(depth=2, width=2))
+    plain = GREEDY.model_copy(update={"max_tokens": 30, "speculation": TreeBudget(depth=0)})
+    engine.add_request(engine.make_request("plain", PROMPTS[0], plain))
+    engine.add_request(engine.make_request("spec", PROMPTS[1], GREEDY.model_copy(update={"max_tokens": 30})))
+    for _ in range(4):
+        engine.step()
+        assert "plain" not in engine._target_features
+        for part in engine._target_features.get("spec", []):
+            assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+    assert engine.requests["plain"].spec_stats.steps == 0 and engine.spec_stats.steps > 0
+
+
 def test_eagle_cache_holds_the_sequence_fed_with_the_target_features(tmp_path):
     """After speculative steps (trees dropped, accepted tokens fed again), the EAGLE draft's K/V
     equal one fresh feed of the sequence with the target's own features of each previous
@@ -341,6 +358,32 @@ def test_ngram_drafter_finds_the_continuation_of_the_longest_match():
     assert tree.tokens[:2] == [7, 4] and tree.probs[:2] == [0.5, 0.5]
     assert [tree.tokens[i] for i in tree.path(len(tree) - 1)] in ([7, 8, 0], [4, 5, 9])
     assert drafter.continuations([5, 6, 7], 2) == []
+
+
+def test_ngram_lookups_of_a_growing_sequence_equal_a_scan_of_it():
+    """A request's n-gram index, extended as its sequence grows (and rebuilt when the sequence
+    is not a continuation of what it indexed), finds what scanning the whole sequence finds."""
+    from specserve.spec.ngram import MAX_MATCHES, NgramDrafter
+
+    def scan(token_ids, length, min_n, max_n):
+        for n in range(min(max_n, len(token_ids) - 1), min_n - 1, -1):
+            starts = [s for s in range(len(token_ids) - n) if token_ids[s : s + n] == token_ids[-n:]]
+            if starts:
+                return [token_ids[s + n : s + n + length] for s in starts[::-1][:MAX_MATCHES]]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(50):
+        min_n, max_n = rng.randint(1, 2), rng.randint(2, 4)
+        drafter = NgramDrafter(min_n, max_n)
+        sequence = [rng.randrange(5) for _ in range(rng.randint(1, 5))]
+        for _ in range(40):
+            assert drafter.continuations(sequence, 3, "r") == scan(sequence, 3, min_n, max_n)
+            sequence = sequence + [rng.randrange(5) for _ in range(rng.randint(1, 3))]
+            if rng.random() < 0.1:
+                sequence = sequence[: rng.randint(1, len(sequence))]
+        drafter.release("r")
+        assert drafter._indexes == {}
 
 
 def test_hybrid_speculation_on_repetitive_text_uses_lookups_and_stays_lossless(tiny_model, tiny_draft, tiny_engine):
@@ -459,7 +502,7 @@ def test_hybrid_hint_is_a_matching_lookups_share_times_its_accuracy_learned_with
     drafter.acceptance_hint("r", [1, 2, 3, 1, 2, 3])  # the target did choose 3: no tree was drafted
     assert drafter._accuracy["r"] == pytest.approx((1 - SMOOTHING) * PRIOR_ACCURACY + SMOOTHING)
     drafter.release("r")
-    assert not drafter._accuracy and not drafter._pending
+    assert not drafter._accuracy and not drafter._pending and not drafter.lookup._indexes
 
 
 def _exact_joint(

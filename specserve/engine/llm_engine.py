@@ -309,6 +309,10 @@ class LLMEngine:
 
     # --------------------------------------------------------------- speculation
 
+    def _may_draft(self, request: Request) -> bool:
+        """Whether the request's own budget (or the config's) allows drafting at all."""
+        return (request.params.speculation or self.config.speculative.budget).depth > 0
+
     def _max_budget(self, request: Request) -> TreeBudget:
         """The most the request may draft: its own cap (or the config's), shrunk to its
         remaining tokens and free KV positions."""
@@ -437,11 +441,12 @@ class LLMEngine:
 
     def _read_prompts(self, requests: list[Request]) -> None:
         """The draft reads the prompts of ``requests`` (of which this step computed the last
-        tokens) that it may draft from later: a tree after the first token needs two more."""
+        tokens) that it may draft from later: a tree after the first token needs two more, and
+        a request whose own budget is no speculation never drafts."""
         reads = [
             DraftRequest(r.request_id, r.slot, r.all_token_ids, OFF, self._take_target_features(r.request_id))
             for r in requests
-            if r.params.max_tokens > 2
+            if r.params.max_tokens > 2 and self._may_draft(r)
         ]
         if reads:
             self.drafter.read(reads)
@@ -498,12 +503,15 @@ class LLMEngine:
         picks: dict[str, Pick],
     ) -> None:
         """Keep, for each request's next DraftRequest, the target's features of the positions it
-        cached this step: every fed token, or of a verified tree the root and the accepted nodes."""
+        cached this step: every fed token, or of a verified tree the root and the accepted nodes.
+        Copies, not views: a request that does not draft for a while would otherwise keep every
+        step's whole ``hidden`` alive. None for a request that never drafts."""
         sizes = [item.num_new_tokens + len(trees.get(item.request.request_id, ())) for item in scheduled]
         for item, rows in zip(scheduled, hidden.split(sizes)):
             request_id = item.request.request_id
-            if request_id in trees:
-                rows = rows[picks[request_id].rows]
+            if not self._may_draft(item.request):
+                continue
+            rows = rows[picks[request_id].rows] if request_id in trees else rows.clone()
             self._target_features.setdefault(request_id, []).append(rows)
 
     def _take_target_features(self, request_id: str) -> torch.Tensor | None:

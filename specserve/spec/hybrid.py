@@ -42,7 +42,7 @@ class HybridDrafter:
         (None without a match). Every call also scores the last lookup and remembers this one, so
         the accuracy is learned while the request does not speculate too."""
         self._score_last_lookup(request_id, token_ids)
-        continuations = [c for c in self.lookup.continuations(token_ids, 1) if c]
+        continuations = [c for c in self.lookup.continuations(token_ids, 1, request_id) if c]
         if not continuations:
             return None
         counts = Counter(c[0] for c in continuations)
@@ -80,6 +80,7 @@ class HybridDrafter:
     def release(self, request_id: str) -> None:
         self._accuracy.pop(request_id, None)
         self._pending.pop(request_id, None)
+        self.lookup.release(request_id)
         self.model.release(request_id)
 
     def _score_last_lookup(self, request_id: str, token_ids: list[int]) -> None:
