@@ -651,6 +651,16 @@ def prompt_cap(controller: SLOController, step: StepView, scheduler: Scheduler) 
     return controller.prompt_cap(queued, [TreeBudget(depth=0)] * len(step.requests), 10.0, scheduler)
 
 
+def test_only_a_policy_that_reads_the_prompt_queue_has_it_counted():
+    from specserve.control.simulator import SimRequest
+
+    scheduler = Scheduler(num_slots=4, max_num_batched_tokens=512)
+    scheduler.add(SimRequest("waiting", 300, 4, SLO(ttft_ms=1000), arrival_s=0.0))
+    counted = {name: SLOController(name, cost_model(30.0, 1.0), 512).decode_step([], scheduler).queued_prompt_tokens
+               for name in POLICIES}
+    assert counted == {name: 300 if name == "auto" else 0 for name in POLICIES}
+
+
 def test_a_prompt_waits_only_while_its_ttft_deadline_leaves_a_margin_over_the_queues_prefill():
     """Prefilling 100 tokens is predicted at 130 ms and a decode-only iteration at 31 ms: a prompt
     may wait while its deadline is more than 2 x 161 ms away. With 700 tokens queued (two steps

@@ -51,6 +51,12 @@ class SLOController:
         finally:
             self.decision_seconds += time.perf_counter() - start
 
+    def decode_step(self, requests: list[RequestView], scheduler: Scheduler) -> StepView:
+        """The view of an iteration's decoding ``requests``, with the prompt tokens queued in
+        ``scheduler`` where the policy reads them (counting them walks the queue)."""
+        queued = scheduler.queued_prompt_tokens if self.policy.reads_prompt_queue else 0
+        return StepView(requests, queued_prompt_tokens=queued)
+
     def plan(self, step: StepView) -> list[TreeBudget]:
         """Each decoding request's draft budget for this iteration (within its own cap)."""
         if not step.requests:
@@ -64,8 +70,8 @@ class SLOController:
         """The policy's cap on this iteration's prompt tokens beside the planned ``budgets``
         (None: no cap, or no prompt pending in ``scheduler``). A prompt waits only while its TTFT
         deadline leaves ``TTFT_MARGIN`` times the predicted time to prefill every prompt token
-        queued (``step.queued_prompt_tokens``: of requests not yet late), in steps of the step budget beside decodes like this
-        step's: a long queue, as under overload, leaves none waiting. Those that cannot wait
+        queued (``step.queued_prompt_tokens``: of requests not yet late), in steps of the step
+        budget beside decodes like this step's: a long queue, as under overload, leaves none waiting. Those that cannot wait
         still take no more than keeps the decoding requests on track (``PrefillPacing.max_tokens``).
 
         When the capped chunks cannot prefill the queue before the decoding requests have

@@ -245,6 +245,9 @@ class Policy(ABC):
     needs_cost_model: ClassVar[bool] = True
     trims: ClassVar[bool] = False  # whether ``select`` may verify fewer nodes than were drafted
     speculates: ClassVar[bool] = True  # whether it ever drafts
+    # Whether its decisions read ``StepView.queued_prompt_tokens`` (prompt pacing, the backlog
+    # rule); for the others the engine does not count the queue.
+    reads_prompt_queue: ClassVar[bool] = False
 
     def __init__(
         self, cost: CostModel | CorrectedCost | None, predictor: AcceptancePredictor, max_step_tokens: int
@@ -442,6 +445,7 @@ class AutoSpeculation(Policy):
 
     name = "auto"
     trims = True
+    reads_prompt_queue = True
     # Speculating for goodput must be predicted to beat plain decoding by this factor: the cost
     # model errs by some per cent on a step, and a step wrongly thought to pay costs everyone in it.
     min_gain: ClassVar[float] = 1.05

@@ -238,7 +238,7 @@ class Simulator:
 
     def _step(self) -> list[SimRequest]:
         views = {r.request_id: self._view(r) for r in self.scheduler.running if r.is_decoding}
-        plan_step = StepView(list(views.values()), queued_prompt_tokens=self.scheduler.queued_prompt_tokens)
+        plan_step = self.controller.decode_step(list(views.values()), self.scheduler)
         planned = self.controller.plan(plan_step)
         prompt_cap = self.controller.prompt_cap(plan_step, planned, self.now, self.scheduler)
         scheduled = self.scheduler.schedule({i: b for i, b in zip(views, planned) if b.depth > 0}, prompt_cap)

@@ -309,16 +309,18 @@ class LLMEngine:
 
     # --------------------------------------------------------------- speculation
 
+    def _speculation_cap(self, request: Request) -> TreeBudget:
+        """The most the request may ever draft: its own budget, or the config's."""
+        return request.params.speculation or self.config.speculative.budget
+
     def _may_draft(self, request: Request) -> bool:
-        """Whether the request's own budget (or the config's) allows drafting at all."""
-        return (request.params.speculation or self.config.speculative.budget).depth > 0
+        return self._speculation_cap(request).depth > 0
 
     def _max_budget(self, request: Request) -> TreeBudget:
-        """The most the request may draft: its own cap (or the config's), shrunk to its
-        remaining tokens and free KV positions."""
-        budget = request.params.speculation or self.config.speculative.budget
+        """The most the request may draft this step: its cap, shrunk to its remaining tokens
+        and free KV positions."""
         remaining = request.params.max_tokens - len(request.output_token_ids)
-        return budget.fit(remaining, self.max_model_len - request.num_tokens)
+        return self._speculation_cap(request).fit(remaining, self.max_model_len - request.num_tokens)
 
     def _view(self, request: Request, now: float) -> RequestView:
         hints = self.drafter is not None and self.drafter.gives_acceptance_hints
@@ -344,7 +346,7 @@ class LLMEngine:
         to speculate, and the cap on the step's prompt tokens."""
         now = time.monotonic()
         views = {r.request_id: self._view(r, now) for r in self.scheduler.running if r.is_decoding}
-        step = StepView(list(views.values()), queued_prompt_tokens=self.scheduler.queued_prompt_tokens)
+        step = self.controller.decode_step(list(views.values()), self.scheduler)
         budgets = self.controller.plan(step)
         prompt_cap = self.controller.prompt_cap(step, budgets, now, self.scheduler)
         return views, {i: b for i, b in zip(views, budgets) if b.depth > 0}, prompt_cap
