@@ -158,6 +158,7 @@ def _distill(args: argparse.Namespace) -> int:
     from specserve.distill.train import TrainConfig, train_draft
     from specserve.engine.llm_engine import LLMEngine
     from specserve.models.default_model import default_model_dir
+    from specserve.spec.draft_model import VOCAB_FILE
 
     if args.out is None and args.stage != "data":
         print("error: --out is required unless --stage data", file=sys.stderr)
@@ -189,6 +190,12 @@ def _distill(args: argparse.Namespace) -> int:
         print(f"error: no training data in {work}; run the data stage first", file=sys.stderr)
         return 2
     out = Path(args.out).expanduser()
+    if args.init is not None and args.method == "eagle":
+        print("error: --init continues a model draft; it does not apply to --method eagle", file=sys.stderr)
+        return 2
+    if args.init is not None and not (Path(args.init) / VOCAB_FILE).is_file():
+        print(f"error: {args.init} is not a draft written by specserve distill (no {VOCAB_FILE})", file=sys.stderr)
+        return 2
     if args.method == "eagle":
         epochs = {"epochs": args.epochs} if args.epochs else {}
         config = EagleTrainConfig(
@@ -206,6 +213,7 @@ def _distill(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=str(engine_config.torch_device()),
             max_seconds=args.max_train_seconds,
+            init=Path(args.init) if args.init else None,
         )
         summary = train_draft(samples, target_path, out, train)
     for key, value in summary.items():
@@ -336,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--method", choices=["model", "eagle"], default="model",
                          help="model: a small standalone LM (the committed default draft); eagle: a head over the target's features")
     distill.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="target layers the draft starts from")
+    distill.add_argument("--init", default=None, metavar="DRAFT",
+                         help="train this draft further (model method; its layers and vocabulary are kept)")
     distill.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (incl. the unknown row)")
     distill.add_argument("--epochs", type=int, default=None, help="training epochs (default: 4 for eagle, 8 for model)")
     distill.add_argument("--lr", type=float, default=1e-3)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from specserve.cli import main
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
@@ -19,7 +20,7 @@ from specserve.distill.data import (
 )
 from specserve.distill.eagle import FEATURES_FILE
 from specserve.distill.prompts import SELF_PROMPT, Prompt, chat_prompts, self_written_prompts
-from specserve.distill.train import optimize, with_distributions
+from specserve.distill.train import load_draft, optimize, with_distributions
 from specserve.engine.llm_engine import LLMEngine
 from specserve.spec.tree import TreeBudget
 from test_engine import GREEDY, run
@@ -61,6 +62,28 @@ def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_pa
     assert [o.output.token_ids for o in run(engine, PROMPTS, GREEDY)] == [
         o.output.token_ids for o in run(plain, PROMPTS, GREEDY)
     ]
+
+
+def test_a_draft_trains_further_from_where_it_stopped(tiny_model, tmp_path, capsys):
+    work, first, second = tmp_path / "work", tmp_path / "first", tmp_path / "second"
+    args = ["distill", "--model", str(tiny_model), "--work", str(work), "--num-prompts", "8", "--num-documents", "1",
+            "--max-new-tokens", "12", "--document-tokens", "16", "--batch-size", "8", "--layers", "0",
+            "--draft-vocab", "150", "--epochs", "1"]
+    assert main([*args, "--out", str(first)]) == 0
+    vocabulary, draft = load_draft(first)
+    assert len(vocabulary) == 149 and draft.config.num_hidden_layers == 1
+    saved = {k: v.float() for k, v in load_file(first / "model.safetensors").items()}
+    assert all(torch.equal(draft.state_dict()[k], v) for k, v in saved.items())
+
+    # --layers and --draft-vocab are the first draft's, whatever the command line says
+    assert main([*args, "--layers", "0", "1", "--draft-vocab", "99", "--init", str(first), "--out", str(second)]) == 0
+    assert load_draft(second)[0] == vocabulary
+    assert json.loads((second / "config.json").read_text())["num_hidden_layers"] == 1
+    assert f"started_from: {first}" in capsys.readouterr().out
+
+    assert main([*args, "--method", "eagle", "--init", str(first), "--out", str(second)]) == 2
+    assert main([*args, "--init", str(work), "--out", str(second)]) == 2
+    assert "no draft_vocab.json" in capsys.readouterr().err
 
 
 def test_training_prompts_are_distinct_and_never_spec_bench():

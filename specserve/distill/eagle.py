@@ -34,6 +34,7 @@ from specserve.distill.train import (
     Example,
     _collate,
     batches,
+    choose_vocabulary,
     optimize,
     split_samples,
     top1_matches,
@@ -206,9 +207,8 @@ def train_eagle(samples: list[dict], target_path: Path, work_dir: Path, out_dir:
     torch.manual_seed(config.seed)
     samples = with_distributions(samples)
     features = target_features(samples, target_path, work_dir, config.max_len, config.device)
-    vocabulary, train, val = split_samples(
-        samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
-    )
+    vocabulary = choose_vocabulary(samples, config.vocab_size)
+    train, val = split_samples(samples, vocabulary, target_path, config.max_len, config.validation_share, rng)
     head = build_head(target_path, vocabulary, config.layers).to(config.device)
     head.embed_tokens.weight.requires_grad_(config.train_embedding)
     before = evaluate(head, val, features, config)

@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # training runs in bfloat16 autocast on CUDA
     max_seconds: float | None = None  # stop early, the schedule ending with the time
+    init: Path | None = None  # a saved draft to train further (its layers and vocabulary)
 
 
 @dataclass
@@ -153,6 +154,12 @@ def build_draft(target_path: Path, vocabulary: list[int], layers: tuple[int, ...
     return draft
 
 
+def load_draft(path: Path) -> tuple[list[int], LlamaForCausalLM]:
+    """The vocabulary (target ids) and model of a draft ``save_draft`` wrote, to train further."""
+    vocabulary = json.loads((path / VOCAB_FILE).read_text())["target_ids"]
+    return vocabulary, LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def top1_matches(logits: torch.Tensor, targets: torch.Tensor) -> int:
     """Positions where the draft's best token is the target's. The draft's last row is the
     unknown token, which it never proposes, so it never counts as a match."""
@@ -177,16 +184,16 @@ def with_distributions(samples: list[dict]) -> list[dict]:
 
 
 def split_samples(
-    samples: list[dict], target_path: Path, vocab_size: int, max_len: int, validation_share: float, rng: random.Random
-) -> tuple[list[int], list[Example], list[Example]]:
-    """The draft vocabulary (target ids), and training and validation examples of ``samples``
-    (``with_distributions``' output; shuffled in place)."""
-    vocabulary = choose_vocabulary(samples, vocab_size)
+    samples: list[dict], vocabulary: list[int], target_path: Path, max_len: int, validation_share: float,
+    rng: random.Random,
+) -> tuple[list[Example], list[Example]]:
+    """Training and validation examples of ``samples`` (``with_distributions``' output; shuffled
+    in place) in the draft ``vocabulary`` (target ids)."""
     to_draft = torch.full((AutoConfig.from_pretrained(target_path).vocab_size,), len(vocabulary))
     to_draft[torch.tensor(vocabulary)] = torch.arange(len(vocabulary))
     rng.shuffle(samples)
     n_val = max(1, int(len(samples) * validation_share))
-    return vocabulary, make_examples(samples[n_val:], to_draft, max_len), make_examples(samples[:n_val], to_draft, max_len)
+    return make_examples(samples[n_val:], to_draft, max_len), make_examples(samples[:n_val], to_draft, max_len)
 
 
 def optimize(
@@ -239,10 +246,13 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     samples = with_distributions(samples)
-    vocabulary, train, val = split_samples(
-        samples, target_path, config.vocab_size, config.max_len, config.validation_share, rng
-    )
-    draft = build_draft(target_path, vocabulary, config.layers).to(config.device)
+    if config.init is None:
+        vocabulary = choose_vocabulary(samples, config.vocab_size)
+        draft = build_draft(target_path, vocabulary, config.layers)
+    else:
+        vocabulary, draft = load_draft(config.init)
+    draft = draft.to(config.device)
+    train, val = split_samples(samples, vocabulary, target_path, config.max_len, config.validation_share, rng)
     vocab = len(vocabulary) + 1
     before = evaluate(draft, val, vocab, config.batch_tokens)
 
@@ -259,7 +269,7 @@ def train_draft(samples: list[dict], target_path: Path, out_dir: Path, config: T
         "samples_by_category": dict(Counter(s["category"] for s in samples)),
         "validation_samples": len(val),
         "draft_vocab": vocab,
-        "target_layers": list(config.layers),
+        "started_from": f"target layers {list(config.layers)}" if config.init is None else str(config.init),
         "epochs": config.epochs,
         "training_steps": f"{steps} of {sum(map(len, plan))}",
         "validation_top1_agreement_before": before["top1"],
