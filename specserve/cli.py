@@ -163,6 +163,14 @@ def _distill(args: argparse.Namespace) -> int:
     if args.out is None and args.stage != "data":
         print("error: --out is required unless --stage data", file=sys.stderr)
         return 2
+    # Checked before the data stage, which can run for hours.
+    init = Path(args.init).expanduser() if args.init else None
+    if init is not None and args.method == "eagle":
+        print("error: --init continues a model draft; it does not apply to --method eagle", file=sys.stderr)
+        return 2
+    if init is not None and not (init / VOCAB_FILE).is_file():
+        print(f"error: {init} is not a draft written by specserve distill (no {VOCAB_FILE})", file=sys.stderr)
+        return 2
     work = Path(args.work).expanduser()
     # A step's token budget leaves room for prefill chunks beside a full batch of decodes.
     engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch_size,
@@ -190,12 +198,6 @@ def _distill(args: argparse.Namespace) -> int:
         print(f"error: no training data in {work}; run the data stage first", file=sys.stderr)
         return 2
     out = Path(args.out).expanduser()
-    if args.init is not None and args.method == "eagle":
-        print("error: --init continues a model draft; it does not apply to --method eagle", file=sys.stderr)
-        return 2
-    if args.init is not None and not (Path(args.init) / VOCAB_FILE).is_file():
-        print(f"error: {args.init} is not a draft written by specserve distill (no {VOCAB_FILE})", file=sys.stderr)
-        return 2
     if args.method == "eagle":
         epochs = {"epochs": args.epochs} if args.epochs else {}
         config = EagleTrainConfig(
@@ -213,7 +215,7 @@ def _distill(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=str(engine_config.torch_device()),
             max_seconds=args.max_train_seconds,
-            init=Path(args.init) if args.init else None,
+            init=init,
         )
         summary = train_draft(samples, target_path, out, train)
     for key, value in summary.items():
