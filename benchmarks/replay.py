@@ -18,7 +18,7 @@ TPOT over none's.
     python benchmarks/replay.py --json OUT.json [--trace PATH] [--questions PATH] [--quick]
         [--rates 0.3 1 2 4] [--requests N] [--max-new-tokens N] [--policies none auto ...]
         [--slo-mix interactive=0.4,chat=0.4,batch=0.2] [--slo-scale F] [--seed N]
-        [--speculative draft|ngram|hybrid] [--rounds N]
+        [--speculative draft|ngram|hybrid] [--draft-model DIR] [--rounds N]
 
 With ``--rounds N`` every (load, policy) run is repeated N times, interleaved with the others,
 and its row pools the N runs' requests. Writes OUT.json, prints a markdown table and plots attainment and goodput vs load to OUT.png.
@@ -196,6 +196,7 @@ def parse_args() -> argparse.Namespace:
                         help="replay every (load, policy) this many times, interleaved, and pool them")
     parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default="hybrid",
                         help="the drafter every speculating policy uses (default: hybrid, the draft model and lookups)")
+    parser.add_argument("--draft-model", default=None, help="draft directory (default: the distilled default draft)")
     args = parser.parse_args()
     for path in (args.trace, args.questions):
         if not path.is_file():
@@ -224,7 +225,9 @@ def main() -> int:
         max_num_seqs=16,
         max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=512,
-        speculative=SpeculativeConfig(method=args.speculative, budget=TreeBudget(depth=4, width=2)),
+        speculative=SpeculativeConfig(
+            method=args.speculative, draft_model=args.draft_model, budget=TreeBudget(depth=4, width=2)
+        ),
         control=ControlConfig(policy="auto", slo=SLOConfig().scaled(args.slo_scale)),
     )
     slo_config = config.control.slo
