@@ -41,7 +41,7 @@ from specserve.distill.train import (
     with_distributions,
 )
 from specserve.models.eagle import EAGLE_ARCHITECTURE
-from specserve.spec.draft_model import VOCAB_FILE
+from specserve.spec.draft_model import write_draft_vocabulary
 
 FEATURES_FILE = "target_features.pt"
 
@@ -244,7 +244,7 @@ def save_head(head: EagleHead, vocabulary: list[int], out_dir: Path, summary: di
     tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in head.state_dict().items()
                if not k.startswith("rotary.")}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / VOCAB_FILE).write_text(json.dumps({"target_ids": vocabulary}))
+    write_draft_vocabulary(out_dir, vocabulary)
     (out_dir / "README.md").write_text(
         "# SpecServe EAGLE draft head\n\nTrained by `specserve distill --method eagle` on the target's "
         "own greedy answers to template prompts and its features (no Spec-Bench data).\n\n```json\n"

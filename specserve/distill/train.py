@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from specserve.spec.draft_model import VOCAB_FILE
+from specserve.spec.draft_model import read_draft_vocabulary, write_draft_vocabulary
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,7 @@ def build_draft(target_path: Path, vocabulary: list[int], layers: tuple[int, ...
 
 def load_draft(path: Path) -> tuple[list[int], LlamaForCausalLM]:
     """The vocabulary (target ids) and model of a draft ``save_draft`` wrote, to train further."""
-    vocabulary = json.loads((path / VOCAB_FILE).read_text())["target_ids"]
-    return vocabulary, LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return read_draft_vocabulary(path), LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def top1_matches(logits: torch.Tensor, targets: torch.Tensor) -> int:
@@ -299,7 +298,7 @@ def save_draft(draft: LlamaForCausalLM, vocabulary: list[int], out_dir: Path, su
     the target's tokenizer, so none is copied."""
     out_dir.mkdir(parents=True, exist_ok=True)
     draft.to(torch.bfloat16).save_pretrained(out_dir)
-    (out_dir / VOCAB_FILE).write_text(json.dumps({"target_ids": vocabulary}))
+    write_draft_vocabulary(out_dir, vocabulary)
     (out_dir / "README.md").write_text(
         "# SpecServe default draft\n\nDistilled by `specserve distill` from the target's own "
         "greedy answers to template prompts and to user turns it wrote itself (no Spec-Bench data)."

@@ -40,6 +40,18 @@ from specserve.spec.tree import TokenTree
 VOCAB_FILE = "draft_vocab.json"
 
 
+def read_draft_vocabulary(draft_dir: Path) -> list[int] | None:
+    """The target id of every draft id, from the draft's ``draft_vocab.json``; None without one
+    (the draft shares the target's vocabulary)."""
+    file = draft_dir / VOCAB_FILE
+    return json.loads(file.read_text())["target_ids"] if file.is_file() else None
+
+
+def write_draft_vocabulary(draft_dir: Path, target_ids: list[int]) -> None:
+    """Record a reduced draft vocabulary (the target id of every draft id) next to its weights."""
+    (draft_dir / VOCAB_FILE).write_text(json.dumps({"target_ids": target_ids}))
+
+
 class DraftVocabulary:
     """Maps a draft with a reduced vocabulary onto the target's token ids.
 
@@ -67,9 +79,7 @@ class DraftVocabulary:
 
     @classmethod
     def load(cls, path: Path, draft_vocab: int, target_vocab: int) -> DraftVocabulary:
-        file = path / VOCAB_FILE
-        to_target = json.loads(file.read_text())["target_ids"] if file.is_file() else None
-        return cls(to_target, draft_vocab, target_vocab)
+        return cls(read_draft_vocabulary(path), draft_vocab, target_vocab)
 
 
 @dataclass
