@@ -153,6 +153,7 @@ def _distill(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from specserve.config import EngineConfig
+    from specserve.distill.corpus import CorpusError, read_passages
     from specserve.distill.data import DataConfig, generate_dataset, read_samples
     from specserve.distill.eagle import EagleTrainConfig, train_eagle
     from specserve.distill.train import TrainConfig, train_draft
@@ -171,6 +172,13 @@ def _distill(args: argparse.Namespace) -> int:
     if init is not None and not (init / VOCAB_FILE).is_file():
         print(f"error: {init} is not a draft written by specserve distill (no {VOCAB_FILE})", file=sys.stderr)
         return 2
+    documents = Path(args.documents).expanduser() if args.documents else None
+    if documents is not None and args.stage != "train":
+        try:
+            read_passages(documents)
+        except (OSError, CorpusError) as e:
+            print(f"error: --documents: {e}", file=sys.stderr)
+            return 2
     work = Path(args.work).expanduser()
     # A step's token budget leaves room for prefill chunks beside a full batch of decodes.
     engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch_size,
@@ -186,6 +194,8 @@ def _distill(args: argparse.Namespace) -> int:
                 document_tokens=args.document_tokens,
                 batch_size=args.batch_size,
                 seed=args.seed,
+                documents=documents,
+                num_corpus_documents=args.num_corpus_documents,
             )
             generate_dataset(engine, work, data)
         finally:
@@ -340,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--num-documents", type=int, default=150, help="long-context documents to write and reuse")
     distill.add_argument("--num-self-prompts", type=int, default=0,
                          help="user turns the target writes itself (Magpie) and then answers")
+    distill.add_argument("--documents", default=None, metavar="JSONL",
+                         help='outside documents to summarize, extract from and reply to ({"text": ...} per line)')
+    distill.add_argument("--num-corpus-documents", type=int, default=300,
+                         help="passages of --documents asked about per seed")
     distill.add_argument("--max-new-tokens", type=int, default=192)
     distill.add_argument("--document-tokens", type=int, default=320, help="length of each written document")
     distill.add_argument("--batch-size", type=int, default=32, help="concurrent requests while generating data")

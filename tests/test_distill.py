@@ -18,8 +18,16 @@ from specserve.distill.data import (
     read_samples,
     user_turn_prefix,
 )
+from specserve.distill.corpus import split_passages
 from specserve.distill.eagle import FEATURES_FILE
-from specserve.distill.prompts import SELF_PROMPT, Prompt, chat_prompts, self_written_prompts
+from specserve.distill.prompts import (
+    CORPUS_TASKS,
+    SELF_PROMPT,
+    Prompt,
+    chat_prompts,
+    corpus_prompts,
+    self_written_prompts,
+)
 from specserve.distill.train import load_draft, optimize, with_distributions
 from specserve.engine.llm_engine import LLMEngine
 from specserve.spec.tree import TreeBudget
@@ -131,6 +139,38 @@ def test_documents_are_sampled_with_distributions_and_each_seed_writes_new_ones(
     assert first.seed != second.seed
     _, answer = _request(tiny_engine, Prompt("qa-s0-3", "qa", "Who wrote Hamlet?"), DataConfig(seed=0), [])
     assert answer.temperature == 0.0
+
+
+def test_long_documents_are_cut_at_sentence_ends_keeping_paragraphs():
+    text = "One two three. Four five six! Seven eight?\n\nNine ten. " + "x" * 40 + "."
+    passages = split_passages(text, max_chars=30)
+    assert passages == ["One two three. Four five six!", "Seven eight?\n\nNine ten.", "x" * 40 + "."]
+    assert split_passages(text, max_chars=200) == [text]
+
+
+def test_outside_documents_are_asked_about_and_each_seed_draws_other_passages(tiny_model, tmp_path, capsys):
+    documents = tmp_path / "documents.jsonl"
+    articles = [f"Article {i} reports on harbour number {i}. " * 12 for i in range(6)]
+    documents.write_text("".join(json.dumps({"text": a, "source": "test"}) + "\n" for a in articles))
+    work = tmp_path / "work"
+    args = ["distill", "--stage", "data", "--model", str(tiny_model), "--work", str(work), "--num-prompts", "0",
+            "--num-documents", "0", "--max-new-tokens", "4", "--batch-size", "4", "--documents", str(documents),
+            "--num-corpus-documents", "3"]
+    assert main(args) == 0
+    samples = list(read_samples(work))
+    assert len(samples) == 3 and all(s["top_ids"] for s in samples)
+    assert {s["category"] for s in samples} <= {category for category, _ in CORPUS_TASKS}
+
+    passages = [a.strip() for a in articles]
+    first, second = corpus_prompts(passages, 3, seed=0), corpus_prompts(passages, 3, seed=1)
+    assert first == corpus_prompts(passages, 3, seed=0)  # resumable: the same draw every time
+    assert {p.prompt_id for p in first}.isdisjoint(p.prompt_id for p in second)
+    assert all(sum(passage in p.text for passage in passages) == 1 for p in first)
+
+    documents.write_text('{"text": "fine"}\n["not", "an", "object"]\n')
+    assert main(args) == 2
+    assert f"{documents}:2" in capsys.readouterr().err
+    assert main([*args[:-3], str(tmp_path / "missing.jsonl"), *args[-2:]]) == 2
 
 
 def test_repeated_answers_are_trained_on_once():

@@ -4,9 +4,10 @@ The mix follows the kinds of requests a chat model serves: open writing, role-pl
 arithmetic word problems, code, extraction, science and humanities questions, short factual
 questions, translation, and long-context summarization and retrieval-augmented answering. The
 long-context prompts wrap documents that the target itself wrote in an earlier round
-(``document_prompts``), so no outside corpus is needed. The target also writes user turns of its
-own (Magpie: it continues its chat template from the start of a user turn), which brings the
-variety of the conversations it was tuned on rather than of this file's templates.
+(``document_prompts``), so no outside corpus is needed, though passages of one can be added
+(``corpus_prompts``). The target also writes user turns of its own (Magpie: it continues its chat
+template from the start of a user turn), which brings the variety of the conversations it was
+tuned on rather than of this file's templates.
 """
 
 from __future__ import annotations
@@ -172,12 +173,17 @@ DOCUMENT_REQUESTS = [
     "Write a long encyclopedia-style article about {topic}.",
     "Write a detailed report about recent developments in {topic}.",
 ]
-DOCUMENT_TASKS = [
-    "Summarize: {doc}",
-    "Summarize the following article in a few sentences.\n\n{doc}",
-    "{doc}\n\nBased on the passage above, what are the three most important points?",
-    "Read the text and answer the question.\n\n{doc}\n\nQuestion: What is the main topic of the text, and what does it say about it?",
-    "{doc}\n\nWrite a short headline and a one-paragraph summary for this article.",
+DOCUMENT_TASKS = [  # (category, template)
+    ("summarization", "Summarize: {doc}"),
+    ("summarization", "Summarize the following article in a few sentences.\n\n{doc}"),
+    ("rag", "{doc}\n\nBased on the passage above, what are the three most important points?"),
+    ("rag", "Read the text and answer the question.\n\n{doc}\n\nQuestion: What is the main topic of the text, and what does it say about it?"),
+    ("rag", "{doc}\n\nWrite a short headline and a one-paragraph summary for this article."),
+]
+CORPUS_TASKS = DOCUMENT_TASKS + [  # real text is also quoted to extract from and to reply to
+    ("extraction", "Extract the people, places, organizations and dates mentioned in the text below, as a list.\n\n{doc}"),
+    ("rag", "{doc}\n\nIn one or two sentences, what is the author's main point?"),
+    ("writing", "Write a reply to this message.\n\n{doc}"),
 ]
 
 
@@ -241,15 +247,24 @@ def document_requests(count: int, seed: int) -> list[Prompt]:
     ]
 
 
-def document_prompts(documents: dict[str, str], seed: int) -> list[Prompt]:
-    """Summarization and retrieval-style prompts over target-written documents (by prompt id)."""
+def document_prompts(
+    documents: dict[str, str], seed: int, tasks: list[tuple[str, str]] = DOCUMENT_TASKS
+) -> list[Prompt]:
+    """Summarization and retrieval-style prompts over documents (by document id), one task each."""
     rng = random.Random(seed + 2)
     prompts = []
     for doc_id, doc in documents.items():
-        template = rng.choice(DOCUMENT_TASKS)
-        category = "summarization" if template.startswith("Summarize") else "rag"
+        category, template = rng.choice(tasks)
         prompts.append(Prompt(f"{category}-{doc_id}", category, template.format(doc=doc.strip())))
     return prompts
+
+
+def corpus_prompts(passages: list[str], count: int, seed: int) -> list[Prompt]:
+    """Prompts over ``count`` passages of an outside corpus (``corpus.read_passages``), a new
+    draw for every seed."""
+    rng = random.Random(seed + 3)
+    chosen = rng.sample(passages, min(count, len(passages)))
+    return document_prompts({f"corpus-s{seed}-{i}": p for i, p in enumerate(chosen)}, seed, CORPUS_TASKS)
 
 
 def self_prompt_requests(count: int, seed: int) -> list[Prompt]:
