@@ -166,6 +166,7 @@ def test_outside_documents_are_asked_about_and_each_seed_draws_other_passages(ti
     assert first == corpus_prompts(passages, 3, seed=0)  # resumable: the same draw every time
     assert {p.prompt_id for p in first}.isdisjoint(p.prompt_id for p in second)
     assert all(sum(passage in p.text for passage in passages) == 1 for p in first)
+    assert corpus_prompts(passages, -1, seed=0) == [] and len(corpus_prompts(passages, 99, seed=0)) == 6
 
     documents.write_text('{"text": "fine"}\n["not", "an", "object"]\n')
     assert main(args) == 2

@@ -1,9 +1,10 @@
 """Distillation data: the target's own answers, with its top-k log-probabilities per token.
 
 Two rounds: the first answers template prompts, writes documents (sampled, so that every seed
-writes new ones) and samples user turns the target writes itself (``SELF_PROMPT`` samples, kept without log-probabilities: they are
-prompts, not answers to learn); the second asks about the documents and answers those turns. Passages of an outside corpus
-(``DataConfig.documents``), if given, are asked about in the first round.
+writes new ones) and samples user turns the target writes itself (``SELF_PROMPT`` samples, kept
+without log-probabilities: they are prompts, not answers to learn); the second asks about the
+documents and answers those turns. Passages of an outside corpus (``DataConfig.documents``), if
+given, are asked about in the first round.
 Samples are appended to ``samples.jsonl`` in the work directory as requests finish, so an
 interrupted run resumes where it stopped (prompts already answered are skipped).
 """

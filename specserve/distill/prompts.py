@@ -263,7 +263,7 @@ def corpus_prompts(passages: list[str], count: int, seed: int) -> list[Prompt]:
     """Prompts over ``count`` passages of an outside corpus (``corpus.read_passages``), a new
     draw for every seed."""
     rng = random.Random(seed + 3)
-    chosen = rng.sample(passages, min(count, len(passages)))
+    chosen = rng.sample(passages, min(max(count, 0), len(passages)))
     return document_prompts({f"corpus-s{seed}-{i}": p for i, p in enumerate(chosen)}, seed, CORPUS_TASKS)
 
 
