@@ -172,10 +172,10 @@ def _distill(args: argparse.Namespace) -> int:
     if init is not None and not (init / VOCAB_FILE).is_file():
         print(f"error: {init} is not a draft written by specserve distill (no {VOCAB_FILE})", file=sys.stderr)
         return 2
-    documents = Path(args.documents).expanduser() if args.documents else None
-    if documents is not None and args.stage != "train":
+    passages = None
+    if args.documents and args.stage != "train":
         try:
-            read_passages(documents)
+            passages = read_passages(Path(args.documents).expanduser())
         except (OSError, CorpusError) as e:
             print(f"error: --documents: {e}", file=sys.stderr)
             return 2
@@ -194,10 +194,9 @@ def _distill(args: argparse.Namespace) -> int:
                 document_tokens=args.document_tokens,
                 batch_size=args.batch_size,
                 seed=args.seed,
-                documents=documents,
                 num_corpus_documents=args.num_corpus_documents,
             )
-            generate_dataset(engine, work, data)
+            generate_dataset(engine, work, data, passages)
         finally:
             engine.shutdown()
         if args.stage == "data":

@@ -52,7 +52,7 @@ def split_passages(text: str, max_chars: int) -> list[str]:
         for sentence in _SENTENCE_END.split(paragraph.strip()):
             if current and len(current) + len(separator) + len(sentence) > max_chars:
                 passages.append(current)
-                current, separator = "", ""
+                current = ""
             current = f"{current}{separator}{sentence}" if current else sentence
             separator = " "
     if current:

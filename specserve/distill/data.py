@@ -3,7 +3,7 @@
 Two rounds: the first answers template prompts, writes documents (sampled, so that every seed
 writes new ones) and samples user turns the target writes itself (``SELF_PROMPT`` samples, kept
 without log-probabilities: they are prompts, not answers to learn); the second asks about the
-documents and answers those turns. Passages of an outside corpus (``DataConfig.documents``), if
+documents and answers those turns. Passages of an outside corpus (``corpus.read_passages``), if
 given, are asked about in the first round.
 Samples are appended to ``samples.jsonl`` in the work directory as requests finish, so an
 interrupted run resumes where it stopped (prompts already answered are skipped).
@@ -18,7 +18,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specserve.distill.corpus import read_passages
 from specserve.distill.prompts import (
     SELF_PROMPT,
     Prompt,
@@ -47,8 +46,7 @@ class DataConfig:
     top_logprobs: int = 20
     batch_size: int = 32
     seed: int = 0
-    documents: Path | None = None  # a JSON Lines corpus of outside documents (``corpus.read_passages``)
-    num_corpus_documents: int = 300
+    num_corpus_documents: int = 300  # passages of the outside corpus asked about, if one is given
 
 
 def read_samples(work_dir: Path) -> Iterator[dict]:
@@ -79,8 +77,11 @@ def _drop_unfinished_line(path: Path) -> None:
         f.truncate(0)
 
 
-def generate_dataset(engine: LLMEngine, work_dir: Path, config: DataConfig) -> Path:
-    """Answer every prompt greedily with the target; returns the samples file."""
+def generate_dataset(
+    engine: LLMEngine, work_dir: Path, config: DataConfig, passages: list[str] | None = None
+) -> Path:
+    """Answer every prompt greedily with the target, and prompts over ``passages`` of an outside
+    corpus if given; returns the samples file."""
     work_dir.mkdir(parents=True, exist_ok=True)
     _drop_unfinished_line(work_dir / SAMPLES_FILE)
     done = {s["prompt_id"]: s for s in read_samples(work_dir)}
@@ -89,8 +90,8 @@ def generate_dataset(engine: LLMEngine, work_dir: Path, config: DataConfig) -> P
         + document_requests(config.num_documents, config.seed)
         + chat_prompts(config.num_prompts, config.seed)
     )
-    if config.documents is not None:
-        first_round += corpus_prompts(read_passages(config.documents), config.num_corpus_documents, config.seed)
+    if passages:
+        first_round += corpus_prompts(passages, config.num_corpus_documents, config.seed)
     _answer(engine, work_dir, [p for p in first_round if p.prompt_id not in done], config, "round 1")
     done = {s["prompt_id"]: s for s in read_samples(work_dir)}
     second_round = document_prompts(_outputs(done, "document", config.seed), config.seed) + self_written_prompts(
