@@ -113,6 +113,9 @@ def main() -> int:
     parser.add_argument("--per-category", type=int, default=None, help="questions per category (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (64 with --quick)")
     parser.add_argument("--draft-model", default=None, help="draft directory (default: the distilled default draft)")
+    parser.add_argument("--draft-dtype", default="auto",
+                        choices=SpeculativeConfig.model_fields["draft_dtype"].annotation.__args__,
+                        help="the draft model's dtype (default: auto, int8 on most CPUs)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="NAME",
                         help="run only these configurations (plain always runs); default: all")
     args = parser.parse_args()
@@ -130,7 +133,8 @@ def main() -> int:
     # Every configuration is a fixed per-request budget: measure the mechanism, not a policy.
     base = dict(max_num_seqs=1, max_num_batched_tokens=2048, control=ControlConfig(policy="fixed"))
     def engine(method: str) -> LLMEngine:
-        return LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(method=method, draft_model=args.draft_model)))
+        return LLMEngine(EngineConfig(**base, speculative=SpeculativeConfig(
+            method=method, draft_model=args.draft_model, draft_dtype=args.draft_dtype)))
 
     draft_engine = engine("draft")
     engines = {"plain": draft_engine, "draft": draft_engine}
@@ -199,6 +203,7 @@ def main() -> int:
         "configs": results,
         "questions": len(questions),
         "max_new_tokens": max_new,
+        "draft_dtype": draft_engine.config.draft_dtype(),
         **costs,
     }
     print(markdown(results, categories[:-1]))
@@ -206,7 +211,7 @@ def main() -> int:
           f"MAT {best['mean_accepted_tokens']:.2f} (goal >= {GOAL_MAT})")
     print(f"draft step {costs['draft_step_ms']:.2f} ms (warm {costs['warm_draft_step_ms']:.2f} ms) "
           f"vs target step {costs['target_step_ms']:.2f} ms "
-          f"= {100 * costs['draft_over_target']:.1f}% (goal <= 10%)")
+          f"= {100 * costs['draft_over_target']:.1f}% (goal <= 10%; draft in {report['draft_dtype']})")
     Path(args.json).write_text(json.dumps(report, indent=2))
     plot_path = Path(args.json).with_suffix(".png")
     plot(results, plot_path)

@@ -17,6 +17,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", choices=["draft", "ngram", "hybrid"], default=None,
                         help="speculative decoding with the distilled draft model, n-gram lookup, or both")
     parser.add_argument("--draft-model", default=None, help="draft model directory (default: the distilled default draft)")
+    parser.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
+                        help="the draft model's dtype (auto: int8 on a CPU, else the engine's); "
+                        "changes the drafts, never the output")
     parser.add_argument("--depth", type=int, default=4, help="token-tree depth (speculation length)")
     parser.add_argument("--width", type=int, default=1, help="children kept per tree depth (1: a chain)")
     parser.add_argument("--max-nodes", type=int, default=None, help="tree nodes verified per step")
@@ -48,7 +51,9 @@ def _speculative_config(args: argparse.Namespace):
     if args.speculative is None:
         return None
     budget = TreeBudget(depth=args.depth, width=args.width, max_nodes=args.max_nodes)
-    return SpeculativeConfig(method=args.speculative, draft_model=args.draft_model, budget=budget)
+    return SpeculativeConfig(
+        method=args.speculative, draft_model=args.draft_model, draft_dtype=args.draft_dtype, budget=budget
+    )
 
 
 def _structured_output(args: argparse.Namespace):

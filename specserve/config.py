@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from specserve.control.policies import PolicyName
 from specserve.control.slo import SLOConfig
 from specserve.models.kv_cache import DEFAULT_MAX_MODEL_LEN
-from specserve.models.linear_kernel import cpu_has_native_bf16
+from specserve.models.linear_kernel import int8_available
 from specserve.spec.tree import TreeBudget
 
 DTYPES: dict[str, torch.dtype] = {
@@ -51,11 +51,12 @@ class SpeculativeConfig(BaseModel):
         description="'colocated': the draft model runs in the engine's process; 'actor': on its "
         "own Ray actor (another process, node or GPU; needs a running Ray), restarted if it dies.",
     )
-    draft_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+    draft_dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
         default="auto",
-        description="The draft model's dtype. 'auto': bfloat16 on a CPU with native BF16 "
-        "instructions (AVX-512 BF16 or AMX; oneDNN multiplies it about twice as fast as float32), "
-        "else the engine's. It changes which tokens are drafted, never the output.",
+        description="The draft model's dtype. 'int8' (CPU only): int8 weights, one scale per "
+        "output channel, float32 activations quantized per matmul (fbgemm); a draft step streams "
+        "a quarter of float32's bytes. 'auto': int8 on a CPU, else the engine's. It changes which "
+        "tokens are drafted, never the output.",
     )
     draft_num_cpus: float = Field(default=1.0, ge=0, description="CPUs of the draft actor.")
     draft_num_gpus: float = Field(default=0.0, ge=0, description="GPUs of the draft actor.")
@@ -183,8 +184,9 @@ class EngineConfig(BaseModel):
     def draft_dtype(self) -> str:
         """The dtype the draft model runs in (``SpeculativeConfig.draft_dtype`` resolved)."""
         chosen = self.speculative.draft_dtype if self.speculative is not None else "auto"
+        device = self.torch_device().type
+        if chosen == "int8" and not int8_available(device):
+            raise ValueError(f"draft_dtype 'int8' needs a CPU with PyTorch's fbgemm kernels, not {device}")
         if chosen != "auto":
             return chosen
-        if self.torch_device().type == "cpu" and cpu_has_native_bf16():
-            return "bfloat16"
-        return self.dtype
+        return "int8" if int8_available(device) else self.dtype

@@ -89,3 +89,13 @@ def test_generate_with_an_adaptive_policy_and_a_saved_profile(tiny_model, tmp_pa
             "--profile", str(tmp_path / "p.json")]
     assert main(argv) == 0
     assert "MAT" in capsys.readouterr().err
+
+
+def test_the_draft_dtype_flag_reaches_the_speculative_config(capsys):
+    from specserve.cli import _speculative_config, build_parser
+
+    args = build_parser().parse_args(["generate", "Hi", "--speculative", "draft", "--draft-dtype", "int8"])
+    assert _speculative_config(args).draft_dtype == "int8"
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["generate", "Hi", "--speculative", "draft", "--draft-dtype", "int4"])
+    assert stopped.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err

@@ -100,6 +100,23 @@ def test_planned_weight_multiplies_each_row_count_in_its_layout():
     assert list(PlannedWeight(weight, KernelPlan.single(INPUT)).stored) == [INPUT]
 
 
+@pytest.mark.skipif(not linear_kernel.int8_available("cpu"), reason="this PyTorch build has no fbgemm")
+def test_int8_weights_multiply_close_to_float32_and_are_never_measured_into_a_plan():
+    """Per-channel int8 weights with per-call int8 activations (a draft model's layout): about
+    1 % of the output's scale off float32, whatever the row count, and never an exact layout."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator) * torch.linspace(0.01, 1.0, 96).unsqueeze(1)
+    bias = torch.randn(96, generator=generator)
+    planned = PlannedWeight(weight, KernelPlan.single(WeightLayout.INT8_DYNAMIC))
+    for shape in ((1, 64), (7, 64), (2, 3, 64)):
+        x = torch.randn(*shape, generator=generator)
+        exact = torch.nn.functional.linear(x, weight, bias)
+        error = (planned(x, bias) - exact).abs().max() / (exact - bias).abs().max()
+        assert error < 0.03
+    assert WeightLayout.INT8_DYNAMIC not in available_layouts("cpu")
+    assert not linear_kernel.int8_available("cuda")
+
+
 def test_onednn_packed_weights_give_each_row_the_same_result_in_any_batch():
     """The packed layout multiplies as F.linear does, and a row's result does not depend on how
     many rows share the step (a verified tree's logits match the plain decode step's)."""

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from specserve.config import DTYPES, ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams, StructuredOutput
+from specserve.models.linear_kernel import KernelPlan, WeightLayout, int8_available
 from specserve.spec.draft_model import VOCAB_FILE
 from specserve.spec.stats import SpecStats
 from specserve.spec.tree import TreeBudget
@@ -62,8 +63,8 @@ def spec_engine(
     tiny_model, draft=None, method="draft", budget=TreeBudget(), policy="fixed", max_num_seqs=8, **kwargs
 ) -> LLMEngine:
     """An engine that speculates on the tiny model; ``fixed`` drafts and verifies every budget.
-    The draft runs in the target's dtype (``draft_dtype`` 'auto' would pick bfloat16 on a CPU
-    with BF16 instructions), so a self-draft agrees with the target on any machine."""
+    The draft runs in the target's dtype (``draft_dtype`` 'auto' would pick int8 on a CPU), so a
+    self-draft agrees with the target on any machine."""
     base = dict(model=str(tiny_model), max_num_seqs=max_num_seqs, max_model_len=256,
                 control=ControlConfig(policy=policy), **kwargs)
     target_dtype = EngineConfig(**base).torch_dtype()
@@ -179,13 +180,35 @@ def test_a_bfloat16_draft_beside_a_float32_target_stays_lossless(tiny_model, tin
     assert_all_slots_free(engine)
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_the_draft_runs_in_bfloat16_by_default_only_on_a_cpu_with_bf16_instructions(monkeypatch, native_bf16):
-    monkeypatch.setattr("specserve.config.cpu_has_native_bf16", lambda: native_bf16)
+@pytest.mark.skipif(not int8_available("cpu"), reason="this PyTorch build has no fbgemm")
+def test_an_int8_draft_stays_lossless_and_keeps_its_cache_in_float32(tiny_model, tiny_draft):
+    base = dict(model=str(tiny_model), max_num_seqs=8, max_model_len=256, device="cpu")
+    plain = run(LLMEngine(EngineConfig(**base)), RAGGED_PROMPTS, GREEDY)
+    engine = LLMEngine(EngineConfig(
+        **base, control=ControlConfig(policy="fixed"),
+        speculative=SpeculativeConfig(draft_model=str(tiny_draft), budget=TreeBudget(depth=3, width=2),
+                                      draft_dtype="int8"),
+    ))
+    runner = engine.drafter.runner
+    assert runner.dtype == torch.float32 and runner.kv_cache.keys[0].dtype == torch.float32
+    assert runner.model.lm_head.kernel.plan == KernelPlan.single(WeightLayout.INT8_DYNAMIC)
+    outputs = run(engine, RAGGED_PROMPTS, GREEDY, stagger=2)
+    assert [o.output.token_ids for o in outputs] == [o.output.token_ids for o in plain]
+    assert engine.spec_stats.accepted > 0
+    assert_all_slots_free(engine)
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_the_default_draft_dtype_is_int8_on_a_cpu_with_fbgemm_else_the_engines(monkeypatch, int8):
+    monkeypatch.setattr("specserve.config.int8_available", lambda device: int8 and device == "cpu")
     cpu = EngineConfig(device="cpu", speculative=SpeculativeConfig())
-    assert cpu.draft_dtype() == ("bfloat16" if native_bf16 else cpu.dtype)
+    assert cpu.draft_dtype() == ("int8" if int8 else cpu.dtype)
     chosen = EngineConfig(device="cpu", speculative=SpeculativeConfig(draft_dtype="float32"))
     assert chosen.draft_dtype() == "float32"
+    gpu = EngineConfig(device="cuda", speculative=SpeculativeConfig())
+    assert gpu.draft_dtype() == gpu.dtype
+    with pytest.raises(ValueError, match="int8"):
+        EngineConfig(device="cuda", speculative=SpeculativeConfig(draft_dtype="int8")).draft_dtype()
 
 
 def test_target_as_its_own_draft_accepts_every_chain_token(tiny_model):

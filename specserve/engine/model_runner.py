@@ -13,28 +13,35 @@ from specserve.distributed.parallel_state import TensorParallelGroup
 from specserve.models.cuda_graphs import GraphedForward
 from specserve.models.forward_batch import SequenceSlice, StepInputs, build_step_inputs
 from specserve.models.kv_cache import KVCache
-from specserve.models.linear_kernel import KernelPlan, WeightLayout, available_layouts, fastest_plan
+from specserve.models.linear_kernel import KernelPlan, PlanSource, WeightLayout, available_layouts, fastest_plan
 from specserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
 
 
+def configured_plans(weight_layout: str, device: torch.device, dtype: torch.dtype) -> PlanSource:
+    """The kernel plans ``EngineConfig.weight_layout`` asks for."""
+    if weight_layout == "auto":
+        return functools.partial(fastest_plan, device.type, dtype=dtype)
+    if (layout := WeightLayout(weight_layout)) in available_layouts(device.type, dtype):
+        return KernelPlan.single(layout)
+    raise ValueError(f"weight_layout {layout.value!r} is not available for {dtype} on {device}")
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: Path, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, config: EngineConfig, model_path: Path, tp: TensorParallelGroup, plans: PlanSource | None = None
+    ) -> None:
+        """``plans`` overrides ``config.weight_layout`` (an int8 draft model)."""
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         if self.device.type == "cuda":
             # cuDNN attention builds a plan per new key length (~50 ms on an H100), and an eager
             # decode step has a new one every step; the other SDPA kernels need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        if config.weight_layout == "auto":
-            plans = functools.partial(fastest_plan, self.device.type, dtype=self.dtype)
-        elif (layout := WeightLayout(config.weight_layout)) in available_layouts(self.device.type, self.dtype):
-            plans = KernelPlan.single(layout)
-        else:
-            raise ValueError(f"weight_layout {layout.value!r} is not available for {self.dtype} on {self.device}")
         self.model, self.max_model_len = load_model(
-            model_path, tp, self.dtype, self.device, config.max_model_len, plans
+            model_path, tp, self.dtype, self.device, config.max_model_len,
+            plans or configured_plans(config.weight_layout, self.device, self.dtype),
         )
         arch = self.model.arch
         use_graphs = self.device.type == "cuda" and tp.size == 1 and not config.enforce_eager

@@ -34,6 +34,7 @@ from specserve.distributed.parallel_state import SINGLE_PROCESS
 from specserve.engine.model_runner import ModelRunner
 from specserve.models.eagle import EagleDraftModel
 from specserve.models.forward_batch import SequenceSlice
+from specserve.models.linear_kernel import KernelPlan, WeightLayout
 from specserve.spec.drafter import DraftRequest, KeepGoing
 from specserve.spec.tree import TokenTree
 
@@ -136,12 +137,15 @@ class ModelDrafter:
     gives_acceptance_hints = False
 
     def __init__(self, draft_path: Path, engine_config: EngineConfig, target_vocab: int, max_len: int) -> None:
+        dtype = engine_config.draft_dtype()
+        int8 = dtype == "int8"  # float32 activations and cache, int8 weights
         config = engine_config.model_copy(update={
             "model": str(draft_path), "tensor_parallel_size": 1, "max_model_len": max_len,
-            "dtype": engine_config.draft_dtype(),
+            "dtype": "float32" if int8 else dtype,
         })
         self.path = draft_path
-        self.runner = ModelRunner(config, draft_path, SINGLE_PROCESS)
+        plans = KernelPlan.single(WeightLayout.INT8_DYNAMIC) if int8 else None
+        self.runner = ModelRunner(config, draft_path, SINGLE_PROCESS, plans)
         self.vocab = DraftVocabulary.load(draft_path, self.runner.model.arch.vocab_size, target_vocab)
         self.needs_target_features = isinstance(self.runner.model, EagleDraftModel)
         self._hidden_size = self.runner.model.arch.hidden_size
