@@ -65,7 +65,10 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: WeightLayout) -> torch.Tensor:
+StoredWeight = torch.Tensor | torch.ScriptObject  # fbgemm's packed int8 weight is a script object
+
+
+def linear(x: torch.Tensor, weight: StoredWeight, bias: torch.Tensor | None, layout: WeightLayout) -> torch.Tensor:
     """``x [..., in]`` times a weight stored in ``layout``, plus ``bias``."""
     if layout is WeightLayout.ONEDNN_PACKED:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -81,7 +84,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lay
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def to_layout(weight: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+def to_layout(weight: torch.Tensor, layout: WeightLayout) -> StoredWeight:
     """An output-major (checkpoint) weight rearranged into ``layout``."""
     if layout is WeightLayout.ONEDNN_PACKED:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
@@ -99,7 +102,7 @@ def _int8_reduce_range() -> bool:
     return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
-def _int8_packed(weight: torch.Tensor) -> torch.Tensor:
+def _int8_packed(weight: torch.Tensor) -> torch.ScriptObject:
     """``weight [out, in]`` rounded to int8 with one symmetric scale per output row, prepacked."""
     weight = weight.float()
     scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
