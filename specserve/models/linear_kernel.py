@@ -44,8 +44,14 @@ class WeightLayout(str, enum.Enum):
 
 
 def int8_available(device_type: str) -> bool:
-    """Whether this PyTorch build multiplies ``INT8_DYNAMIC`` weights on ``device_type``."""
-    return device_type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+    """Whether this PyTorch build multiplies ``INT8_DYNAMIC`` weights on ``device_type`` (PyTorch
+    marks its quantized tensors deprecated: a build without them falls back to float weights)."""
+    return (
+        device_type == "cpu"
+        and "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch, "quantize_per_channel")
+        and hasattr(torch.ops.quantized, "linear_dynamic")
+    )
 
 
 def available_layouts(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[WeightLayout, ...]:
