@@ -3,7 +3,8 @@
 The target answers greedily a few Spec-Bench questions per category and as many fresh template
 prompts of the distiller (``specserve.distill.prompts``, with a seed the distiller does not use
 by default); the draft then reads every prompt and answer, and at each answer position its top-1
-next token is compared with the target's. This is the acceptance of a greedy chain's first
+next token is compared with the target's. An EAGLE head reads the target's features of the same
+text, as it does at a tree's root. This is the acceptance of a greedy chain's first
 drafted token without the engine in between. A draft that agrees far more on template prompts
 than on Spec-Bench has learned its training templates rather than the target. Also reports the
 share of answer tokens the draft's vocabulary holds (no draft proposes the others). Writes JSON
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -29,14 +31,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from specbench import DEFAULT_QUESTIONS, load_questions  # noqa: E402
 
+from specserve.distill.eagle import load_head, shifted  # noqa: E402
 from specserve.distill.prompts import chat_prompts  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
 from specserve.llm import LLM  # noqa: E402
-from specserve.models.default_model import default_draft_dir  # noqa: E402
+from specserve.models.default_model import default_draft_dir, default_model_dir  # noqa: E402
 from specserve.models.eagle import is_eagle_draft  # noqa: E402
 from specserve.spec.draft_model import DraftVocabulary  # noqa: E402
 
 TEMPLATE_SEED = 987  # the distiller's data seeds are 0, 1, ...
+
+# (target ids [T], draft ids [T]) -> the draft's next-token logits [T, draft vocabulary]
+NextTokenLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def model_draft_logits(draft_dir: Path) -> NextTokenLogits:
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+    return lambda _, draft_ids: draft(input_ids=draft_ids.unsqueeze(0)).logits[0]
+
+
+def eagle_logits(draft_dir: Path) -> NextTokenLogits:
+    """An EAGLE head reading the target's features at every position (each a tree root)."""
+    head = load_head(draft_dir)
+    target = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+
+    def logits(target_ids: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
+        features = target.model(input_ids=target_ids.unsqueeze(0)).last_hidden_state
+        return head.logits(head(draft_ids.unsqueeze(0), shifted(features)))[0]
+
+    return logits
 
 
 def answer(llm: LLM, prompts: list[tuple[str, str, str]], max_new_tokens: int) -> list[dict]:
@@ -48,12 +71,13 @@ def answer(llm: LLM, prompts: list[tuple[str, str, str]], max_new_tokens: int) -
 
 
 @torch.no_grad()
-def matches(draft, vocab: DraftVocabulary, sample: dict) -> tuple[int, int, int]:
+def matches(draft: NextTokenLogits, vocab: DraftVocabulary, sample: dict) -> tuple[int, int, int]:
     """Answer positions where the draft's top-1 (never its unknown-token row) is the target's
     greedy token; answer tokens in the draft's vocabulary; answer tokens."""
-    ids = vocab.to_draft[torch.tensor(sample["prompt_ids"] + sample["output_ids"])]
+    target_ids = torch.tensor(sample["prompt_ids"] + sample["output_ids"])
+    ids = vocab.to_draft[target_ids]
     start, count = len(sample["prompt_ids"]) - 1, len(sample["output_ids"])
-    logits = draft(input_ids=ids.unsqueeze(0)).logits[0, start : start + count]
+    logits = draft(target_ids, ids)[start : start + count]
     answers = ids[start + 1 :]
     if vocab.unknown is None:
         return int((logits.argmax(-1) == answers).sum()), count, count
@@ -61,7 +85,7 @@ def matches(draft, vocab: DraftVocabulary, sample: dict) -> tuple[int, int, int]
     return int((logits.argmax(-1) == answers).sum()), int((answers != vocab.unknown).sum()), count
 
 
-def agreement(draft, vocab: DraftVocabulary, samples: list[dict]) -> dict:
+def agreement(draft: NextTokenLogits, vocab: DraftVocabulary, samples: list[dict]) -> dict:
     """Top-1 agreement and vocabulary coverage, overall and per category."""
     counted = [(s["category"], matches(draft, vocab, s)) for s in samples]
 
@@ -110,8 +134,6 @@ def main() -> int:
         parser.error(f"{args.questions} not found")
     if not (draft_dir / "config.json").is_file():
         parser.error(f"{draft_dir} is not a model directory")
-    if is_eagle_draft(draft_dir):
-        parser.error("EAGLE heads read the target's features: this teacher-forced check covers model drafts only")
     if min(args.per_category, args.template_prompts, args.max_new_tokens) < 1:
         parser.error("--per-category, --template-prompts and --max-new-tokens must be at least 1")
 
@@ -125,8 +147,9 @@ def main() -> int:
     target_vocab = llm.engine.vocab_size
     llm.shutdown()
 
-    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
-    vocab = DraftVocabulary.load(draft_dir, draft.config.vocab_size, target_vocab)
+    draft = eagle_logits(draft_dir) if is_eagle_draft(draft_dir) else model_draft_logits(draft_dir)
+    draft_vocab = json.loads((draft_dir / "config.json").read_text())["vocab_size"]
+    vocab = DraftVocabulary.load(draft_dir, draft_vocab, target_vocab)
     results = {name: agreement(draft, vocab, group) for name, group in samples.items()}
 
     print("| prompts | answer tokens | in draft vocabulary | draft top-1 = target top-1 |")

@@ -216,7 +216,7 @@ def _distill(args: argparse.Namespace) -> int:
         epochs = {"epochs": args.epochs} if args.epochs else {}
         config = EagleTrainConfig(
             vocab_size=args.draft_vocab, layers=tuple(args.layers), lr=args.lr, seed=args.seed,
-            device=str(engine_config.torch_device()), **epochs,
+            device=str(engine_config.torch_device()), max_seconds=args.max_train_seconds, **epochs,
         )
         summary = train_eagle(samples, target_path, work, out, config)
     else:
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--lr", type=float, default=1e-3)
     distill.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per training batch (model)")
     distill.add_argument("--max-train-seconds", type=float, default=None,
-                         help="stop training after this long (model); the learning-rate schedule ends with it")
+                         help="stop training after this long; the learning-rate schedule ends with it")
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(handler=_distill)
 

@@ -19,7 +19,7 @@ from specserve.distill.data import (
     user_turn_prefix,
 )
 from specserve.distill.corpus import split_passages
-from specserve.distill.eagle import FEATURES_FILE
+from specserve.distill.eagle import FEATURES_FILE, load_head
 from specserve.distill.prompts import (
     CORPUS_TASKS,
     SELF_PROMPT,
@@ -61,6 +61,9 @@ def test_distill_writes_a_draft_the_engine_can_speculate_with(tiny_model, tmp_pa
     assert config["architectures"] == ["EagleLlamaDraft" if method == "eagle" else "LlamaForCausalLM"]
     assert (work / FEATURES_FILE).is_file() == (method == "eagle")
     assert len(json.loads((out / "draft_vocab.json").read_text())["target_ids"]) == 199
+    if method == "eagle":  # the written head loads back as saved
+        head = load_head(out)
+        assert all(torch.equal(head.state_dict()[k], v.float()) for k, v in load_file(out / "model.safetensors").items())
 
     spec = SpeculativeConfig(draft_model=str(out), budget=TreeBudget(depth=3, width=2))
     engine = LLMEngine(

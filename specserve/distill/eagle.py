@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -59,6 +59,7 @@ class EagleTrainConfig:
     validation_share: float = 0.05
     seed: int = 0
     device: str = "cpu"  # features and training; training runs in bfloat16 autocast on CUDA
+    max_seconds: float | None = None  # stop training early, the schedule ending with the time
 
 
 class EagleHead(nn.Module):
@@ -154,17 +155,26 @@ def target_features(
     return features
 
 
+def load_head(path: Path) -> EagleHead:
+    """A head written by ``save_head``, in float32."""
+    config = LlamaConfig.from_pretrained(path)
+    config._attn_implementation = "sdpa"
+    head = EagleHead(config)
+    head.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
+    return head.float().eval()
+
+
+def shifted(features: torch.Tensor) -> torch.Tensor:
+    """Input features [B, T, hidden]: position i reads position i-1's (zeros at position 0)."""
+    return F.pad(features[:, :-1], (0, 0, 1, 0))
+
+
 def _batch_features(batch: list[Example], features: dict[str, torch.Tensor], width: int) -> torch.Tensor:
     out = torch.zeros(len(batch), width, features[batch[0].prompt_id].shape[-1])
     for b, e in enumerate(batch):
         f = features[e.prompt_id][: len(e.input_ids)]
         out[b, : len(f)] = f.float()
     return out
-
-
-def _shifted(features: torch.Tensor) -> torch.Tensor:
-    """Input features: position i reads position i-1's (zeros at position 0)."""
-    return F.pad(features[:, :-1], (0, 0, 1, 0))
 
 
 def _loss(
@@ -176,7 +186,7 @@ def _loss(
     wanted = _batch_features(batch, features, ids.shape[1]).to(device)
     valid = mask.bool()
     total, agree = torch.zeros((), device=device), []
-    inputs = _shifted(wanted)
+    inputs = shifted(wanted)
     for _ in range(2):  # the target's features in, then the head's own predictions
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             predicted = head(ids, inputs).float()
@@ -185,7 +195,7 @@ def _loss(
         regression = F.smooth_l1_loss(predicted[valid], wanted[valid])
         total = total + cross_entropy + config.feature_weight * regression
         agree.append(top1_matches(logits, targets))
-        inputs = _shifted(predicted.detach())
+        inputs = shifted(predicted.detach())
     return total, agree, len(index)
 
 
@@ -218,12 +228,13 @@ def train_eagle(samples: list[dict], target_path: Path, work_dir: Path, out_dir:
         return loss, {"top1": f"{agree[0] / count:.2f}", "own": f"{agree[1] / count:.2f}"}
 
     plan = [batches(train, config.batch_tokens, rng) for _ in range(config.epochs)]
-    optimize(head, plan, config.lr, batch_loss, "training EAGLE head")
+    steps = optimize(head, plan, config.lr, batch_loss, "training EAGLE head", config.max_seconds)
     after = evaluate(head, val, features, config)
     summary = {
         "method": "eagle",
         "train_samples": len(train),
         "train_answer_tokens": sum(len(e.top_ids) for e in train),
+        "training_steps": f"{steps} of {sum(map(len, plan))}",
         "validation_samples": len(val),
         "draft_vocab": head.config.vocab_size,
         "target_layers": list(config.layers),
