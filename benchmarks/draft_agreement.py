@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from specbench import DEFAULT_QUESTIONS, load_questions  # noqa: E402
 
 from specserve.config import SpeculativeConfig  # noqa: E402
-
 from specserve.distill.eagle import load_head, shifted  # noqa: E402
 from specserve.distill.prompts import chat_prompts  # noqa: E402
 from specserve.engine.sampling_params import SamplingParams  # noqa: E402
@@ -49,7 +48,7 @@ from specserve.spec.ngram import NgramDrafter  # noqa: E402
 TEMPLATE_SEED = 987  # the distiller's data seeds are 0, 1, ...
 SURE = 0.9  # the target's probability of its own token above which a position counts as predictable
 
-# (target ids [T], draft ids [T]) -> the draft's next-token logits [T, draft vocabulary]
+# (the target's features [1, T, hidden], draft ids [T]) -> the draft's next-token logits [T, draft vocabulary]
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -58,15 +57,10 @@ def model_draft_logits(draft_dir: Path) -> NextTokenLogits:
     return lambda _, draft_ids: draft(input_ids=draft_ids.unsqueeze(0)).logits[0]
 
 
-def eagle_logits(draft_dir: Path, target: LlamaForCausalLM) -> NextTokenLogits:
+def eagle_logits(draft_dir: Path) -> NextTokenLogits:
     """An EAGLE head reading the target's features at every position (each a tree root)."""
     head = load_head(draft_dir)
-
-    def logits(target_ids: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
-        features = target.model(input_ids=target_ids.unsqueeze(0)).last_hidden_state
-        return head.logits(head(draft_ids.unsqueeze(0), shifted(features)))[0]
-
-    return logits
+    return lambda features, draft_ids: head.logits(head(draft_ids.unsqueeze(0), shifted(features)))[0]
 
 
 def answer(llm: LLM, prompts: list[tuple[str, str, str]], max_new_tokens: int) -> list[dict]:
@@ -98,13 +92,14 @@ def positions(draft: NextTokenLogits, target: LlamaForCausalLM, vocab: DraftVoca
     target_ids = torch.tensor(token_ids)
     ids = vocab.to_draft[target_ids]
     start, count = len(sample["prompt_ids"]) - 1, len(sample["output_ids"])
-    logits = draft(target_ids, ids)[start : start + count]
+    features = target.model(input_ids=target_ids.unsqueeze(0)).last_hidden_state  # one target forward for both
+    logits = draft(features, ids)[start : start + count]
     answers = ids[start + 1 :]
     known = torch.ones(count, dtype=torch.bool)
     if vocab.unknown is not None:
         logits[:, vocab.unknown] = float("-inf")
         known = answers != vocab.unknown
-    target_probs = target(input_ids=target_ids.unsqueeze(0)).logits[0, start : start + count].softmax(-1)
+    target_probs = target.lm_head(features[0, start : start + count]).softmax(-1)
     looked_up = lookup_tokens(lookup, token_ids, start + 1)
     return {
         "agree": logits.argmax(-1) == answers,
@@ -187,7 +182,7 @@ def main() -> int:
     llm.shutdown()
 
     target = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    draft = eagle_logits(draft_dir, target) if is_eagle_draft(draft_dir) else model_draft_logits(draft_dir)
+    draft = eagle_logits(draft_dir) if is_eagle_draft(draft_dir) else model_draft_logits(draft_dir)
     draft_vocab = json.loads((draft_dir / "config.json").read_text())["vocab_size"]
     vocab = DraftVocabulary.load(draft_dir, draft_vocab, target_vocab)
     defaults = SpeculativeConfig()
