@@ -76,7 +76,7 @@ def test_profile_writes_a_cost_model(tiny_model, tmp_path, capsys):
             "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "256", "--out", str(out)]
     assert main(argv) == 0
     cost = CostModel.load(out)
-    assert cost.target.tokens == [1, 4, 16] and cost.draft is not None
+    assert cost.target.tokens == [1, 2, 4, 6, 8, 12, 16] and cost.draft is not None
     assert "target forward latency" in capsys.readouterr().out
 
 

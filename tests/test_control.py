@@ -113,6 +113,42 @@ def test_predictor_calibrates_an_overconfident_drafter_by_depth():
     assert predictor.mean_confidence == pytest.approx(0.9)
 
 
+def test_a_requests_rate_is_unbiased_for_trees_deeper_than_one():
+    """Chains of three accepting 0, 1, 2, 3 tokens as often as a per-token rate of 0.5 gives:
+    the request's rate says 0.5, where a mean of per-step ratios would say 0.33."""
+    predictor = AcceptancePredictor()
+    pattern = [[], [], [], [], [0], [0], [0, 1], [0, 1, 2]]  # P(k accepted) = 0.5, 0.25, 0.125, 0.125
+    for step in range(400):
+        predictor.observe("r", chain([0.5, 0.25, 0.125]), pattern[step % len(pattern)])
+    assert predictor.rate == pytest.approx(0.5, abs=0.02)
+    rates = []
+    for step in range(400):  # the rate of every window of the pattern, as plans read it
+        predictor.observe("r", chain([0.5, 0.25, 0.125]), pattern[step % len(pattern)])
+        rates.append(predictor.request_rate("r"))
+    assert sum(rates) / len(rates) == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_request_that_stopped_speculating_tries_again():
+    """A run of misses drives a request's rate far below the others'; the steps it then decodes
+    without speculating age that evidence, so its rate returns toward the overall rate (and a
+    plan speculates for it again) instead of staying where the misses left it."""
+    predictor = AcceptancePredictor()
+    for _ in range(100):
+        predictor.observe("good", chain([0.9]), [0])
+    for _ in range(10):
+        predictor.observe("bad", chain([0.9]), [])
+    after_misses = predictor.request_rate("bad")
+    assert after_misses < 0.3 < predictor.rate
+    rates = []
+    for _ in range(6):
+        predictor.skip("bad")
+        rates.append(predictor.request_rate("bad"))
+    assert rates == sorted(rates) and rates[0] > after_misses
+    assert rates[-1] > max(3 * after_misses, 0.7 * predictor.rate)
+    predictor.skip("never seen")  # nothing to age
+    assert predictor.request_rate("never seen") == predictor.rate
+
+
 def test_predictor_decays_old_evidence_exponentially():
     predictor = AcceptancePredictor()
     rng = random.Random(3)
@@ -510,7 +546,7 @@ def test_a_profile_keeps_each_shapes_least_time_and_never_falls_with_more_work()
         clock.sleep(stall + (0.004 if tokens == 1 else 0.001 * (1 + tokens // 64)))
 
     table = profile_forward(forward, num_slots=4, max_len=512, max_tokens=64, quick=True, repeats=3)
-    assert table.tokens == [1, 4, 16, 64]
+    assert table.tokens == [1, 2, 4, 6, 8, 12, 16, 64]
     for row in table.ms:
         assert row == sorted(row)  # 4 tokens measured cheaper than 1: evened out
         assert row[-1] < 10  # no stall of 30 ms

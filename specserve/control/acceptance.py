@@ -16,7 +16,8 @@ from specserve.spec.tree import TokenTree, TreeBudget
 
 _DECAY = 0.99  # per observed step: roughly the last hundred steps count
 _PRIOR = 2.0  # pseudo-observations of a perfectly calibrated drafter, per depth
-_REQUEST_WEIGHT = 0.3  # EMA weight of one step in a request's own acceptance rate
+_REQUEST_DECAY = 0.7  # per step of a request: its last few steps count
+_REQUEST_PRIOR = 1.0  # pseudo-tokens at the overall rate in a request's own rate
 _MAX_DEPTH = TreeBudget.model_fields["depth"].metadata[-1].le  # no tree is deeper
 
 
@@ -31,9 +32,10 @@ class _Rate:
         self.accepted = self.accepted * decay + accepted
         self.rejected = self.rejected * decay + rejected
 
-    def value(self, prior: float) -> float:
+    def value(self, prior: float, weight: float = _PRIOR) -> float:
+        """The rate, with ``weight`` pseudo-tokens at ``prior``."""
         total = self.accepted + self.rejected
-        return (self.accepted + _PRIOR * prior) / (total + _PRIOR)
+        return (self.accepted + weight * prior) / (total + weight)
 
 
 def calibrated_values(tree: TokenTree, scales: list[float]) -> list[float]:
@@ -54,7 +56,7 @@ class AcceptancePredictor:
         self._unit = 1.0
         self._rate = _Rate()
         self._prior_rate = prior_rate
-        self._request_rate: dict[str, float] = {}
+        self._request_rate: dict[str, _Rate] = {}
         self._confidence_sum = 0.0
         self._confidence_count = 0.0
 
@@ -90,7 +92,7 @@ class AcceptancePredictor:
     def request_rates(self, request_ids: list[str]) -> list[float]:
         """``request_rate`` of each request (the overall rate for those not seen yet)."""
         overall, rates = self.rate, self._request_rate
-        return [rates.get(request_id, overall) for request_id in request_ids]
+        return [rates[i].value(overall, _REQUEST_PRIOR) if i in rates else overall for i in request_ids]
 
     @property
     def mean_confidence(self) -> float:
@@ -112,10 +114,12 @@ class AcceptancePredictor:
         accepted = len(accepted_nodes)
         rejected = int(accepted < max(tree.depths, default=0))
         self._rate.add(accepted, rejected)
-        rate = self.rate
-        step_rate = accepted / (accepted + rejected) if accepted + rejected else rate
-        previous = self._request_rate.get(request_id, rate)
-        self._request_rate[request_id] = previous + _REQUEST_WEIGHT * (step_rate - previous)
+        self._request_rate.setdefault(request_id, _Rate()).add(accepted, rejected, _REQUEST_DECAY)
+
+    def skip(self, request_id: str) -> None:
+        """``request_id`` decodes a step without speculating: its evidence ages as in a step."""
+        if request_id in self._request_rate:
+            self._request_rate[request_id].add(0, 0, _REQUEST_DECAY)
 
     def forget(self, request_id: str) -> None:
         self._request_rate.pop(request_id, None)

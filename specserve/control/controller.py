@@ -58,11 +58,18 @@ class SLOController:
         return StepView(requests, queued_prompt_tokens=queued)
 
     def plan(self, step: StepView) -> list[TreeBudget]:
-        """Each decoding request's draft budget for this iteration (within its own cap)."""
+        """Each decoding request's draft budget for this iteration (within its own cap); the
+        evidence of those that are not to speculate ages (``AcceptancePredictor.skip``)."""
         if not step.requests:
             return []
-        budgets = self._timed(lambda: self.policy.draft_budgets(step))
-        return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
+        def decide() -> list[TreeBudget]:
+            budgets = self.policy.draft_budgets(step)
+            for budget, request in zip(budgets, step.requests):
+                if budget.depth == 0:
+                    self.predictor.skip(request.request_id)
+            return [b.within(r.max_budget.depth, r.max_budget.node_limit) for b, r in zip(budgets, step.requests)]
+
+        return self._timed(decide)
 
     def prompt_cap(
         self, step: StepView, budgets: list[TreeBudget], now: float, scheduler: Scheduler
