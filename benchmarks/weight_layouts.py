@@ -1,11 +1,12 @@
 """How fast each weight layout multiplies on this CPU, alone and inside the engine.
 
-Part 1 times every layout the CPU can use (``specserve/models/linear_kernel.py``) on all of the
-default target's weights (its 30 layers' four matrices and the vocabulary head) for steps of 1
-to 64 rows. Part 2 runs the engine at batch 1 on Spec-Bench prompts with each layout forced
-(``EngineConfig.weight_layout``): plain decoding, a draft chain of 3 and a token tree (hybrid
-drafter, policy ``fixed``), greedy. Layouts take turns within every round, so the machine's drift
-hits all alike; each part reports medians and ratios to the output-major layout.
+Part 1 times every layout the CPU can use (``specserve/models/linear_kernel.py``), and the plan
+measured for each weight shape (``auto``: a layout per row count, one row run as two where that
+is faster), on all of the default target's weights (its 30 layers' four matrices and the
+vocabulary head) for steps of 1 to 64 rows. Part 2 runs the engine at batch 1 on Spec-Bench
+prompts with each (``EngineConfig.weight_layout``): plain decoding, draft chains of 1 and 3 and a
+token tree (hybrid drafter, policy ``fixed``), greedy. They take turns within every round, so the
+machine's drift hits all alike; each part reports medians and ratios to the output-major layout.
 
     python benchmarks/weight_layouts.py --json OUT.json [--rounds N] [--prompts N] [--max-new-tokens N]
 """
@@ -13,11 +14,13 @@ hits all alike; each part reports medians and ratios to the output-major layout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,42 +33,50 @@ from specbench import DEFAULT_QUESTIONS, load_questions  # noqa: E402
 from specserve.config import ControlConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.sampling_params import SamplingParams
-from specserve.models.linear_kernel import WeightLayout, available_layouts, linear, to_layout
+from specserve.models.linear_kernel import PlannedWeight, WeightLayout, available_layouts, fastest_plan, linear, to_layout
 from specserve.spec.tree import TreeBudget
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 64)
 # SmolLM2-135M's linear weights: (out, in) -> how many the model has
 TARGET_WEIGHTS = {(960, 576): 30, (576, 576): 30, (3072, 576): 30, (576, 1536): 30, (49152, 576): 1}
-STEPS = {"plain": TreeBudget(depth=0), "chain-k3": TreeBudget(depth=3, width=1),
-         "tree-d3w2n4": TreeBudget(depth=3, width=2, max_nodes=4)}
+STEPS = {"plain": TreeBudget(depth=0), "chain-k1": TreeBudget(depth=1, width=1),
+         "chain-k3": TreeBudget(depth=3, width=1), "tree-d3w2n4": TreeBudget(depth=3, width=2, max_nodes=4)}
+PLAN = "auto"  # the kernel plan measured for each weight shape
 
 
-def time_gemms(layouts: tuple[WeightLayout, ...], rounds: int) -> dict[str, dict[int, float]]:
-    """Median ms to multiply ``rows`` rows by all the target's weights, per layout."""
+def multipliers(kind: str, weights: list[torch.Tensor]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Each of ``weights`` as a function of the rows, stored as ``kind`` (a layout, or ``PLAN``)."""
+    if kind == PLAN:
+        return [functools.partial(PlannedWeight(w, fastest_plan("cpu", tuple(w.shape))), bias=None) for w in weights]
+    layout = WeightLayout(kind)
+    return [functools.partial(linear, weight=to_layout(w, layout), bias=None, layout=layout) for w in weights]
+
+
+def time_gemms(kinds: list[str], rounds: int) -> dict[str, dict[int, float]]:
+    """Median ms to multiply ``rows`` rows by all the target's weights, per layout or plan."""
     weights = {shape: [torch.randn(*shape) for _ in range(count)] for shape, count in TARGET_WEIGHTS.items()}
-    times: dict[str, dict[int, list[float]]] = {layout.value: defaultdict(list) for layout in layouts}
+    times: dict[str, dict[int, list[float]]] = {kind: defaultdict(list) for kind in kinds}
     with torch.inference_mode():
         for _ in tqdm(range(rounds + 1), desc="GEMM rounds"):
-            for layout in layouts:
-                stored = {shape: [to_layout(w, layout) for w in ws] for shape, ws in weights.items()}
+            for kind in kinds:
+                stored = {shape: multipliers(kind, ws) for shape, ws in weights.items()}
                 for rows in ROWS:
                     start = time.perf_counter()
-                    for (_, in_features), ws in stored.items():
+                    for (_, in_features), multiplies in stored.items():
                         x = torch.randn(rows, in_features)
-                        for w in ws:
-                            linear(x, w, None, layout)
-                    times[layout.value][rows].append(1e3 * (time.perf_counter() - start))
+                        for multiply in multiplies:
+                            multiply(x)
+                    times[kind][rows].append(1e3 * (time.perf_counter() - start))
     # the first round warms up
     return {name: {rows: statistics.median(ms[1:]) for rows, ms in by_rows.items()} for name, by_rows in times.items()}
 
 
-def time_engine(layouts: tuple[WeightLayout, ...], prompts: list[str], rounds: int,
-                max_new: int) -> dict[str, dict[str, float]]:
-    """Tokens/s of each step kind at batch 1 with each layout (prefill included)."""
-    engines = {layout.value: LLMEngine(EngineConfig(
-        max_num_seqs=1, weight_layout=layout.value, control=ControlConfig(policy="fixed"),
+def time_engine(kinds: list[str], prompts: list[str], rounds: int, max_new: int) -> dict[str, dict[str, float]]:
+    """Tokens/s of each step kind at batch 1 with each layout or plan (prefill included)."""
+    engines = {kind: LLMEngine(EngineConfig(
+        max_num_seqs=1, weight_layout=kind, control=ControlConfig(policy="fixed"),
         speculative=SpeculativeConfig(method="hybrid"),
-    )) for layout in layouts}
+    )) for kind in kinds}
     seconds: dict[tuple[str, str], float] = defaultdict(float)
     tokens: dict[tuple[str, str], int] = defaultdict(int)
     for _ in tqdm(range(rounds), desc="engine rounds"):
@@ -114,11 +125,11 @@ def main() -> int:
     args = parser.parse_args()
     if not args.questions.is_file():
         parser.error(f"questions file {args.questions} not found")
-    layouts = available_layouts("cpu")
+    kinds = [layout.value for layout in available_layouts("cpu")] + [PLAN]
     prompts = [q["turns"][0] for q in load_questions(args.questions, per_category=1)][: args.prompts]
 
-    gemms = time_gemms(layouts, args.rounds)
-    engine = time_engine(layouts, prompts, args.rounds, args.max_new_tokens)
+    gemms = time_gemms(kinds, args.rounds)
+    engine = time_engine(kinds, prompts, args.rounds, args.max_new_tokens)
     base = WeightLayout.OUTPUT_MAJOR.value
     report = {
         "torch_threads": torch.get_num_threads(),

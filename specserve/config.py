@@ -123,8 +123,8 @@ class EngineConfig(BaseModel):
     weight_layout: Literal["auto", "output_major", "input_major", "onednn_packed"] = Field(
         default="auto",
         description="How linear weights are stored: 'auto' measures which layout multiplies "
-        "fastest on this CPU for one row and for several (once, cached; both copies are kept "
-        "when they differ); CUDA uses output_major. 'onednn_packed' (CPU builds with oneDNN) "
+        "fastest on this CPU for one row, two and more, and whether one row runs faster as two "
+        "(once per weight shape, cached; a copy is kept per layout the plan uses); CUDA uses output_major. 'onednn_packed' (CPU builds with oneDNN) "
         "keeps oneDNN's prepacked blocked layout.",
     )
     enforce_eager: bool = Field(

@@ -137,7 +137,7 @@ def test_half_precision_models_on_the_cpu_get_a_plan_for_their_dtype(tiny_model,
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
     plans = functools.partial(fastest_plan, "cpu", dtype=dtype)
     model, max_len = load_model(tiny_model, SINGLE_PROCESS, dtype, torch.device("cpu"), None, plans)
-    assert all(set(m.kernel.plan) <= set(available_layouts("cpu", dtype)) for m in model.modules()
+    assert all(set(m.kernel.plan.layouts) <= set(available_layouts("cpu", dtype)) for m in model.modules()
                if getattr(m, "kernel", None) is not None)
     arch = model.arch
     cache = KVCache(arch.num_layers, 2, arch.num_kv_heads, max_len, arch.head_dim, dtype, torch.device("cpu"))
@@ -165,11 +165,47 @@ def test_each_weight_shape_gets_its_own_plan(tiny_model, tmp_path, monkeypatch):
     assert any(key.endswith(f"|{layouts}|12x5") for key in json.loads((tmp_path / "kernel_plans.json").read_text()))
 
 
-def test_kernel_plan_is_measured_for_one_row_and_several():
+def test_kernel_plan_is_measured_for_one_row_two_and_several():
     plan, seconds = measure_plan(megabytes=4, repeats=1)  # float32
-    assert set(plan) <= set(available_layouts("cpu"))
-    assert set(seconds) == {f"{layout.value}/{rows}" for layout in available_layouts("cpu") for rows in (1, 4, 16)}
+    assert set(plan.layouts) <= set(available_layouts("cpu"))
+    assert set(seconds) == {f"{layout.value}/{rows}" for layout in available_layouts("cpu") for rows in (1, 2, 4, 16)}
     assert all(s > 0 for s in seconds.values())
+    one_row = seconds[f"{plan.one_row.value}/{2 if plan.one_row_as_two else 1}"]
+    assert one_row == min(seconds[f"{layout.value}/{rows}"] for layout in available_layouts("cpu") for rows in (1, 2))
+    assert seconds[f"{plan.two_rows.value}/2"] == min(seconds[f"{layout.value}/2"] for layout in available_layouts("cpu"))
+
+
+def test_a_plan_runs_one_row_as_two_and_two_rows_in_their_own_layout(monkeypatch):
+    """A one-row step multiplied as two rows (the row twice) gives that row's result, in any
+    leading shape; two-row steps take their own layout, others the many-rows one."""
+    weight, bias = torch.randn(6, 4), torch.randn(6)
+    plan = KernelPlan(one_row=OUTPUT, many_rows=INPUT, two_rows=OUTPUT, one_row_as_two=True)
+    planned = PlannedWeight(weight, plan)
+    assert list(planned.stored) == [OUTPUT, INPUT]
+    calls = []
+    original = linear_kernel.linear
+
+    def spy(x, stored, bias, layout):
+        calls.append((x.shape[0], layout))
+        return original(x, stored, bias, layout)
+
+    monkeypatch.setattr(linear_kernel, "linear", spy)
+    for shape in ((1, 4), (1, 1, 4), (2, 4), (5, 4)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(planned(x, bias), torch.nn.functional.linear(x, weight, bias))
+    assert calls == [(2, OUTPUT), (2, OUTPUT), (2, OUTPUT), (5, INPUT)]
+    assert KernelPlan.from_json(plan.to_json()) == plan
+    assert KernelPlan.single(ONEDNN).layouts == (ONEDNN,)
+
+
+def test_a_cached_plan_of_the_older_form_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    key = f"{linear_kernel.cpu_kernel_environment()}|12x6"
+    (tmp_path / "kernel_plans.json").write_text(json.dumps({key: ["input_major", "input_major"]}))
+    measured = KernelPlan(one_row=OUTPUT, many_rows=INPUT, two_rows=OUTPUT, one_row_as_two=True)
+    monkeypatch.setattr(linear_kernel, "measure_plan", lambda shape, dtype: (measured, {}))
+    assert fastest_plan("cpu", (12, 6)) == measured
+    assert json.loads((tmp_path / "kernel_plans.json").read_text())[key] == measured.to_json()
 
 
 def test_tree_mask_scores_each_branch_like_its_own_sequence(tiny_model):

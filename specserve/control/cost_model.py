@@ -180,7 +180,9 @@ class CostModel(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-PROFILE_GRID_VERSION = 2  # part of a cached profile's key: a profile of an older grid is measured again
+# Part of a cached profile's key, raised when what a profile measures changes (its grid; the
+# kernel plans, which set what a step of few rows costs): an older profile is measured again.
+PROFILE_VERSION = 3
 
 
 def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int, hardware: str) -> Path:
@@ -190,7 +192,7 @@ def profile_path(model_dirs: list[Path], device: str, tensor_parallel_size: int,
     ``hardware``'s name (CPU or GPU model), so two models that share a directory name, or two
     machines that share a cache, never share a profile.
     """
-    digest = hashlib.sha1(f"{hardware}|grid {PROFILE_GRID_VERSION}".encode())
+    digest = hashlib.sha1(f"{hardware}|profile {PROFILE_VERSION}".encode())
     for model_dir in model_dirs:
         digest.update((Path(model_dir) / "config.json").read_bytes())
     name = f"{Path(model_dirs[0]).name}-{digest.hexdigest()[:10]}-{device}-tp{tensor_parallel_size}"

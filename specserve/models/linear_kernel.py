@@ -7,10 +7,12 @@ between machines and between one row and several: ``(W @ x^T)^T`` against the ch
 output-major ``W [out, in]``, ``x @ W`` against an input-major ``W [in, out]``, or oneDNN's
 matmul against a weight it reordered once into its own blocked layout (where PyTorch has
 oneDNN; MKL's GEMM repacks the whole weight on every call, oneDNN's prepacked one does not,
-so a few rows cost about what one does). A :class:`KernelPlan` names the layout for
-single-row steps and for multi-row steps; ``fastest_plan`` measures it once per machine, dtype
-and weight shape (cached on disk), and each linear keeps its weight in the layouts its plan uses
-(both, at twice the memory, when they differ).
+so a few rows cost about what one does). A :class:`KernelPlan` names the layout for steps of
+one row, of two rows and of more, and whether a one-row step runs as two (its row twice): MKL's
+GEMM streams a weight faster for two rows than any kernel here does for one (a forward of the
+default model: 30 against 35 ms for one row, 29 against 39 for two). ``fastest_plan`` measures
+it once per machine, dtype and weight shape (cached on disk), and each linear keeps its weight
+in every layout its plan uses (at twice the memory where two differ).
 """
 
 from __future__ import annotations
@@ -120,17 +122,37 @@ def _int8_packed(weight: torch.Tensor) -> torch.ScriptObject:
 
 
 class KernelPlan(NamedTuple):
-    """The weight layout for steps of one row (batch-1 decode) and of several rows."""
+    """The weight layout for steps of one row (batch-1 decode), of two and of more rows."""
 
     one_row: WeightLayout
     many_rows: WeightLayout
+    two_rows: WeightLayout | None = None  # None: as many rows
+    one_row_as_two: bool = False  # a one-row step multiplies its row twice, in ``one_row``
 
     @classmethod
     def single(cls, layout: WeightLayout) -> KernelPlan:
         return cls(layout, layout)
 
+    @property
+    def layouts(self) -> tuple[WeightLayout, ...]:
+        """The distinct layouts the plan multiplies with (a weight is stored in each)."""
+        return tuple(dict.fromkeys((self.one_row, self.two_rows or self.many_rows, self.many_rows)))
+
     def layout_for(self, rows: int) -> WeightLayout:
-        return self.one_row if rows == 1 else self.many_rows
+        if rows == 1:
+            return self.one_row
+        return self.two_rows if rows == 2 and self.two_rows is not None else self.many_rows
+
+    def to_json(self) -> dict[str, str | bool | None]:
+        return {"one_row": self.one_row.value, "many_rows": self.many_rows.value,
+                "two_rows": None if self.two_rows is None else self.two_rows.value,
+                "one_row_as_two": self.one_row_as_two}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str | bool | None]) -> KernelPlan:
+        two_rows = data["two_rows"]
+        return cls(WeightLayout(data["one_row"]), WeightLayout(data["many_rows"]),
+                   None if two_rows is None else WeightLayout(two_rows), bool(data["one_row_as_two"]))
 
     def __call__(self, shape: tuple[int, int]) -> KernelPlan:
         """A plan is its own ``PlanSource``: the same plan for weights of every shape."""
@@ -145,10 +167,14 @@ class PlannedWeight:
 
     def __init__(self, weight: torch.Tensor, plan: KernelPlan) -> None:
         self.plan = plan
-        self.stored = {layout: to_layout(weight, layout) for layout in dict.fromkeys(plan)}
+        self.stored = {layout: to_layout(weight, layout) for layout in plan.layouts}
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        layout = self.plan.layout_for(x.numel() // x.shape[-1])
+        rows = x.numel() // x.shape[-1]
+        layout = self.plan.layout_for(rows)
+        if rows == 1 and self.plan.one_row_as_two:
+            twice = x.reshape(1, x.shape[-1]).repeat(2, 1)  # contiguous: an expanded view is slow
+            return linear(twice, self.stored[layout], bias, layout)[:1].reshape(*x.shape[:-1], -1)
         return linear(x, self.stored[layout], bias, layout)
 
 
@@ -164,7 +190,7 @@ def measure_plan(shape: tuple[int, int] = (1024, 1024), dtype: torch.dtype = tor
     count = min(256, max(1, megabytes * 2**20 // (out_features * in_features * dtype.itemsize)))
     output_major = [torch.randn(out_features, in_features, dtype=dtype) for _ in range(count)]
     weights = {layout: [to_layout(w, layout) for w in output_major] for layout in layouts}
-    inputs = {rows: torch.randn(rows, in_features, dtype=dtype) for rows in (1, 4, 16)}
+    inputs = {rows: torch.randn(rows, in_features, dtype=dtype) for rows in (1, 2, 4, 16)}
     seconds = {f"{layout.value}/{rows}": math.inf for layout in layouts for rows in inputs}
     for round_ in range(repeats + 1):
         for layout, stored in weights.items():
@@ -179,7 +205,10 @@ def measure_plan(shape: tuple[int, int] = (1024, 1024), dtype: torch.dtype = tor
     def fastest(rows: tuple[int, ...]) -> WeightLayout:
         return min(layouts, key=lambda layout: sum(seconds[f"{layout.value}/{n}"] for n in rows))
 
-    return KernelPlan(fastest((1,)), fastest((4, 16))), seconds
+    one_row, as_two = fastest((1,)), fastest((2,))
+    twice = seconds[f"{as_two.value}/2"] < seconds[f"{one_row.value}/1"]
+    plan = KernelPlan(as_two if twice else one_row, fastest((4, 16)), fastest((2,)), twice)
+    return plan, seconds
 
 
 @functools.cache
@@ -220,10 +249,10 @@ def fastest_plan(device_type: str, shape: tuple[int, int], dtype: torch.dtype = 
     path = cache_root() / "kernel_plans.json"
     with FileLock(f"{path}.lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
-        if key not in known:
+        if not isinstance(known.get(key), dict):  # not measured, or an older plan without two rows
             plan, seconds = measure_plan(shape, dtype)
             logger.info("kernel plan on %s: %s (seconds per pass: %s)", key, plan, seconds)
-            known[key] = list(plan)
+            known[key] = plan.to_json()
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(known, indent=1))
-    return KernelPlan(*(WeightLayout(layout) for layout in known[key]))
+    return KernelPlan.from_json(known[key])
