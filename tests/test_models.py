@@ -162,7 +162,8 @@ def test_each_weight_shape_gets_its_own_plan(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(linear_kernel, "measure_plan", lambda shape, dtype: (PLANS["mixed"], {}))
     assert fastest_plan("cpu", (12, 5)) == PLANS["mixed"]
     layouts = "+".join(layout.value for layout in available_layouts("cpu"))  # a new layout is measured anew
-    assert any(key.endswith(f"|{layouts}|12x5") for key in json.loads((tmp_path / "kernel_plans.json").read_text()))
+    cached = json.loads((tmp_path / linear_kernel.KERNEL_PLANS_FILE).read_text())
+    assert any(key.endswith(f"|{layouts}|12x5") for key in cached)
 
 
 def test_kernel_plan_is_measured_for_one_row_two_and_several():
@@ -196,16 +197,6 @@ def test_a_plan_runs_one_row_as_two_and_two_rows_in_their_own_layout(monkeypatch
     assert calls == [(2, OUTPUT), (2, OUTPUT), (2, OUTPUT), (5, INPUT)]
     assert KernelPlan.from_json(plan.to_json()) == plan
     assert KernelPlan.single(ONEDNN).layouts == (ONEDNN,)
-
-
-def test_a_cached_plan_of_the_older_form_is_measured_again(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
-    key = f"{linear_kernel.cpu_kernel_environment()}|12x6"
-    (tmp_path / "kernel_plans.json").write_text(json.dumps({key: ["input_major", "input_major"]}))
-    measured = KernelPlan(one_row=OUTPUT, many_rows=INPUT, two_rows=OUTPUT, one_row_as_two=True)
-    monkeypatch.setattr(linear_kernel, "measure_plan", lambda shape, dtype: (measured, {}))
-    assert fastest_plan("cpu", (12, 6)) == measured
-    assert json.loads((tmp_path / "kernel_plans.json").read_text())[key] == measured.to_json()
 
 
 def test_tree_mask_scores_each_branch_like_its_own_sequence(tiny_model):
