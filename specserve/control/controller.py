@@ -62,6 +62,7 @@ class SLOController:
         evidence of those that are not to speculate ages (``AcceptancePredictor.skip``)."""
         if not step.requests:
             return []
+
         def decide() -> list[TreeBudget]:
             budgets = self.policy.draft_budgets(step)
             for budget, request in zip(budgets, step.requests):

@@ -144,9 +144,7 @@ class KernelPlan(NamedTuple):
         return self.two_rows if rows == 2 and self.two_rows is not None else self.many_rows
 
     def to_json(self) -> dict[str, str | bool | None]:
-        return {"one_row": self.one_row.value, "many_rows": self.many_rows.value,
-                "two_rows": None if self.two_rows is None else self.two_rows.value,
-                "one_row_as_two": self.one_row_as_two}
+        return self._asdict()  # the layouts are str enums: JSON writes their values
 
     @classmethod
     def from_json(cls, data: dict[str, str | bool | None]) -> KernelPlan:
@@ -205,10 +203,9 @@ def measure_plan(shape: tuple[int, int] = (1024, 1024), dtype: torch.dtype = tor
     def fastest(rows: tuple[int, ...]) -> WeightLayout:
         return min(layouts, key=lambda layout: sum(seconds[f"{layout.value}/{n}"] for n in rows))
 
-    one_row, as_two = fastest((1,)), fastest((2,))
-    twice = seconds[f"{as_two.value}/2"] < seconds[f"{one_row.value}/1"]
-    plan = KernelPlan(as_two if twice else one_row, fastest((4, 16)), fastest((2,)), twice)
-    return plan, seconds
+    one_row, two_rows = fastest((1,)), fastest((2,))
+    twice = seconds[f"{two_rows.value}/2"] < seconds[f"{one_row.value}/1"]  # one row runs faster as two
+    return KernelPlan(two_rows if twice else one_row, fastest((4, 16)), two_rows, twice), seconds
 
 
 @functools.cache
